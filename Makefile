@@ -1,0 +1,40 @@
+# Every target does its own set-up: `make test` and `make demo` work on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.etf-installed
+TORCH  := torch==2.14.1 torchvision==0.29.1
+CACHE  ?= cache
+DATA   ?= lfw-subset
+ENCODERS ?= vit_tiny,resnet18,convnext_atto
+SEEDS  ?= 0,1,2
+JOBS   ?= 2
+
+.PHONY: install test demo bench lint ablations clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check etf tests bench
+	$(BIN)/ruff format --check etf tests bench
+
+bench: install
+	$(BIN)/python bench/extract.py
+
+# Random-init tiny encoders: the demo must run offline. Drop --no-pretrained with network access.
+demo: install
+	$(BIN)/etf extract --data $(DATA) --encoder vit_t --encoder resnet18 --no-pretrained --img-size 64 --cache $(CACHE)
+	$(BIN)/etf cache ls $(CACHE)
+
+clean:
+	rm -rf $(CACHE) runs demo .pytest_cache

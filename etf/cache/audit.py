@@ -1,0 +1,113 @@
+"""What ``etf cache info`` and ``etf cache verify`` report about a store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from etf.cache.catalog import STORE_RE, read_manifest
+from etf.cache.store import TokenStore
+from etf.errors import EtfError
+from etf.utils import spec_hash
+
+
+def disk_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def partial_progress(path: Path) -> tuple[int, int]:
+    """(chunks done, chunks in all) of a store still being extracted."""
+    partial = path if path.name.endswith(".partial") else path.with_name(path.name + ".partial")
+    data = partial / "data.zarr"
+    if not data.exists():
+        return 0, 0
+    attrs = zarr.open_group(str(data), mode="r").attrs["etf"]
+    total = -(-int(attrs["spec"]["n"]) // int(attrs["chunk_rows"]))
+    return len(list((partial / "done").glob("*.json"))), total
+
+
+def store_info(path: Path) -> dict[str, Any]:
+    with TokenStore.open(path) as store:
+        spec = store.spec
+        return {
+            "path": str(path),
+            "name": spec["name"],
+            "dataset_key": spec["dataset_key"],
+            "samples": store.n,
+            "skipped": len(store.skipped),
+            "source": spec.get("source"),
+            "model": spec.get("model"),
+            "weights": spec.get("pretrained") or spec.get("weights_file") or (
+                f"random init, seed {spec['init_seed']}" if spec.get("init_seed") is not None else None
+            ),
+            "layers": store.layers,
+            "tokens": spec["tokens"],
+            "arrays": {a.name: [store.n, *a.shape] for a in store.array_specs},
+            "layouts": {k: v.to_json() for k, v in store.layouts.items()},
+            "dtype": spec["dtype"],
+            "precision": spec.get("precision"),
+            "input_size": (spec.get("data_config") or {}).get("input_size"),
+            "chunk_rows": store.chunk_rows,
+            "codec": store.attrs.get("codec"),
+            "bytes": disk_bytes(path),
+            "flops_per_image": store.attrs.get("info", {}).get("flops_per_image"),
+            "versions": store.attrs.get("info", {}).get("versions"),
+        }
+
+
+def verify_store(path: Path, cache_dir: Path | None = None) -> list[str]:
+    """Every problem found (empty when the store is sound): spec hash, manifest, shape,
+    completeness of every chunk, finite values."""
+    path = Path(path)
+    problems: list[str] = []
+    try:
+        store = TokenStore.open(path)
+    except EtfError as e:
+        return [str(e)]
+    with store:
+        m = STORE_RE.match(path.name)
+        if not m or m["hash"] != spec_hash(store.spec):
+            problems.append(f"spec hash {spec_hash(store.spec)} does not match the file name {path.name}")
+        cache_dir = cache_dir or path.parent.parent
+        if path.parent.name != store.spec["dataset_key"]:
+            problems.append(f"store sits under {path.parent.name} but its dataset key is {store.spec['dataset_key']}")
+        try:
+            manifest = read_manifest(cache_dir, store.spec["dataset_key"])
+            if len(manifest["ids"]) != store.n:
+                problems.append(f"manifest has {len(manifest['ids'])} samples, store has {store.n}")
+        except EtfError as e:
+            problems.append(f"manifest: {e}")
+        for a in store.array_specs:
+            arr = store._arrays[a.name]
+            if tuple(arr.shape) != (store.n, *a.shape):
+                problems.append(f"{a.name}: shape {tuple(arr.shape)}, expected {(store.n, *a.shape)}")
+                continue
+            if isinstance(arr, zarr.Array) and arr.nchunks_initialized != arr.nchunks:
+                problems.append(f"{a.name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing on disk")
+        skipped = set(store.skipped)
+        ids = None
+        for layer in store.layers:
+            for start, block in store.blocks(layer):
+                finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
+                if not finite.all():
+                    if ids is None:
+                        ids = read_manifest(cache_dir, store.spec["dataset_key"])["ids"]
+                    bad = [ids[start + i] for i in np.nonzero(~finite)[0] if ids[start + i] not in skipped]
+                    if bad:
+                        problems.append(f"layer {layer}: non-finite values for {', '.join(bad[:5])}")
+    return problems
+
+
+def manifest_summary(cache_dir: Path, key: str) -> str:
+    try:
+        m = read_manifest(cache_dir, key)
+    except EtfError:
+        return "(no manifest)"
+    splits = {s: m["splits"].count(s) for s in dict.fromkeys(m["splits"])}
+    return f"{m['name']} ({len(m['ids'])} samples: {json.dumps(splits)[1:-1]})"

@@ -1,0 +1,102 @@
+"""``etf cache import``: tokens computed elsewhere (e.g. a face model outside timm) as a store."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from etf.cache.catalog import write_manifest
+from etf.cache.store import StoreWriter, encode_tokens, plan_arrays, store_path
+from etf.cache.tokens import TokenLayout
+from etf.data.base import Dataset
+from etf.errors import EtfError
+from etf.utils import sha256_file
+
+
+def guess_layout(tokens: int, prefix: int | None) -> TokenLayout:
+    """A square patch grid after ``prefix`` tokens; by default 0 or 1 prefix tokens, whichever
+    leaves a square number, else every token counts as prefix (no grid)."""
+    options = [prefix] if prefix is not None else [0, 1]
+    for p in options:
+        side = math.isqrt(tokens - p) if tokens - p > 0 else 0
+        if side * side == tokens - p and side > 0:
+            return TokenLayout(p, (side, side))
+    if prefix is not None:
+        raise EtfError(f"--prefix {prefix}: {tokens - prefix} remaining tokens do not form a square grid")
+    return TokenLayout(tokens, None)
+
+
+def _row_order(dataset: Dataset, n_rows: int, ids_file: Path | None) -> np.ndarray:
+    """For each manifest sample, the row of the array that holds it."""
+    if ids_file is None:
+        if n_rows != len(dataset):
+            raise EtfError(f"--tokens has {n_rows} rows but {dataset.describe()} has {len(dataset)} samples; pass --ids")
+        return np.arange(n_rows)
+    ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+    if len(ids) != n_rows:
+        raise EtfError(f"--ids {ids_file}: {len(ids)} ids for {n_rows} rows of --tokens")
+    row_of: dict[str, int] = {}
+    known = set(dataset.ids)
+    for r, sid in enumerate(ids):
+        if sid in row_of:
+            raise EtfError(f"--ids {ids_file}: line {r + 1}: id {sid!r} appears twice")
+        if sid not in known:
+            raise EtfError(f"--ids {ids_file}: line {r + 1}: {sid!r} is not a sample of {dataset.describe()}")
+        row_of[sid] = r
+    missing = [s for s in dataset.ids if s not in row_of]
+    if missing:
+        raise EtfError(f"--ids {ids_file}: {len(missing)} samples of the dataset have no row (first: {missing[0]!r})")
+    return np.array([row_of[s] for s in dataset.ids])
+
+
+def import_tokens(
+    cache_dir: Path,
+    dataset: Dataset,
+    name: str,
+    tokens_file: Path,
+    ids_file: Path | None = None,
+    dtype: str = "float16",
+    prefix: int | None = None,
+    store_format: str = "zarr",
+) -> Path:
+    """Write ``tokens_file`` ((N, T, D) or (N, L, T, D) .npy) as the complete store ``name``."""
+    try:
+        src = np.load(tokens_file, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise EtfError(f"--tokens {tokens_file}: cannot read as .npy ({e})") from None
+    if src.ndim not in (3, 4) or not np.issubdtype(src.dtype, np.floating):
+        raise EtfError(f"--tokens {tokens_file}: expected a float array (N,T,D) or (N,L,T,D), got {src.dtype} {src.shape}")
+    if src.ndim == 3:
+        src = src[:, None]
+    order = _row_order(dataset, src.shape[0], ids_file)
+    n_layers, t, d = src.shape[1:]
+    layers = list(range(1, n_layers + 1))
+    layout = guess_layout(t, prefix)
+    spec = {
+        "name": name,
+        "source": "import",
+        "dataset_key": dataset.key,
+        "n": len(dataset),
+        "tokens_sha256": sha256_file(tokens_file),
+        "ids_sha256": sha256_file(ids_file) if ids_file else None,
+        "layers": layers,
+        "tokens": "all",
+        "dtype": dtype,
+    }
+    path = store_path(cache_dir, dataset.key, name, spec, store_format)
+    write_manifest(cache_dir, dataset)
+    if path.exists():
+        return path
+    arrays = plan_arrays(layers, [(t, d)] * n_layers)
+    writer = StoreWriter(path, spec, arrays, {layer: layout for layer in layers})
+    for c in sorted(set(range(writer.num_chunks)) - writer.done_chunks()):
+        start, stop = writer.chunk_range(c)
+        rows = order[start:stop]
+        block = torch.from_numpy(np.ascontiguousarray(src[rows], dtype=np.float32))
+        ids = dataset.ids[start:stop]
+        writer.write_chunk(c, {"tokens": encode_tokens(block.flatten(1, 2), dtype, ids).reshape(block.shape)}, [])
+    writer.finalize()
+    return path

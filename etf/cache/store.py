@@ -1,0 +1,383 @@
+"""Token stores: one per (dataset manifest, encoder spec), content-addressed and resumable.
+
+On disk (documented in the README, readable without etf)::
+
+    DIR/<dataset-key>/manifest.json
+    DIR/<dataset-key>/<name>-<spec-hash>.zarr      complete stores only (or .h5)
+    DIR/<dataset-key>/<name>-<spec-hash>.zarr.partial/   while extraction is under way
+        data.zarr/     the arrays being filled
+        done/<c>.json  one file per finished chunk c (its skipped sample ids)
+
+Arrays are ``tokens`` (N, L, T, D) when every layer has the same shape, else one
+``tokens_<layer>`` (N, T, D) per layer. Rows are written a whole chunk at a time and a
+chunk's marker is written after its data, so a run killed at any moment resumes by
+redoing only unmarked chunks. A store appears at its final path only once complete
+(an atomic rename), and its ``etf`` attributes then say ``"complete": true``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from etf.cache.tokens import TokenLayout
+from etf.errors import EtfError
+from etf.utils import atomic_path, canonical_json, read_json, spec_hash, write_json_atomic
+
+FORMAT_VERSION = 1
+FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
+#: Bytes per Zarr chunk (and resume unit). See bench/README.md for the measurements.
+ZARR_CHUNK_BYTES = 8 << 20
+#: Bytes per HDF5 chunk; smaller than Zarr's because HDF5 reads through its own chunk cache.
+HDF5_CHUNK_BYTES = 2 << 20
+CODECS = ("none", "zstd", "blosc-zstd", "blosc-lz4")
+#: How each storage dtype sits on disk. bfloat16 has no NumPy/Zarr/HDF5 type: its bits are
+#: stored as uint16, and float32 is ``bits << 16`` (see :func:`decode_tokens`).
+PHYSICAL = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+
+
+def physical_dtype(dtype: str) -> np.dtype:
+    return np.dtype(PHYSICAL[dtype])
+
+
+def encode_tokens(x: torch.Tensor, dtype: str, ids: list[str]) -> np.ndarray:
+    """Tokens (B, T, D) to the storage dtype, refusing non-finite values (naming the sample).
+
+    Overflow shows here: a float16 store turns activations above 65504 into inf.
+    """
+    cast = x.to({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype])
+    finite = torch.isfinite(cast).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = [ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
+        raise EtfError(f"non-finite token values for sample(s) {', '.join(bad[:5])} (as {dtype}); try --dtype float32")
+    cast = cast.cpu()
+    return cast.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else cast.numpy()
+
+
+def decode_tokens(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values to floats: float16/float32 as stored, bfloat16 bits widened to float32."""
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a store: its name, the layers it holds, and the per-sample shape."""
+
+    name: str
+    layers: tuple[int, ...]
+    shape: tuple[int, ...]  # (L, T, D) for ``tokens``, (T, D) for ``tokens_<layer>``
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "layers": list(self.layers), "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ArraySpec:
+        return cls(d["name"], tuple(d["layers"]), tuple(d["shape"]))
+
+
+def plan_arrays(layers: list[int], shapes: list[tuple[int, int]]) -> list[ArraySpec]:
+    """One ``tokens`` array when all layers agree in (T, D), else one array per layer."""
+    if len(set(shapes)) == 1:
+        return [ArraySpec("tokens", tuple(layers), (len(layers), *shapes[0]))]
+    return [ArraySpec(f"tokens_{layer}", (layer,), shape) for layer, shape in zip(layers, shapes)]
+
+
+def store_path(cache_dir: Path, dataset_key: str, name: str, spec: dict[str, Any], fmt: str = "zarr") -> Path:
+    if fmt not in FORMATS:
+        raise EtfError(f"--store {fmt!r}: use zarr or hdf5")
+    safe = name.replace("/", "_").replace(":", "_")
+    return Path(cache_dir) / dataset_key / f"{safe}-{spec_hash(spec)}{FORMATS[fmt]}"
+
+
+def _chunk_rows(arrays: list[ArraySpec], itemsize: int, target: int) -> int:
+    row = sum(int(np.prod(a.shape)) for a in arrays) * itemsize
+    return int(min(4096, max(1, target // max(row, 1))))
+
+
+def _zarr_compressors(codec: str) -> Any:
+    if codec == "none":
+        return None
+    if codec == "zstd":
+        return zarr.codecs.ZstdCodec(level=3)
+    if codec.startswith("blosc-"):
+        return zarr.codecs.BloscCodec(cname=codec.split("-", 1)[1], clevel=3, shuffle="bitshuffle")
+    raise EtfError(f"--codec {codec!r}: use one of {', '.join(CODECS)}")
+
+
+class StoreWriter:
+    """Create or resume the partial store for ``spec`` and fill it chunk by chunk.
+
+    Several processes may hold a writer on the same store (``--shard I/N``): they write
+    disjoint chunks, and whichever finds every chunk done publishes the complete store.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        spec: dict[str, Any],
+        arrays: list[ArraySpec],
+        layouts: dict[int, TokenLayout],
+        *,
+        codec: str = "none",
+        chunk_rows: int | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.fmt = "hdf5" if self.path.suffix == ".h5" else "zarr"
+        self.spec = spec
+        self.arrays = arrays
+        self.n = int(spec["n"])
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.done_dir = self.partial / "done"
+        itemsize = physical_dtype(spec["dtype"]).itemsize
+        self.chunk_rows = min(self.n, chunk_rows or _chunk_rows(arrays, itemsize, ZARR_CHUNK_BYTES))
+        self.attrs = {
+            "spec": spec,
+            "complete": False,
+            "format_version": FORMAT_VERSION,
+            "spec_hash": spec_hash(spec),
+            "arrays": [a.to_json() for a in arrays],
+            "layouts": {str(k): v.to_json() for k, v in layouts.items()},
+            "chunk_rows": self.chunk_rows,
+            "codec": codec,
+            "info": info or {},
+        }
+        self._codec = codec
+        self._group = None if self.path.exists() else self._open_partial()
+
+    @property
+    def complete(self) -> bool:
+        return self.path.exists()
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.n // self.chunk_rows)
+
+    def chunk_range(self, c: int) -> tuple[int, int]:
+        return c * self.chunk_rows, min(self.n, (c + 1) * self.chunk_rows)
+
+    def done_chunks(self) -> set[int]:
+        if self.complete:
+            return set(range(self.num_chunks))
+        return {int(p.stem) for p in self.done_dir.glob("*.json")}
+
+    def _open_partial(self):
+        data = self.partial / "data.zarr"
+        if not data.exists():
+            self._create(data)
+        group = zarr.open_group(str(data), mode="r+")
+        found = group.attrs.get("etf", {})
+        if canonical_json(found.get("spec")) != canonical_json(self.spec):
+            raise EtfError(f"{self.partial}: holds a different spec than this run; remove it to start over")
+        self.chunk_rows = int(found["chunk_rows"])
+        self.attrs = {**found, "info": {**found.get("info", {}), **self.attrs["info"]}}
+        return group
+
+    def _create(self, data: Path) -> None:
+        """Build the empty arrays in a temporary folder and rename it into place (atomic)."""
+        self.partial.mkdir(parents=True, exist_ok=True)
+        tmp = self.partial / f".data.zarr.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        for a in self.arrays:
+            group.create_array(
+                a.name,
+                shape=(self.n, *a.shape),
+                chunks=(self.chunk_rows, *a.shape),
+                dtype=physical_dtype(self.spec["dtype"]),
+                compressors=_zarr_compressors(self._codec),
+                fill_value=0,
+            )
+        group.attrs["etf"] = self.attrs
+        self.done_dir.mkdir(exist_ok=True)
+        try:
+            os.rename(tmp, data)
+        except OSError:  # another shard created it first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def write_chunk(self, c: int, data: dict[str, np.ndarray], skipped: list[str]) -> None:
+        """Write chunk ``c`` of every array, then mark it done (the marker is the commit)."""
+        start, stop = self.chunk_range(c)
+        for a in self.arrays:
+            block = data[a.name]
+            if block.shape != (stop - start, *a.shape):
+                raise EtfError(f"chunk {c} of {a.name}: shape {block.shape}, expected {(stop - start, *a.shape)}")
+            self._group[a.name][start:stop] = block
+        write_json_atomic(self.done_dir / f"{c}.json", skipped)
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        with open(self.partial / "lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def finalize(self) -> bool:
+        """Publish the store if every chunk is done; True once the complete store exists."""
+        if self.complete:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return True
+        if len(self.done_chunks()) < self.num_chunks:
+            return False
+        with self._lock():
+            if self.complete:
+                return True
+            skipped = sorted(s for p in self.done_dir.glob("*.json") for s in read_json(p))
+            attrs = {**self.attrs, "complete": True, "skipped": skipped}
+            data = self.partial / "data.zarr"
+            if self.fmt == "zarr":
+                zarr.open_group(str(data), mode="r+").attrs["etf"] = attrs
+                os.rename(data, self.path)
+            else:
+                _zarr_to_hdf5(zarr.open_group(str(data), mode="r"), self.path, attrs)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return True
+
+
+def _zarr_to_hdf5(group, path: Path, attrs: dict[str, Any]) -> None:
+    """Copy the staged arrays into an HDF5 file, written beside and renamed into place."""
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for name, arr in group.arrays():
+            row = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
+            rows = max(1, min(arr.shape[0], HDF5_CHUNK_BYTES // max(row, 1)))
+            ds = f.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=(rows, *arr.shape[1:]))
+            step = arr.chunks[0]
+            for start in range(0, arr.shape[0], step):
+                ds[start : start + step] = arr[start : start + step]
+        f.attrs["etf"] = json.dumps(attrs, sort_keys=True)
+
+
+class TokenStore:
+    """Read access to a complete store, Zarr or HDF5 alike.
+
+    ``read(layer, start, stop)`` returns rows ``start:stop`` of one layer as (rows, T, D);
+    callers read in blocks of ``chunk_rows`` multiples, never one sample at a time.
+    Pickles as its path, so DataLoader workers (fork or spawn) reopen it themselves.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        other = TokenStore.open(state["path"])
+        self.__dict__.update(other.__dict__)
+
+    def __init__(self, path: Path, attrs: dict[str, Any], arrays: dict[str, Any], handle: Any = None) -> None:
+        self.path = path
+        self.attrs = attrs
+        self._arrays = arrays
+        self._handle = handle
+        self.array_specs = [ArraySpec.from_json(a) for a in attrs["arrays"]]
+        self.layouts = {int(k): TokenLayout.from_json(v) for k, v in attrs["layouts"].items()}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> TokenStore:
+        path = Path(path)
+        if not path.exists():
+            partial = path.with_name(path.name + ".partial")
+            if partial.exists():
+                raise EtfError(f"{path}: incomplete store (extraction still under way or interrupted); re-run the same etf extract to resume")
+            raise EtfError(f"{path}: no such store")
+        if path.suffix == ".h5":
+            import h5py
+
+            try:
+                f = h5py.File(path, "r", rdcc_nbytes=64 << 20)
+                attrs = json.loads(f.attrs["etf"])
+            except (OSError, KeyError, ValueError) as e:
+                raise EtfError(f"{path}: not a readable etf HDF5 store ({e})") from None
+            arrays = {k: f[k] for k in f.keys()}
+            handle = f
+        else:
+            try:
+                group = zarr.open_group(str(path), mode="r")
+                attrs = dict(group.attrs)["etf"]
+            except Exception as e:
+                raise EtfError(f"{path}: not a readable etf Zarr store ({type(e).__name__}: {e})") from None
+            arrays = {k: v for k, v in group.arrays()}
+            handle = None
+        if not attrs.get("complete"):
+            raise EtfError(f"{path}: incomplete store; re-run the same etf extract to resume")
+        return cls(path, attrs, arrays, handle)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+    def __enter__(self) -> TokenStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.attrs["spec"]
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def n(self) -> int:
+        return int(self.spec["n"])
+
+    @property
+    def layers(self) -> list[int]:
+        return [layer for a in self.array_specs for layer in a.layers]
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.attrs["chunk_rows"])
+
+    @property
+    def skipped(self) -> list[str]:
+        return list(self.attrs.get("skipped", []))
+
+
+    def shape(self, layer: int) -> tuple[int, int]:
+        """(T, D) of one layer."""
+        a, _ = self._locate(layer)
+        return tuple(a.shape[-2:])
+
+    def _locate(self, layer: int) -> tuple[ArraySpec, int | None]:
+        for a in self.array_specs:
+            if layer in a.layers:
+                return a, (a.layers.index(layer) if a.name == "tokens" else None)
+        raise EtfError(f"{self.path}: has no layer {layer} (layers: {', '.join(map(str, self.layers))})")
+
+    def read(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        a, i = self._locate(layer)
+        arr = self._arrays[a.name]
+        stop = self.n if stop is None else stop
+        return decode_tokens(np.asarray(arr[start:stop, i] if i is not None else arr[start:stop]), self.spec["dtype"])
+
+    def blocks(self, layer: int, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(start, block) over the whole layer in chunk-aligned blocks."""
+        step = rows or self.chunk_rows * max(1, (32 << 20) // max(1, self.chunk_bytes))
+        for start in range(0, self.n, step):
+            yield start, self.read(layer, start, min(self.n, start + step))
+
+    @property
+    def chunk_bytes(self) -> int:
+        row = sum(int(np.prod(a.shape)) for a in self.array_specs) * physical_dtype(self.spec["dtype"]).itemsize
+        return row * self.chunk_rows
+
+

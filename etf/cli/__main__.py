@@ -1,0 +1,5 @@
+"""``python -m etf.cli``: the same as the ``etf`` script (useful under ``torchrun -m``)."""
+
+from etf.cli import main
+
+main()

@@ -1,0 +1,59 @@
+"""``csv:FILE``: columns ``path`` (relative to the file), optional ``split``, then labels."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from etf.data.base import Dataset, Sample, register_dataset
+from etf.errors import EtfError
+
+
+def _column_values(name: str, cells: list[str]) -> tuple[list[Any], list[str] | None]:
+    """Numbers stay numbers (ints if all are ints); any other text is a class name."""
+    present = [c for c in cells if c != ""]
+    try:
+        nums = [float(c) for c in present]
+    except ValueError:
+        classes = sorted(set(present))
+        index = {c: i for i, c in enumerate(classes)}
+        return [index[c] if c != "" else None for c in cells], classes
+    if any(n != n or n in (float("inf"), float("-inf")) for n in nums):
+        raise EtfError(f"label column {name!r} holds NaN or infinite values; leave the cell empty for a missing label")
+    integral = all(n.is_integer() for n in nums)
+    return [None if c == "" else (int(float(c)) if integral else float(c)) for c in cells], None
+
+
+@register_dataset(
+    "csv",
+    description="a CSV manifest: path, split, then one column per label",
+    layout="FILE.csv with header `path,split,<label>,...`; paths relative to the file",
+    tasks=(),
+    metric="",
+)
+def load_csv(file: Path) -> Dataset:
+    with open(file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise EtfError(f"csv:{file}: no rows")
+    header = list(rows[0])
+    if "path" not in header:
+        raise EtfError(f"csv:{file}: no 'path' column (header: {','.join(header)})")
+    base = file.parent
+    missing = [(n, r["path"]) for n, r in enumerate(rows, start=2) if not (base / r["path"]).is_file()]
+    if missing:
+        line, path = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise EtfError(f"csv:{file}: line {line}: image not found: {path}{more}")
+    label_cols = [c for c in header if c not in ("path", "split")]
+    columns, classes = {}, {}
+    for c in label_cols:
+        columns[c], names = _column_values(c, [(r[c] or "").strip() for r in rows])
+        if names is not None:
+            classes[c] = names
+    samples = [
+        Sample(r["path"], base / r["path"], (r.get("split") or "train").strip(), {c: columns[c][i] for c in label_cols})
+        for i, r in enumerate(rows)
+    ]
+    return Dataset("csv", file, samples, classes=classes)

@@ -1,0 +1,1 @@
+"""The stages and their models: encoders, extraction, fusers, heads, fitting, ablations."""

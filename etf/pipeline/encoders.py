@@ -1,0 +1,217 @@
+"""The encoder registry: short aliases for timm models, and one token API for ViTs and CNNs.
+
+``create_encoder("vit_b")`` gives a frozen :class:`Encoder` whose ``tokens(x, layers)``
+returns, per requested layer, a (B, T, D) sequence of prefix tokens followed by patch
+tokens, and whose ``spec()`` is what the token store's key hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from etf.cache.tokens import TokenLayout
+from etf.errors import EtfError
+from etf.pipeline.checkpoints import LoadReport, load_into, read_state_dict
+
+
+@dataclass(frozen=True)
+class Alias:
+    model: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+#: Short names used throughout the papers; each maps to a timm model with a pretrained tag.
+ALIASES: dict[str, Alias] = {
+    "vit_t": Alias("vit_tiny_patch16_224.augreg_in21k_ft_in1k"),
+    "vit_s": Alias("vit_small_patch16_224.augreg_in21k_ft_in1k"),
+    "vit_b": Alias("vit_base_patch16_224.augreg2_in21k_ft_in1k"),
+    "vit_l": Alias("vit_large_patch16_224.augreg_in21k_ft_in1k"),
+    "dinov2_s": Alias("vit_small_patch14_dinov2.lvd142m", {"img_size": 224}),
+    "dinov2_b": Alias("vit_base_patch14_dinov2.lvd142m", {"img_size": 224}),
+    "clip_b16": Alias("vit_base_patch16_clip_224.openai"),
+    "mae_b": Alias("vit_base_patch16_224.mae"),
+    "convnext_t": Alias("convnext_tiny.fb_in22k_ft_in1k"),
+    "resnet50": Alias("resnet50.a1_in1k"),
+}
+
+HOW_TO_FIX_PRETRAINED = (
+    "connect to the Hugging Face hub once (or set HF_HOME to a populated cache), "
+    "or pass --weights FILE for a local checkpoint, or --no-pretrained for a random init"
+)
+
+
+def resolve_name(name: str) -> tuple[str, dict[str, Any]]:
+    """Alias or timm name to (timm name with tag, default create_model kwargs)."""
+    if name in ALIASES:
+        return ALIASES[name].model, dict(ALIASES[name].kwargs)
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        raise EtfError(f"--encoder {name!r}: unknown encoder (aliases: {', '.join(ALIASES)}; or any timm model name)")
+    return name, {}
+
+
+def state_sha256(model: nn.Module) -> str:
+    """Hash of every tensor in the model: identifies the weights whatever file they came from."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Encoder:
+    """A frozen timm model plus everything needed to reproduce its tokens."""
+
+    name: str
+    model: nn.Module
+    model_name: str
+    pretrained: str | None
+    weights_file: str | None
+    init_seed: int | None
+    data_config: dict[str, Any]
+    weights_sha256: str
+    load_report: LoadReport | None = None
+
+    @property
+    def is_vit(self) -> bool:
+        return "return_prefix_tokens" in inspect.signature(self.model.forward_intermediates).parameters
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.feature_info)
+
+    def resolve_layers(self, layers: list[int] | None) -> list[int]:
+        """1-based layer numbers (ViT blocks, CNN stages); negatives count from the end."""
+        n = self.num_layers
+        out = []
+        for layer in layers or [-1]:
+            if not (1 <= layer <= n or -n <= layer <= -1):
+                kind = "blocks" if self.is_vit else "feature stages"
+                raise EtfError(f"--layers {layer}: {self.name} has {n} {kind} (1..{n}, or -1 for the last)")
+            out.append(layer if layer > 0 else n + 1 + layer)
+        if len(set(out)) != len(out):
+            raise EtfError(f"--layers {','.join(map(str, layers or []))}: a layer is repeated")
+        return out
+
+    def transform(self):
+        return create_transform(**self.data_config, is_training=False)
+
+    @torch.inference_mode()
+    def tokens(self, x: torch.Tensor, layers: list[int], norm: bool = True) -> list[tuple[torch.Tensor, TokenLayout]]:
+        """Per layer, the (B, T, D) token sequence and its layout (prefix count, patch grid)."""
+        idx = [layer - 1 for layer in layers]
+        if self.is_vit:
+            feats = self.model.forward_intermediates(
+                x, indices=idx, norm=norm, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+            )
+            grid = tuple(self.model.patch_embed.dynamic_feat_size(x.shape[-2:]))
+            out = []
+            for patches, prefix in feats:
+                if prefix is None:
+                    prefix = patches[:, :0]
+                out.append((torch.cat([prefix, patches], dim=1), TokenLayout(prefix.shape[1], grid)))
+            return out
+        feats = self.model.forward_intermediates(x, indices=idx, norm=norm, intermediates_only=True)
+        return [(f.flatten(2).transpose(1, 2), TokenLayout(0, (f.shape[2], f.shape[3]))) for f in feats]
+
+    def flops_per_image(self, layers: list[int]) -> int:
+        """Forward FLOPs for one image up to the requested layers (multiply-add = 2 FLOPs)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        size = self.data_config["input_size"]
+        x = torch.zeros(1, *size, device=next(self.model.parameters()).device)
+        with FlopCounterMode(display=False) as counter:
+            self.tokens(x, layers)
+        return int(counter.get_total_flops())
+
+    def spec(self) -> dict[str, Any]:
+        """The encoder's part of a store spec: what determines its tokens, nothing else."""
+        return {
+            "model": self.model_name,
+            "pretrained": self.pretrained,
+            "weights_file": self.weights_file,
+            "init_seed": self.init_seed,
+            "weights_sha256": self.weights_sha256,
+            "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
+        }
+
+
+def create_encoder(
+    name: str,
+    *,
+    pretrained: bool = True,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    img_size: int | None = None,
+    allow_partial: bool = False,
+    device: str | torch.device = "cpu",
+) -> Encoder:
+    """Build a frozen encoder.
+
+    Weights come from exactly one place: ``weights`` (a local file), timm's pretrained tag
+    (``pretrained=True``), or a random init from ``seed``. A pretrained download that fails
+    is an error with the fix, never a silent random init.
+    """
+    model_name, kwargs = resolve_name(name)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    arch = model_name.split(".")[0]
+    use_hub = pretrained and weights is None
+    torch.manual_seed(seed)
+    try:
+        model = _create(model_name, use_hub, kwargs)
+    except EtfError:
+        raise
+    except Exception as e:
+        if use_hub:
+            raise EtfError(
+                f"--encoder {name}: cannot fetch pretrained weights for {model_name} "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); fix: {HOW_TO_FIX_PRETRAINED}"
+            ) from None
+        raise EtfError(f"--encoder {name}: cannot build {model_name}: {e}") from None
+    if not hasattr(model, "forward_intermediates"):
+        raise EtfError(f"--encoder {name}: {arch} has no forward_intermediates in timm {timm.__version__}")
+    model.reset_classifier(0)
+    report = None
+    if weights is not None:
+        path = Path(weights)
+        from etf.pipeline.checkpoints import adapt_state_dict
+
+        report = load_into(model, adapt_state_dict(read_state_dict(path), model), path, allow_partial)
+    model.eval().requires_grad_(False)
+    overrides = {"input_size": (3, img_size, img_size)} if img_size else {}
+    if "img_size" in kwargs and not overrides:
+        overrides = {"input_size": (3, kwargs["img_size"], kwargs["img_size"])}
+    data_config = resolve_data_config(overrides, model=model)
+    return Encoder(
+        name=name,
+        model=model.to(device),
+        model_name=model_name,
+        pretrained=model_name if use_hub else None,
+        weights_file=Path(weights).name if weights is not None else None,
+        init_seed=None if (use_hub or weights is not None) else seed,
+        data_config=data_config,
+        weights_sha256=state_sha256(model),
+        load_report=report,
+    )
+
+
+def _create(model_name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model``, dropping ``img_size`` for models (CNNs) that take any size."""
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        if "img_size" in kwargs and "img_size" in str(e):
+            kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+            return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        raise

@@ -1,0 +1,332 @@
+"""Stage 1: run a frozen encoder once over a dataset and write its tokens to a store.
+
+Decoding and resizing run in DataLoader workers, overlapped with the forward pass; chunk
+writes run in a background thread. Batches never straddle a chunk, so a resumed run
+computes every chunk from exactly the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from etf.cache.catalog import write_manifest
+from etf.cache.store import (
+    StoreWriter,
+    TokenStore,
+    encode_tokens,
+    physical_dtype,
+    plan_arrays,
+    store_path,
+)
+from etf.cache.tokens import parse_tokens, select_tokens
+from etf.data.base import Dataset
+from etf.data.images import check_image
+from etf.errors import EtfError
+from etf.pipeline.encoders import Encoder
+
+DTYPES = ("float16", "bfloat16", "float32")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExtractOptions:
+    """Everything about an extraction except the encoder and the data."""
+
+    layers: list[int] | None = None
+    tokens: str = "all"
+    norm: bool = True
+    dtype: str = "float16"
+    precision: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    device: str = "auto"
+    store: str = "zarr"
+    codec: str = "none"
+    chunk_rows: int | None = None
+    on_error: str = "fail"
+    shard: tuple[int, int] | None = None
+    progress: bool | None = None
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    complete: bool
+    samples_done: int
+    seconds: float
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.samples_done / self.seconds if self.seconds > 0 else 0.0
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        local = os.environ.get("LOCAL_RANK")
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{local}" if local else "cuda")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise EtfError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, mps, auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EtfError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in PRECISIONS:
+        raise EtfError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
+    """``--shard I/N``, or the rank of a ``torchrun`` launch when not given."""
+    if shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        shard = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
+    if shard is not None and not (0 <= shard[0] < shard[1]):
+        raise EtfError(f"--shard {shard[0]}/{shard[1]}: need 0 <= I < N")
+    return shard
+
+
+def store_spec(dataset: Dataset, encoder: Encoder, layers: list[int], opts: ExtractOptions, precision: str) -> dict[str, Any]:
+    """What determines the stored tokens; its hash names the store."""
+    return {
+        "name": encoder.name,
+        "source": "timm",
+        "dataset_key": dataset.key,
+        "n": len(dataset),
+        **encoder.spec(),
+        "layers": layers,
+        "tokens": opts.tokens,
+        "norm": opts.norm,
+        "dtype": opts.dtype,
+        "precision": precision,
+    }
+
+
+class _Images(torch.utils.data.Dataset):
+    """Decoded, preprocessed images; a failure becomes an error string, not an exception."""
+
+    def __init__(self, dataset: Dataset, transform: Any, input_size: tuple[int, ...]) -> None:
+        self.dataset, self.transform, self.input_size = dataset, transform, input_size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        try:
+            return i, self.transform(self.dataset.load_image(i)), ""
+        except Exception as e:  # PIL and OS errors of many kinds; reported per sample
+            return i, torch.zeros(self.input_size), f"{type(e).__name__}: {e}"
+
+
+class _ChunkBatches(Sampler[list[int]]):
+    """Batches of sample indices, never crossing a chunk boundary."""
+
+    def __init__(self, chunks: list[int], writer: StoreWriter, batch_size: int, skip: set[int]) -> None:
+        self.batches = []
+        for c in chunks:
+            start, stop = writer.chunk_range(c)
+            for b in range(start, stop, batch_size):
+                idx = [i for i in range(b, min(stop, b + batch_size)) if i not in skip]
+                if idx:
+                    self.batches.append(idx)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _bad_list(bad: list[tuple[str, str]]) -> str:
+    shown = "; ".join(f"{sid}: {why}" for sid, why in bad[:5])
+    return shown + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+
+
+def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: ExtractOptions) -> ExtractResult:
+    """Fill (or resume, or find complete) the store of ``encoder`` over ``dataset``."""
+    t0 = time.perf_counter()
+    if opts.dtype not in DTYPES:
+        raise EtfError(f"--dtype {opts.dtype!r}: use one of {', '.join(DTYPES)}")
+    if opts.on_error not in ("fail", "skip"):
+        raise EtfError(f"--on-error {opts.on_error!r}: use fail or skip")
+    if opts.batch_size < 1:
+        raise EtfError("--batch-size must be at least 1")
+    opts.tokens = parse_tokens(opts.tokens)
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.precision, device)
+    shard = resolve_shard(opts.shard)
+    layers = encoder.resolve_layers(opts.layers)
+    encoder.model.to(device)
+
+    spec = store_spec(dataset, encoder, layers, opts, precision)
+    path = store_path(Path(cache_dir), dataset.key, encoder.name, spec, opts.store)
+    write_manifest(Path(cache_dir), dataset)
+    if path.exists():
+        return ExtractResult(path, True, 0, time.perf_counter() - t0)
+
+    autocast = (
+        torch.autocast(device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST else nullcontext()
+    )
+    input_size = tuple(encoder.data_config["input_size"])
+    with autocast:
+        probe = encoder.tokens(torch.zeros(1, *input_size, device=device), layers, opts.norm)
+    selected = [select_tokens(t, lay, opts.tokens) for t, lay in probe]
+    layouts = {layer: lay for layer, (_, lay) in zip(layers, selected)}
+    arrays = plan_arrays(layers, [tuple(t.shape[1:]) for t, _ in selected])
+    info = {
+        "flops_per_image": encoder.flops_per_image(layers),
+        "versions": _versions(),
+        "load_report": encoder.load_report.summary() if encoder.load_report else None,
+    }
+    writer = StoreWriter(path, spec, arrays, layouts, codec=opts.codec, chunk_rows=opts.chunk_rows, info=info)
+    if opts.store == "hdf5" and shard is not None:
+        raise EtfError("--shard with --store hdf5: HDF5 has no concurrent writers; extract to zarr, or run one process")
+
+    todo = sorted(set(range(writer.num_chunks)) - writer.done_chunks())
+    if shard is not None:
+        i, n = shard
+        todo = [c for c in todo if c * n // writer.num_chunks == i]
+    rows = [r for c in todo for r in range(*writer.chunk_range(c))]
+
+    bad = _prescan(dataset, rows)
+    if bad and opts.on_error == "fail":
+        raise EtfError(
+            f"{len(bad)} unreadable image(s) in {dataset.describe()}: "
+            f"{_bad_list([(dataset.ids[r], w) for r, w in sorted(bad.items())])} "
+            "(nothing written; fix or remove them, or pass --on-error skip)"
+        )
+    done_rows = _run(dataset, encoder, writer, todo, set(bad), layers, opts, device, autocast)
+    complete = writer.finalize()
+    skipped = []
+    if complete:
+        with TokenStore.open(path) as store:
+            skipped = store.skipped
+        write_manifest(Path(cache_dir), dataset, skipped)
+    return ExtractResult(path, complete, done_rows, time.perf_counter() - t0, skipped)
+
+
+def _prescan(dataset: Dataset, rows: list[int]) -> dict[int, str]:
+    """Header-check the images about to be read, in threads (I/O bound)."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        reasons = pool.map(lambda r: check_image(dataset.samples[r].path), rows, chunksize=64)
+        return {r: why for r, why in zip(rows, reasons) if why}
+
+
+class _ChunkBuffer:
+    """Rows of one chunk collected from batches; handed to the writer once full."""
+
+    def __init__(self, writer: StoreWriter, c: int, dataset: Dataset, skip: set[int]) -> None:
+        self.c = c
+        self.start, stop = writer.chunk_range(c)
+        dtype = physical_dtype(writer.spec["dtype"])
+        self.data = {a.name: np.zeros((stop - self.start, *a.shape), dtype) for a in writer.arrays}
+        rows = range(self.start, stop)
+        self.skipped = [dataset.ids[r] for r in rows if r in skip]
+        self.missing = len(rows) - len(self.skipped)
+
+    def put(self, idx: list[int], arrays: dict[str, np.ndarray]) -> None:
+        rows = np.asarray(idx) - self.start
+        for name, block in arrays.items():
+            self.data[name][rows] = block
+        self.missing -= len(idx)
+
+
+def _run(
+    dataset: Dataset,
+    encoder: Encoder,
+    writer: StoreWriter,
+    todo: list[int],
+    skip: set[int],
+    layers: list[int],
+    opts: ExtractOptions,
+    device: torch.device,
+    autocast: Any,
+) -> int:
+    """The extraction loop: decode in workers, forward here, write in a background thread."""
+    workers = opts.workers if opts.workers is not None else default_workers()
+    sampler = _ChunkBatches(todo, writer, opts.batch_size, skip)
+    loader = DataLoader(
+        _Images(dataset, encoder.transform(), tuple(encoder.data_config["input_size"])),
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    buffers = {c: _ChunkBuffer(writer, c, dataset, skip) for c in todo}
+    pending: list[Future] = []
+    total = sum(len(b) for b in sampler.batches)
+    disable = None if opts.progress is None else not opts.progress
+    with ThreadPoolExecutor(max_workers=1) as io, tqdm(total=total, unit="img", desc=encoder.name, disable=disable) as bar:
+
+        def flush(buf: _ChunkBuffer) -> None:
+            pending.append(io.submit(writer.write_chunk, buf.c, buf.data, sorted(buf.skipped)))
+            while len(pending) > 2:  # bounded: at most two chunks in flight
+                pending.pop(0).result()
+
+        for buf in [b for b in buffers.values() if b.missing == 0]:  # chunks of skipped rows only
+            flush(buffers.pop(buf.c))
+        for idx, x, errors in loader:
+            idx = idx.tolist()
+            failed = [(i, e) for i, e in zip(idx, errors) if e]
+            if failed and opts.on_error == "fail":
+                raise EtfError(
+                    f"unreadable image(s) in {dataset.describe()}: {_bad_list([(dataset.ids[i], e) for i, e in failed])} "
+                    "(the store stays incomplete and is never read; fix them, or pass --on-error skip to resume)"
+                )
+            with autocast:
+                outs = encoder.tokens(x.to(device, non_blocking=True), layers, opts.norm)
+            per_layer = {
+                layer: encode_tokens(select_tokens(t, lay, opts.tokens)[0], opts.dtype, [dataset.ids[i] for i in idx])
+                for layer, (t, lay) in zip(layers, outs)
+            }
+            arrays = {
+                a.name: np.stack([per_layer[la] for la in a.layers], axis=1) if a.name == "tokens" else per_layer[a.layers[0]]
+                for a in writer.arrays
+            }
+            keep = [k for k, i in enumerate(idx) if not any(i == f for f, _ in failed)]
+            buf = buffers[idx[0] // writer.chunk_rows]
+            buf.put([idx[k] for k in keep], {n: a[keep] for n, a in arrays.items()})
+            buf.skipped.extend(dataset.ids[i] for i, _ in failed)
+            buf.missing -= len(failed)
+            bar.update(len(idx))
+            if buf.missing == 0:
+                flush(buffers.pop(buf.c))
+        for f in pending:
+            f.result()
+    return total
+
+
+def default_workers() -> int:
+    """Decode workers: leave the forward pass at least one core of its own."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _versions() -> dict[str, str]:
+    import timm
+    import zarr
+
+    import etf
+
+    return {"etf": etf.__version__, "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__}

@@ -1,0 +1,175 @@
+"""Extraction: parity with a direct timm forward, content addressing, resume, shards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from etf.cache.store import TokenStore
+from etf.data import load_dataset
+from etf.pipeline.encoders import create_encoder
+from etf.pipeline.extract import ExtractOptions, extract
+from tests.conftest import IMG, TINY_VIT
+
+OPTS = dict(workers=0, progress=False)
+
+
+def _direct_tokens(dataset, encoder, layers):
+    """The reference: timm's own forward_intermediates on the same preprocessed batch."""
+    tf = encoder.transform()
+    x = torch.stack([tf(dataset.load_image(i)) for i in range(len(dataset))])
+    idx = [layer - 1 for layer in layers]
+    m = encoder.model
+    if encoder.is_vit:
+        out = m.forward_intermediates(x, indices=idx, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+        return [torch.cat([p, t], 1).numpy() for t, p in out]
+    out = m.forward_intermediates(x, indices=idx, norm=True, intermediates_only=True)
+    return [f.flatten(2).transpose(1, 2).numpy() for f in out]
+
+
+@pytest.mark.parametrize("store", ["zarr", "hdf5"])
+@pytest.mark.parametrize("kind", ["vit", "cnn"])
+def test_tokens_match_direct_timm_forward(folder_dataset, tmp_path, kind, store, tiny_vit, tiny_cnn):
+    dataset = load_dataset(f"folder:{folder_dataset}")
+    encoder = tiny_vit if kind == "vit" else tiny_cnn
+    layers = [2, 4] if kind == "vit" else [3, 5]  # CNN stages of different shapes
+    res = extract(dataset, encoder, tmp_path / "c", ExtractOptions(layers=layers, store=store, chunk_rows=5, **OPTS))
+    assert res.complete and res.path.suffix == (".h5" if store == "hdf5" else ".zarr")
+    ref = _direct_tokens(dataset, encoder, layers)
+    with TokenStore.open(res.path) as s:
+        assert s.n == len(dataset) and s.layers == layers
+        for layer, want in zip(layers, ref):
+            got = s.read(layer)
+            assert got.dtype == np.float16 and got.shape == want.shape
+            np.testing.assert_allclose(got.astype(np.float32), want, rtol=2e-3, atol=2e-3)
+        if kind == "vit":
+            assert [a.name for a in s.array_specs] == ["tokens"]
+            assert s.layouts[2].prefix == 1 and s.layouts[2].grid == (2, 2)
+        else:
+            assert [a.name for a in s.array_specs] == ["tokens_3", "tokens_5"]
+            assert s.layouts[5].prefix == 0
+
+
+def test_token_selections_and_dtypes(folder_dataset, tmp_path, tiny_vit):
+    dataset = load_dataset(f"folder:{folder_dataset}")
+    full = extract(dataset, tiny_vit, tmp_path, ExtractOptions(dtype="float32", **OPTS))
+    with TokenStore.open(full.path) as s:
+        ref = s.read(12)
+    for mode, want in (("cls", ref[:, :1]), ("patch", ref[:, 1:]), ("pool:1", np.concatenate([ref[:, :1], ref[:, 1:].mean(1, keepdims=True)], 1))):
+        res = extract(dataset, tiny_vit, tmp_path, ExtractOptions(tokens=mode, dtype="float32", **OPTS))
+        with TokenStore.open(res.path) as s:
+            np.testing.assert_allclose(s.read(12), want, rtol=1e-5, atol=1e-5)
+    bf = extract(dataset, tiny_vit, tmp_path, ExtractOptions(dtype="bfloat16", **OPTS))
+    with TokenStore.open(bf.path) as s:
+        got = s.read(12)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, torch.from_numpy(ref).bfloat16().float().numpy())
+
+
+def test_every_spec_change_makes_a_new_store(folder_dataset, tmp_path, tiny_vit):
+    dataset = load_dataset(f"folder:{folder_dataset}")
+    base = extract(dataset, tiny_vit, tmp_path, ExtractOptions(**OPTS)).path
+    again = extract(dataset, tiny_vit, tmp_path, ExtractOptions(**OPTS))
+    assert again.path == base and again.samples_done == 0  # found complete, nothing recomputed
+    variants = [
+        ExtractOptions(layers=[3], **OPTS),
+        ExtractOptions(tokens="cls", **OPTS),
+        ExtractOptions(dtype="float32", **OPTS),
+        ExtractOptions(norm=False, **OPTS),
+    ]
+    paths = {extract(dataset, tiny_vit, tmp_path, o).path for o in variants}
+    other_seed = create_encoder(TINY_VIT, pretrained=False, img_size=IMG, seed=1)
+    other_size = create_encoder(TINY_VIT, pretrained=False, img_size=48)
+    paths |= {extract(dataset, e, tmp_path, ExtractOptions(**OPTS)).path for e in (other_seed, other_size)}
+    relabelled = load_dataset(f"folder:{folder_dataset}")
+    relabelled.samples[0] = type(relabelled.samples[0])(**{**relabelled.samples[0].__dict__, "labels": {"label": 1}})
+    paths.add(extract(relabelled, tiny_vit, tmp_path, ExtractOptions(**OPTS)).path)
+    assert base not in paths and len(paths) == 7
+
+
+def test_random_init_is_reproducible(tiny_vit):
+    again = create_encoder(TINY_VIT, pretrained=False, img_size=IMG)
+    assert again.weights_sha256 == tiny_vit.weights_sha256
+    assert create_encoder(TINY_VIT, pretrained=False, img_size=IMG, seed=3).weights_sha256 != tiny_vit.weights_sha256
+
+
+def _etf(*args: str) -> list[str]:
+    return [sys.executable, "-m", "etf.cli", *args]
+
+
+def _read_all(path: Path) -> np.ndarray:
+    with TokenStore.open(path) as s:
+        return s.read(s.layers[0])
+
+
+def test_resume_after_sigkill_gives_identical_arrays(tmp_path):
+    args = ["extract", "--data", "lfw-subset", "--encoder", TINY_VIT, "--no-pretrained", "--img-size", "64",
+            "--chunk-rows", "8", "--batch-size", "4", "--workers", "0", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_etf(*args, "--cache", str(tmp_path / "ref")), check=True, env=env, capture_output=True)
+    ref_path = next((tmp_path / "ref").glob("*/*.zarr"))
+
+    cache = tmp_path / "killed"
+    proc = subprocess.Popen(_etf(*args, "--cache", str(cache)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(cache.glob("*/*.partial/done/*.json"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = next(cache.glob("*/*.partial"))
+    done = len(list(partial.glob("done/*.json")))
+    assert 3 <= done < 25, "the kill must land mid-extraction"
+    assert not list(cache.glob("*/*.zarr")), "no complete store may exist after a kill"
+    with pytest.raises(Exception, match="incomplete"):
+        TokenStore.open(partial.with_name(partial.name.removesuffix(".partial")))
+
+    out = subprocess.run(_etf(*args, "--cache", str(cache)), check=True, env=env, capture_output=True, text=True)
+    assert "img/s" in out.stdout
+    path = next(cache.glob("*/*.zarr"))
+    assert path.name == ref_path.name and not partial.exists()
+    np.testing.assert_array_equal(_read_all(path), _read_all(ref_path))
+
+
+def test_two_shards_give_the_same_store_as_one_process(tmp_path):
+    args = ["extract", "--data", "lfw-subset", "--encoder", TINY_VIT, "--no-pretrained", "--img-size", "32",
+            "--chunk-rows", "16", "--batch-size", "8", "--workers", "0", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_etf(*args, "--cache", str(tmp_path / "one")), check=True, env=env, capture_output=True)
+    procs = [subprocess.Popen(_etf(*args, "--cache", str(tmp_path / "two"), "--shard", f"{i}/2"), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    for p in procs:
+        assert p.wait() == 0, p.stderr.read().decode()
+    one, two = next((tmp_path / "one").glob("*/*.zarr")), next((tmp_path / "two").glob("*/*.zarr"))
+    assert one.name == two.name and not list((tmp_path / "two").glob("*/*.partial"))
+    np.testing.assert_array_equal(_read_all(one), _read_all(two))
+
+
+def test_spawned_dataloader_workers_read_the_store(folder_dataset, tmp_path, tiny_vit):
+    from torch.utils.data import DataLoader
+
+    dataset = load_dataset(f"folder:{folder_dataset}")
+    res = extract(dataset, tiny_vit, tmp_path, ExtractOptions(chunk_rows=8, **OPTS))
+    store = TokenStore.open(res.path)
+    loader = DataLoader(_Blocks(store), batch_size=None, num_workers=2, multiprocessing_context="spawn")
+    got = np.concatenate([b.numpy() for b in loader])
+    np.testing.assert_array_equal(got, store.read(12))
+
+
+class _Blocks(torch.utils.data.Dataset):
+    def __init__(self, store: TokenStore) -> None:
+        self.store = store
+
+    def __len__(self) -> int:
+        return -(-self.store.n // self.store.chunk_rows)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        c = self.store.chunk_rows
+        return torch.from_numpy(self.store.read(12, i * c, min(self.store.n, (i + 1) * c)))
