@@ -369,6 +369,22 @@ class TokenStore:
         stop = self.n if stop is None else stop
         return decode_tokens(np.asarray(arr[start:stop, i] if i is not None else arr[start:stop]), self.spec["dtype"])
 
+    def read_layers(self, layers: list[int], start: int = 0, stop: int | None = None) -> dict[int, np.ndarray]:
+        """Several layers of rows ``start:stop``, reading each array's chunks once."""
+        stop = self.n if stop is None else stop
+        out: dict[int, np.ndarray] = {}
+        for a in self.array_specs:
+            wanted = [layer for layer in layers if layer in a.layers]
+            if not wanted:
+                continue
+            block = decode_tokens(np.asarray(self._arrays[a.name][start:stop]), self.spec["dtype"])
+            for layer in wanted:
+                out[layer] = block[:, a.layers.index(layer)] if a.name == "tokens" else block
+        missing = [layer for layer in layers if layer not in out]
+        if missing:
+            self._locate(missing[0])  # raises naming the layer
+        return out
+
     def blocks(self, layer: int, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """(start, block) over the whole layer in chunk-aligned blocks."""
         step = rows or self.chunk_rows * max(1, (32 << 20) // max(1, self.chunk_bytes))

@@ -24,9 +24,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from etf.cli import cache, data, extract
+    from etf.cli import cache, data, extract, fit, predict
 
-    for module in (extract, cache, data):
+    for module in (extract, fit, predict, cache, data):
         main.add_command(module.command)
 
 

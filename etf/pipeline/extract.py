@@ -159,6 +159,19 @@ class _ChunkBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
+def autocast_for(precision: str, device: torch.device) -> Any:
+    """The autocast context of a resolved ``--precision`` (a no-op for fp32)."""
+    return torch.autocast(device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST else nullcontext()
+
+
+def compute_tokens(encoder: Encoder, x: torch.Tensor, layers: list[int], opts: ExtractOptions, ids: list[str], autocast: Any) -> dict[int, np.ndarray]:
+    """Stored form of the tokens of a preprocessed batch, per layer: what extraction writes
+    and what ``etf predict`` recomputes for new images."""
+    with autocast:
+        outs = encoder.tokens(x, layers, opts.norm)
+    return {layer: encode_tokens(select_tokens(t, lay, opts.tokens)[0], opts.dtype, ids) for layer, (t, lay) in zip(layers, outs)}
+
+
 def _bad_list(bad: list[tuple[str, str]]) -> str:
     shown = "; ".join(f"{sid}: {why}" for sid, why in bad[:5])
     return shown + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -186,9 +199,7 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     if path.exists():
         return ExtractResult(path, True, 0, time.perf_counter() - t0)
 
-    autocast = (
-        torch.autocast(device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST else nullcontext()
-    )
+    autocast = autocast_for(precision, device)
     input_size = tuple(encoder.data_config["input_size"])
     with autocast:
         probe = encoder.tokens(torch.zeros(1, *input_size, device=device), layers, opts.norm)
@@ -295,12 +306,8 @@ def _run(
                     f"unreadable image(s) in {dataset.describe()}: {_bad_list([(dataset.ids[i], e) for i, e in failed])} "
                     "(the store stays incomplete and is never read; fix them, or pass --on-error skip to resume)"
                 )
-            with autocast:
-                outs = encoder.tokens(x.to(device, non_blocking=True), layers, opts.norm)
-            per_layer = {
-                layer: encode_tokens(select_tokens(t, lay, opts.tokens)[0], opts.dtype, [dataset.ids[i] for i in idx])
-                for layer, (t, lay) in zip(layers, outs)
-            }
+            ids = [dataset.ids[i] for i in idx]
+            per_layer = compute_tokens(encoder, x.to(device, non_blocking=True), layers, opts, ids, autocast)
             arrays = {
                 a.name: np.stack([per_layer[la] for la in a.layers], axis=1) if a.name == "tokens" else per_layer[a.layers[0]]
                 for a in writer.arrays

@@ -1,0 +1,261 @@
+"""Several priors' stores over one dataset, joined by sample id, read in whole blocks.
+
+:class:`PriorSet` resolves each prior to a complete store of the same dataset manifest,
+chooses layers and a read-time token selection, and either loads the selected tokens
+into memory (when they fit the budget) or streams them block by block
+(:class:`BlockStream`), shuffling blocks and rows within a block, never reading one
+sample at a time from a compressed store.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from etf.cache.catalog import find_store, read_manifest
+from etf.cache.store import TokenStore
+from etf.cache.tokens import TokenLayout, parse_tokens, select_tokens
+from etf.data.base import Dataset
+from etf.errors import EtfError
+from etf.utils import canonical_json
+
+_TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def parse_size(text: str) -> int:
+    """``8G``, ``512M``, ``1.5GiB`` or a byte count."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise EtfError(f"--max-memory {text!r}: expected a size like 8G or 512M") from None
+
+
+def default_memory_budget() -> int:
+    """40% of physical memory, at most 16 GiB: room for the model, the OS and a second job."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 << 30
+    return int(min(16 << 30, 0.4 * total))
+
+
+@dataclass(frozen=True)
+class Group:
+    """One token sequence a fuser reads: one layer of one prior, after read-time selection."""
+
+    prior: int
+    name: str
+    layer: int
+    layout: TokenLayout
+    dim: int
+
+    @property
+    def tokens(self) -> int:
+        return self.layout.count
+
+    def to_json(self) -> dict[str, Any]:
+        return {"prior": self.prior, "name": self.name, "layer": self.layer, "layout": self.layout.to_json(), "dim": self.dim}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Group:
+        return cls(d["prior"], d["name"], d["layer"], TokenLayout.from_json(d["layout"]), d["dim"])
+
+
+def _check_manifest(cache_dir: Path, dataset: Dataset) -> None:
+    """The cached manifest must describe exactly the data given by ``--data``."""
+    try:
+        manifest = read_manifest(cache_dir, dataset.key)
+    except EtfError:
+        raise EtfError(f"--data {dataset.describe()}: no manifest for dataset key {dataset.key} in {cache_dir}; run etf extract first") from None
+    spec = dataset.spec()
+    differs = [k for k in spec if canonical_json(manifest.get(k)) != canonical_json(spec[k])]
+    if differs:
+        raise EtfError(f"{cache_dir}/{dataset.key}/manifest.json differs from --data {dataset.describe()} in {', '.join(differs)}")
+
+
+class PriorSet:
+    """The token groups of several priors, aligned to the dataset's sample order."""
+
+    def __init__(self, cache_dir: str | Path, dataset: Dataset, priors: list[str], layers: str = "last", tokens: str | None = None) -> None:
+        if not priors:
+            raise EtfError("--encoders: name at least one prior")
+        if len(set(priors)) != len(priors):
+            raise EtfError(f"--encoders {','.join(priors)}: a prior is named twice")
+        self.cache_dir = Path(cache_dir)
+        self.dataset = dataset
+        _check_manifest(self.cache_dir, dataset)
+        self.paths = [self._resolve(p) for p in priors]
+        self.names = priors
+        self.tokens = parse_tokens(tokens) if tokens else None
+        self.stores = [TokenStore.open(p) for p in self.paths]
+        skipped: set[str] = set()
+        for name, store in zip(priors, self.stores):
+            if store.spec["dataset_key"] != dataset.key or store.n != len(dataset):
+                raise EtfError(
+                    f"--encoders {name}: {store.path} was extracted from a different sample set "
+                    f"(dataset key {store.spec['dataset_key']}, {store.n} samples) than --data (key {dataset.key}, {len(dataset)} samples)"
+                )
+            skipped.update(store.skipped)
+        self.valid = np.array([sid not in skipped for sid in dataset.ids])
+        self.groups: list[Group] = []
+        self._source: list[tuple[int, int]] = []  # (store index, layer) of each group
+        for p, store in enumerate(self.stores):
+            for layer in self._layers(store, layers, priors[p]):
+                layout = store.layouts[layer]
+                if self.tokens:
+                    probe = torch.zeros(1, layout.count, 1)
+                    layout = select_tokens(probe, layout, self.tokens)[1]
+                self.groups.append(Group(p, priors[p], layer, layout, store.shape(layer)[1]))
+                self._source.append((p, layer))
+
+    def _resolve(self, prior: str) -> Path:
+        path = Path(prior)
+        if path.suffix in (".zarr", ".h5") and path.exists():
+            return path
+        return find_store(self.cache_dir, self.dataset.key, prior)
+
+    @staticmethod
+    def _layers(store: TokenStore, layers: str, name: str) -> list[int]:
+        if layers == "last":
+            return [max(store.layers)]
+        if layers == "all":
+            return list(store.layers)
+        try:
+            wanted = [int(v) for v in layers.split(",")]
+        except ValueError:
+            raise EtfError(f"--layers {layers!r}: use last, all, or comma-separated layer numbers") from None
+        missing = [w for w in wanted if w not in store.layers]
+        if missing:
+            raise EtfError(f"--layers {layers}: prior {name} has layers {','.join(map(str, store.layers))}, not {missing[0]}")
+        return wanted
+
+    def close(self) -> None:
+        for s in self.stores:
+            s.close()
+
+    def specs(self) -> list[dict[str, Any]]:
+        """What a run records about its inputs: name, path, spec hash and spec of each store."""
+        return [
+            {"name": n, "path": str(s.path), "spec_hash": s.attrs["spec_hash"], "spec": s.spec,
+             "layouts": s.attrs["layouts"], "info": s.attrs.get("info", {})}
+            for n, s in zip(self.names, self.stores)
+        ]
+
+    def row_bytes(self) -> int:
+        size = {p: _TORCH_DTYPE[s.spec["dtype"]].itemsize for p, s in enumerate(self.stores)}
+        return sum(g.tokens * g.dim * size[g.prior] for g in self.groups)
+
+    @property
+    def block_rows(self) -> int:
+        return max(s.chunk_rows for s in self.stores)
+
+    def read_block(self, start: int, stop: int) -> list[torch.Tensor]:
+        """Rows ``start:stop`` of every group, with the read-time token selection applied."""
+        read = {
+            p: store.read_layers([layer for q, layer in self._source if q == p], start, stop)
+            for p, store in enumerate(self.stores)
+        }
+        out = []
+        for p, layer in self._source:
+            store = self.stores[p]
+            x = torch.from_numpy(read[p][layer]).to(_TORCH_DTYPE[store.spec["dtype"]])
+            if self.tokens:
+                x = select_tokens(x, store.layouts[layer], self.tokens)[0]
+            out.append(x.contiguous())
+        return out
+
+    def load(self, rows: np.ndarray, block_rows: int | None = None) -> list[torch.Tensor]:
+        """The selected tokens of ``rows`` (sorted sample indices) in memory, read block-wise."""
+        step = block_rows or self.block_rows * max(1, (64 << 20) // max(1, self.row_bytes() * self.block_rows))
+        parts: list[list[torch.Tensor]] = []
+        for start in range(0, len(self.dataset), step):
+            stop = min(len(self.dataset), start + step)
+            sel = rows[(rows >= start) & (rows < stop)]
+            if len(sel):
+                block = self.read_block(start, stop)
+                parts.append([b[torch.from_numpy(sel - start)] for b in block])
+        return [torch.cat([p[g] for p in parts]) for g in range(len(self.groups))]
+
+
+def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Produce ``items`` in a background thread, ``depth`` ahead: block reads (which release
+    the GIL in Zarr/HDF5 decoding and file I/O) overlap the training step."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
+class BlockStream:
+    """Batches of ``rows`` read in blocks of contiguous samples, for data beyond the budget.
+
+    Only whole blocks are read, one ahead in a background thread; an epoch visits blocks in
+    a seeded random order and rows within a block in a seeded random order. Peak memory
+    is a few blocks, whatever N is.
+    """
+
+    def __init__(self, priors: PriorSet, rows: np.ndarray, batch_size: int, block_rows: int, shuffle: bool, seed: int) -> None:
+        self.priors, self.rows, self.batch_size = priors, np.sort(rows), batch_size
+        self.block_rows, self.shuffle, self.seed = block_rows, shuffle, seed
+        n = len(priors.dataset)
+        starts = range(0, n, block_rows)
+        self.blocks = [(s, min(n, s + block_rows)) for s in starts]
+        self.blocks = [(s, e) for s, e in self.blocks if ((self.rows >= s) & (self.rows < e)).any()]
+
+    def __len__(self) -> int:
+        per_block = [int(((self.rows >= s) & (self.rows < e)).sum()) for s, e in self.blocks]
+        return sum(-(-k // self.batch_size) for k in per_block)
+
+    def epoch(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.blocks)) if self.shuffle else range(len(self.blocks))
+        blocks = [self.blocks[i] for i in order]
+
+        def read() -> Iterator[tuple[int, np.ndarray, list[torch.Tensor]]]:
+            for start, stop in blocks:
+                sel = self.rows[(self.rows >= start) & (self.rows < stop)]
+                yield start, sel, self.priors.read_block(start, stop)
+
+        for start, sel, block in prefetch(read(), depth=1):
+            if self.shuffle:
+                sel = sel[rng.permutation(len(sel))]
+            for b in range(0, len(sel), self.batch_size):
+                idx = sel[b : b + self.batch_size]
+                local = torch.from_numpy(idx - start)
+                yield idx, [x[local] for x in block]

@@ -1,0 +1,78 @@
+"""``etf fit``: a fuser and task heads from the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from etf.cache.features import parse_size
+from etf.cli.options import cache_option, data_options, open_dataset
+from etf.pipeline.fit import FitConfig, fit
+from etf.pipeline.fusers import FUSERS, FuserConfig
+
+
+def fuser_options(fn):
+    """Fuser hyper-parameters, shared with ``etf ablate``."""
+    for opt in reversed([
+        click.option("--dim", default=256, show_default=True, help="Fuser width d."),
+        click.option("--depth", default=2, show_default=True, help="Self-attention blocks."),
+        click.option("--heads", default=4, show_default=True, help="Attention heads."),
+        click.option("--mlp-ratio", default=2.0, show_default=True),
+        click.option("--dropout", default=0.0, show_default=True),
+        click.option("--attn", type=click.Choice(["full", "intra"]), default="full", show_default=True,
+                     help="intra: prior tokens attend only within their prior; the ensemble token sees all."),
+        click.option("--mask", default="none", show_default=True, help="Training-time dropping: none, token:P, prior:P."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def training_options(fn):
+    """Optimisation and protocol options, shared with ``etf ablate``."""
+    for opt in reversed([
+        click.option("--layers", default="last", show_default=True, help="Store layers to use: last, all, or e.g. 4,8,12."),
+        click.option("--tokens", default=None, help="Read-time selection: cls, patch, pool:G or all.  [default: as stored]"),
+        click.option("--epochs", default=30, show_default=True),
+        click.option("--batch-size", default=64, show_default=True),
+        click.option("--lr", default=1e-3, show_default=True),
+        click.option("--weight-decay", default=0.05, show_default=True),
+        click.option("--warmup-epochs", default=1.0, show_default=True),
+        click.option("--train-fraction", default=1.0, show_default=True, help="Seeded (stratified) fraction of train."),
+        click.option("--shots", type=int, help="K training samples per class of the first classify task."),
+        click.option("--val-fraction", default=0.1, show_default=True, help="Seeded hold-out of train when there is no val split."),
+        click.option("--max-memory", default=None, help="Load tokens into memory up to this size (e.g. 8G), else stream.  [default: 40% of RAM, at most 16G]"),
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--progress/--no-progress", default=None, help="Progress bar.  [default: when on a terminal]"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask) -> FuserConfig:
+    return FuserConfig(dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, attn=attn, mask=mask)
+
+
+@click.command("fit")
+@cache_option
+@data_options
+@click.option("--encoders", required=True, help="Comma-separated priors (store names, NAME-HASHPREFIX, or store paths); the first is canonical.")
+@click.option("--task", "tasks", multiple=True, help="classify:COL, multilabel:C1,C2, regress:COL, landmarks:PREFIX; repeat for multi-task.  [default: the dataset's]")
+@click.option("--fuser", type=click.Choice(sorted(FUSERS)), default="etfuser", show_default=True)
+@fuser_options
+@training_options
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+def command(cache_dir, data_spec, crop, encoders, tasks, fuser, dim, depth, heads, mlp_ratio, dropout, attn, mask,
+            layers, tokens, epochs, batch_size, lr, weight_decay, warmup_epochs, train_fraction, shots, val_fraction,
+            max_memory, device, progress, seed, out) -> None:
+    """Train --fuser and task heads on cached tokens of --encoders; write the run to --out."""
+    dataset = open_dataset(data_spec, crop)
+    cfg = FitConfig(
+        cache_dir=cache_dir, encoders=[e.strip() for e in encoders.split(",") if e.strip()], out=out, tasks=list(tasks),
+        fuser=fuser, fuser_config=fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask), layers=layers,
+        tokens=tokens, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs, seed=seed, train_fraction=train_fraction, shots=shots, val_fraction=val_fraction,
+        max_memory=parse_size(max_memory) if max_memory else None, device=device, progress=progress,
+    )
+    click.echo(fit(dataset, cfg).summary)

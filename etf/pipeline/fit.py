@@ -1,0 +1,388 @@
+"""Stage 2: train a fuser and task heads from cached prior tokens; only they train.
+
+``fit(dataset, FitConfig(...))`` joins the priors' stores, builds the splits (with the
+low-data protocols), trains with AdamW and a warm-up + cosine schedule, selects the epoch
+by the first task's primary metric on the validation split, and writes the run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+import etf
+from etf.cache.features import BlockStream, PriorSet, default_memory_budget
+from etf.data.base import Dataset
+from etf.errors import EtfError
+from etf.pipeline.fusers import FuserConfig, count_parameters, create_fuser, flops_per_sample
+from etf.pipeline.heads import Classify, Head, Task, parse_task, unique_names
+from etf.utils import write_json_atomic
+
+
+@dataclass
+class FitConfig:
+    """Everything ``etf fit`` takes besides the dataset. Recorded in the run's config.json."""
+
+    cache_dir: Path
+    encoders: list[str]
+    out: Path
+    tasks: list[str] = field(default_factory=list)
+    fuser: str = "etfuser"
+    fuser_config: FuserConfig = field(default_factory=FuserConfig)
+    layers: str = "last"
+    tokens: str | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    train_fraction: float = 1.0
+    shots: int | None = None
+    val_fraction: float = 0.1
+    max_memory: int | None = None
+    device: str = "cpu"
+    progress: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cache_dir"], d["out"] = str(self.cache_dir), str(self.out)
+        return d
+
+
+class FusionModel(nn.Module):
+    """A fuser and one head per task."""
+
+    def __init__(self, fuser: nn.Module, tasks: list[Task]) -> None:
+        super().__init__()
+        self.fuser = fuser
+        self.heads = nn.ModuleDict({t.name: Head(fuser.out_dim, t.out_dim) for t in tasks})
+
+    def forward(self, tokens: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        reps = self.fuser(tokens)
+        return {name: head(reps[name]) for name, head in self.heads.items()}
+
+
+def build_model(name: str, groups: list, tasks: list[Task], cfg: FuserConfig, seed: int) -> FusionModel:
+    torch.manual_seed(seed)
+    return FusionModel(create_fuser(name, groups, tasks, cfg), tasks)
+
+
+# ---------------------------------------------------------------------------- splits
+
+
+@dataclass
+class Splits:
+    """Sample indices per split; ``evaluate`` lists val and every test split."""
+
+    train: np.ndarray
+    val: np.ndarray
+    tests: dict[str, np.ndarray]
+    val_from_train: bool
+
+    @property
+    def evaluate(self) -> dict[str, np.ndarray]:
+        return {"val": self.val, **self.tests}
+
+    def counts(self) -> dict[str, int]:
+        return {"train": len(self.train), **{k: len(v) for k, v in self.evaluate.items()}}
+
+
+def _stratify(task: Task | None, y: np.ndarray | None, rows: np.ndarray) -> np.ndarray | None:
+    if not isinstance(task, Classify) or y is None:
+        return None
+    labels = y[rows, 0].astype(int)
+    return labels if np.bincount(labels).min(initial=0) >= 2 or len(np.unique(labels)) == 1 else None
+
+
+def make_splits(dataset: Dataset, usable: np.ndarray, cfg: FitConfig, first: Task, y0: np.ndarray) -> Splits:
+    """Train/val/test rows, with a seeded hold-out when there is no val split, then the
+    low-data protocols (``train_fraction``, ``shots``) applied to train only."""
+    from sklearn.model_selection import train_test_split
+
+    split = np.array(dataset.splits)
+    rows = lambda name: np.nonzero((split == name) & usable)[0]  # noqa: E731
+    train, val = rows("train"), rows("val")
+    if len(train) == 0:
+        raise EtfError(f"{dataset.describe()}: the train split has no usable samples")
+    if len(val) == 0 and (split == "val").any():
+        raise EtfError(f"{dataset.describe()}: the val split has no usable samples (all skipped or unlabelled)")
+    val_from_train = len(val) == 0
+    if val_from_train:
+        if not 0 < cfg.val_fraction < 1:
+            raise EtfError(f"{dataset.describe()} has no val split; --val-fraction must be in (0, 1)")
+        strat = _stratify(first, y0, train)
+        train, val = train_test_split(train, test_size=cfg.val_fraction, random_state=cfg.seed, stratify=strat)
+        train, val = np.sort(train), np.sort(val)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.shots is not None:
+        if not isinstance(first, Classify):
+            raise EtfError(f"--shots needs a classify task first, not {first.spec}")
+        labels = y0[train, 0].astype(int)
+        picked = []
+        for k, name in enumerate(first.classes):
+            members = train[labels == k]
+            if len(members) < cfg.shots:
+                raise EtfError(f"--shots {cfg.shots}: class {name!r} has only {len(members)} training samples")
+            picked.append(rng.choice(members, cfg.shots, replace=False))
+        train = np.sort(np.concatenate(picked))
+    elif cfg.train_fraction < 1.0:
+        if not 0 < cfg.train_fraction <= 1:
+            raise EtfError(f"--train-fraction {cfg.train_fraction}: must be in (0, 1]")
+        keep = max(1, round(cfg.train_fraction * len(train)))
+        strat = _stratify(first, y0, train)
+        if strat is not None and keep >= len(np.unique(strat)) and keep < len(train):
+            train, _ = train_test_split(train, train_size=keep, random_state=cfg.seed, stratify=strat)
+        else:
+            train = rng.choice(train, keep, replace=False)
+        train = np.sort(train)
+    if len(val) == 0:
+        raise EtfError(f"{dataset.describe()}: the val split has no usable samples")
+    tests = {s: rows(s) for s in dict.fromkeys(split) if s.startswith("test")}
+    return Splits(train, val, {k: v for k, v in tests.items() if len(v)}, val_from_train)
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+class Batches:
+    """Batches of selected tokens for given rows, from memory or streamed from the stores."""
+
+    def __init__(self, priors: PriorSet, rows: np.ndarray, budget: int, batch_size: int, seed: int) -> None:
+        self.batch_size, self.seed = batch_size, seed
+        self.streamed = priors.row_bytes() * len(rows) > budget
+        if self.streamed:
+            # blocks: a multiple of the chunk size, a few of them at most in memory at once
+            per_block = max(priors.block_rows, (budget // 6) // max(1, priors.row_bytes()))
+            self.block_rows = per_block - per_block % priors.block_rows
+            self.priors = priors
+        else:
+            self.rows = np.sort(rows)
+            self.tokens = priors.load(self.rows)
+
+    def iterate(self, rows: np.ndarray, shuffle: bool, epoch: int = 0) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
+        if self.streamed:
+            yield from BlockStream(self.priors, rows, self.batch_size, self.block_rows, shuffle, self.seed).epoch(epoch)
+            return
+        order = np.sort(rows)
+        if shuffle:
+            order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
+        pos = np.searchsorted(self.rows, order)
+        for b in range(0, len(order), self.batch_size):
+            sel = torch.from_numpy(pos[b : b + self.batch_size])
+            yield order[b : b + self.batch_size], [t[sel] for t in self.tokens]
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with no decay on norms, biases, gates and learned tokens/embeddings (1-D or
+    singleton parameters), the usual ViT recipe."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and p.shape[0] > 1 and p.shape[-2:] != (1, 1) else no_decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def predict_rows(model: FusionModel, tasks: list[Task], batches: Batches, rows: np.ndarray, device: torch.device) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Row order and, per task, decoded predictions for ``rows``."""
+    model.eval()
+    order, preds = [], {t.name: [] for t in tasks}
+    for idx, tokens in batches.iterate(rows, shuffle=False):
+        out = model([t.to(device) for t in tokens])
+        order.append(idx)
+        for t in tasks:
+            preds[t.name].append(t.decode(out[t.name]))
+    return np.concatenate(order), {k: np.concatenate(v) for k, v in preds.items()}
+
+
+def evaluate(tasks: list[Task], order: np.ndarray, preds: dict[str, np.ndarray], targets: dict[str, tuple[np.ndarray, np.ndarray]], extra: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    out = {}
+    for t in tasks:
+        y, m = targets[t.name]
+        if m[order].any():
+            out[t.name] = t.metrics(preds[t.name], y[order], m[order], {k: v[order] for k, v in extra.items()})
+    return out
+
+
+def _score(task: Task, metrics: dict[str, dict[str, float]]) -> float:
+    value = metrics.get(task.name, {}).get(task.primary, float("nan"))
+    return value if task.higher_is_better else -value
+
+
+@dataclass
+class FitResult:
+    out: Path
+    metrics: dict[str, Any]
+    summary: str
+
+
+def fit(dataset: Dataset, cfg: FitConfig) -> FitResult:
+    """Train and evaluate; write the run directory ``cfg.out``; return its metrics."""
+    t0 = time.perf_counter()
+    specs = cfg.tasks or dataset.tasks
+    if not specs:
+        raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
+    tasks = [parse_task(s, dataset) for s in specs]
+    unique_names(tasks)
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise EtfError("--epochs and --batch-size must be at least 1")
+    device = torch.device(cfg.device)
+    priors = PriorSet(cfg.cache_dir, dataset, cfg.encoders, cfg.layers, cfg.tokens)
+    try:
+        targets = {t.name: t.targets(dataset) for t in tasks}
+        labelled = np.any([m.any(axis=1) for _, m in targets.values()], axis=0)
+        splits = make_splits(dataset, priors.valid & labelled, cfg, tasks[0], targets[tasks[0].name][0])
+        for t in tasks:
+            y, m = targets[t.name]
+            if not m[splits.train].any():
+                raise EtfError(f"--task {t.spec}: no training sample has this label")
+            t.fit_stats(y[splits.train], m[splits.train])
+        extra = {"nme_norm": np.array([v if v is not None else np.nan for v in dataset.column("nme_norm")], dtype=np.float64)} if "nme_norm" in dataset.label_columns else {}
+        all_rows = np.unique(np.concatenate([splits.train, *splits.evaluate.values()]))
+        budget = cfg.max_memory or default_memory_budget()
+        batches = Batches(priors, all_rows, budget, cfg.batch_size, cfg.seed)
+        model = build_model(cfg.fuser, priors.groups, tasks, cfg.fuser_config, cfg.seed).to(device)
+        history, best, best_state, best_epoch = [], -math.inf, None, 0
+        steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
+        opt = _optimizer(model, cfg.lr, cfg.weight_decay)
+        sched = _schedule(opt, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+        disable = None if cfg.progress is None else not cfg.progress
+        bar = tqdm(range(cfg.epochs), desc=f"fit {cfg.fuser}", unit="epoch", disable=disable)
+        y_dev = {t.name: (torch.from_numpy(targets[t.name][0]), torch.from_numpy(targets[t.name][1])) for t in tasks}
+        for epoch in bar:
+            model.train()
+            te, seen, total_loss = time.perf_counter(), 0, 0.0
+            for idx, tokens in batches.iterate(splits.train, shuffle=True, epoch=epoch):
+                out = model([t.to(device, non_blocking=True) for t in tokens])
+                sel = torch.from_numpy(idx)
+                loss = sum(t.loss(out[t.name], y_dev[t.name][0][sel].to(device), y_dev[t.name][1][sel].to(device)) for t in tasks)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                seen += len(idx)
+                total_loss += float(loss.detach()) * len(idx)
+            rate = seen / (time.perf_counter() - te)
+            order, preds = predict_rows(model, tasks, batches, splits.val, device)
+            val = evaluate(tasks, order, preds, targets, extra)
+            score = _score(tasks[0], val)
+            if score > best or best_state is None:
+                best, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
+            row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": total_loss / seen, "samples_per_s": rate}
+            row.update({f"val_{t}_{k}": v for t, ms in val.items() for k, v in ms.items()})
+            history.append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{val.get(tasks[0].name, {}).get(tasks[0].primary, float('nan')):.4f}", sps=f"{rate:.0f}")
+        model.load_state_dict(best_state)
+        results, predictions = {}, []
+        for name, rows in splits.evaluate.items():
+            order, preds = predict_rows(model, tasks, batches, rows, device)
+            results[name] = evaluate(tasks, order, preds, targets, extra)
+            predictions.append((name, order, preds))
+        sample = [t[:1] for t in next(batches.iterate(splits.val[:1], shuffle=False))[1]]
+        cost = {
+            "fuser_params": count_parameters(model),
+            "fuser_flops": flops_per_sample(model, [t.to(device) for t in sample]),
+            "encoder_flops": sum(int(s["info"].get("flops_per_image") or 0) for s in priors.specs()),
+        }
+        metrics = {**results, "best_epoch": best_epoch, **cost, "splits": splits.counts(),
+                   "streamed": batches.streamed, "seconds": time.perf_counter() - t0}
+        run = _write_run(cfg, dataset, tasks, priors, model, metrics, history, predictions, targets)
+    finally:
+        priors.close()
+    return FitResult(cfg.out, metrics, run)
+
+
+# ---------------------------------------------------------------------------- run directory
+
+
+def _write_run(cfg, dataset, tasks, priors, model, metrics, history, predictions, targets) -> str:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "etf_version": etf.__version__,
+        **cfg.to_json(),
+        "dataset": {"name": dataset.name, "key": dataset.key, "root": str(dataset.root), "options": dataset.options},
+        "tasks": [t.state() for t in tasks],
+        "groups": [g.to_json() for g in priors.groups],
+    }
+    write_json_atomic(out / "config.json", config)
+    write_json_atomic(out / "stores.json", priors.specs())
+    write_json_atomic(out / "metrics.json", metrics)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    with open(out / "history.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
+        w.writeheader()
+        w.writerows(history)
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        header = ["id", "split"]
+        for t in tasks:
+            header += [f"{t.name}:true:{c}" for c in t.columns] + [f"{t.name}:pred:{c}" for c in t.columns]
+        w.writerow(header)
+        ids = dataset.ids
+        for split, order, preds in predictions:
+            for k, i in enumerate(order):
+                row = [ids[i], split]
+                for t in tasks:
+                    y, m = targets[t.name]
+                    row += [_fmt(y[i, j]) if m[i, j] else "" for j in range(len(t.columns))]
+                    row += [_fmt(v) for v in preds[t.name][k]]
+                w.writerow(row)
+    summary = format_summary(cfg, tasks, metrics)
+    (out / "summary.txt").write_text(summary + "\n")
+    return summary
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:.6g}"
+
+
+def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -> str:
+    lines = [
+        f"run {cfg.out}: {cfg.fuser} over {', '.join(cfg.encoders)}; best epoch {metrics['best_epoch'] + 1}/{cfg.epochs}"
+        + (" (streamed from the stores)" if metrics["streamed"] else ""),
+        "samples  " + "  ".join(f"{k} {v}" for k, v in metrics["splits"].items()),
+    ]
+    for split in [s for s in metrics if s == "val" or s.startswith("test")]:
+        for t in tasks:
+            ms = metrics[split].get(t.name)
+            if ms:
+                lines.append(f"{split:<8} {t.name:<12} " + "  ".join(f"{k} {v:.4f}" for k, v in ms.items()))
+    f, e = metrics["fuser_flops"], metrics["encoder_flops"]
+    share = f" ({100 * f / e:.2f}% of the encoders' {e / 1e9:.2f} GFLOPs)" if e else ""
+    lines.append(f"cost     {metrics['fuser_params'] / 1e6:.3f} M trainable parameters, {f / 1e6:.2f} MFLOPs/sample{share}")
+    return "\n".join(lines)
+
+
+def load_run(run: Path) -> dict[str, Any]:
+    """config.json of a run directory (what predict and explain rebuild the model from)."""
+    path = Path(run) / "config.json"
+    if not path.exists():
+        raise EtfError(f"--run {run}: not a run directory (no config.json)")
+    return json.loads(path.read_text())

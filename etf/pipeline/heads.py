@@ -1,0 +1,301 @@
+"""Tasks and their heads: targets from dataset labels, losses with missing labels masked,
+predictions and metrics.
+
+A task string is ``KIND:ARG``: ``classify:COL``, ``multilabel:C1,C2,...``,
+``regress:COL[,COL...]``, ``landmarks:PREFIX`` (columns ``PREFIX<i>_x``/``PREFIX<i>_y``;
+NME normalised by the ``nme_norm`` column when present, else by the square root of the
+ground-truth landmarks' bounding-box area). Registered in :data:`TASKS`, like the fusers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from etf.data.base import Dataset
+from etf.errors import EtfError
+from etf.pipeline import metrics
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(kind: str) -> Callable[[type[Task]], type[Task]]:
+    def deco(cls: type[Task]) -> type[Task]:
+        TASKS[kind] = cls
+        cls.kind = kind
+        return cls
+
+    return deco
+
+
+class Head(nn.Module):
+    """A linear read-out; with per-query inputs (B, Q, d) each query gets its own weights.
+
+    Q-Face style fusers give one query per task (Q = 1) or per label (Q = outputs).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() == 2:
+            return self.linear(h)
+        if h.shape[1] == 1:
+            return self.linear(h[:, 0])
+        # one output per query: row q of the weight reads query q
+        return torch.einsum("bqd,qd->bq", h, self.linear.weight) + self.linear.bias
+
+
+@dataclass
+class Task:
+    """One prediction target. Subclasses define targets, loss, decoding and metrics."""
+
+    name: str
+    columns: list[str]
+    kind: ClassVar[str] = ""
+    primary: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+
+    @property
+    def out_dim(self) -> int:
+        raise NotImplementedError
+
+    def targets(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        """(N, k) float32 targets and an (N, k) mask of present labels."""
+        raise NotImplementedError
+
+    def fit_stats(self, y: np.ndarray, m: np.ndarray) -> None:
+        """Learn target statistics from the training split (regression standardisation)."""
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, out: torch.Tensor) -> np.ndarray:
+        """Head output to predictions in label units."""
+        raise NotImplementedError
+
+    def metrics(self, pred: np.ndarray, y: np.ndarray, m: np.ndarray, extra: dict[str, np.ndarray]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """What predict needs to rebuild the task (class names, target statistics)."""
+        return {"kind": self.kind, "spec": self.spec, "name": self.name, "columns": self.columns}
+
+    @staticmethod
+    def from_state(state: dict[str, Any]) -> Task:
+        fields = {k: v for k, v in state.items() if k not in ("kind", "spec")}
+        return TASKS[state["kind"]](**fields)
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind}:{','.join(self.columns)}"
+
+
+def _numeric(dataset: Dataset, col: str, task: str) -> np.ndarray:
+    values = dataset.column(col)
+    out = np.full(len(values), np.nan, dtype=np.float64)
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        if not isinstance(v, (int, float)):
+            raise EtfError(f"--task {task}: column {col!r} holds {v!r} for sample {dataset.ids[i]!r}, not a number")
+        if v != v:
+            raise EtfError(f"--task {task}: column {col!r} is NaN for sample {dataset.ids[i]!r}; leave it empty for missing")
+        out[i] = float(v)
+    return out
+
+
+@register_task("classify")
+@dataclass
+class Classify(Task):
+    """Single-label classification: cross-entropy; accuracy, mean-class accuracy, macro F1."""
+
+    classes: list[str] | None = None
+    primary: ClassVar[str] = "accuracy"
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.classes or [])
+
+    def targets(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
+        (col,) = self.columns
+        y = _numeric(dataset, col, self.spec)
+        present = ~np.isnan(y)
+        if np.any(y[present] != np.round(y[present])):
+            raise EtfError(f"--task {self.spec}: column {col!r} holds non-integer values; use regress:{col}")
+        names = dataset.classes.get(col)
+        if self.classes is None:
+            n = int(y[present].max()) + 1 if present.any() else 0
+            self.classes = list(names) if names else [str(k) for k in range(n)]
+        bad = present & ((y < 0) | (y >= len(self.classes)))
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise EtfError(f"--task {self.spec}: sample {dataset.ids[i]!r} has label {y[i]:g}, outside 0..{len(self.classes) - 1}")
+        if len(self.classes) < 2:
+            raise EtfError(f"--task {self.spec}: column {col!r} has fewer than two classes")
+        return np.nan_to_num(y, nan=0).astype(np.float32)[:, None], present[:, None]
+
+    def loss(self, out, y, m):
+        m = m[:, 0]
+        if not m.any():
+            return out.sum() * 0
+        return F.cross_entropy(out[m], y[m, 0].long())
+
+    def decode(self, out):
+        return out.argmax(dim=1, keepdim=True).cpu().numpy().astype(np.float32)
+
+    def metrics(self, pred, y, m, extra):
+        k = m[:, 0]
+        return metrics.classification_metrics(y[k, 0].astype(int), pred[k, 0].astype(int))
+
+    def state(self):
+        return {**super().state(), "classes": self.classes}
+
+
+@register_task("multilabel")
+@dataclass
+class MultiLabel(Task):
+    """Binary labels (attributes, action units): BCE; mean accuracy and mean F1 over labels."""
+
+    primary: ClassVar[str] = "mean_f1"
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.columns)
+
+    def targets(self, dataset):
+        y = np.stack([_numeric(dataset, c, self.spec) for c in self.columns], axis=1)
+        present = ~np.isnan(y)
+        if np.any((y[present] != 0) & (y[present] != 1)):
+            col = self.columns[int(np.argmax(((y != 0) & (y != 1) & present).any(axis=0)))]
+            raise EtfError(f"--task {self.spec}: column {col!r} is not binary 0/1")
+        return np.nan_to_num(y, nan=0).astype(np.float32), present
+
+    def loss(self, out, y, m):
+        if not m.any():
+            return out.sum() * 0
+        return F.binary_cross_entropy_with_logits(out[m], y[m])
+
+    def decode(self, out):
+        return (out > 0).cpu().numpy().astype(np.float32)
+
+    def metrics(self, pred, y, m, extra):
+        keep = m.any(axis=1)
+        return metrics.multilabel_metrics(y[keep].astype(int), pred[keep].astype(int), m[keep])
+
+
+@register_task("regress")
+@dataclass
+class Regress(Task):
+    """Real-valued targets (age, valence, pose angles): L1 on standardised targets; MAE."""
+
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    primary: ClassVar[str] = "mae"
+    higher_is_better: ClassVar[bool] = False
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.columns)
+
+    def targets(self, dataset):
+        for c in self.columns:
+            if c in dataset.classes:
+                raise EtfError(f"--task {self.spec}: column {c!r} is categorical ({', '.join(dataset.classes[c][:4])}, ...); use classify:{c}")
+        y = np.stack([_numeric(dataset, c, self.spec) for c in self.columns], axis=1)
+        present = ~np.isnan(y)
+        return np.nan_to_num(y, nan=0).astype(np.float32), present
+
+    def fit_stats(self, y, m):
+        cols = [y[m[:, k], k] for k in range(y.shape[1])]
+        self.mean = [float(c.mean()) if len(c) else 0.0 for c in cols]
+        self.std = [float(c.std()) if len(c) > 1 and c.std() > 0 else 1.0 for c in cols]
+
+    def _scale(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return like.new_tensor(self.mean), like.new_tensor(self.std)
+
+    def loss(self, out, y, m):
+        if not m.any():
+            return out.sum() * 0
+        mean, std = self._scale(out)
+        return F.l1_loss(out[m], ((y - mean) / std)[m])
+
+    def decode(self, out):
+        mean, std = self._scale(out)
+        return (out * std + mean).detach().cpu().numpy().astype(np.float32)
+
+    def metrics(self, pred, y, m, extra):
+        keep = m.all(axis=1)
+        return metrics.regression_metrics(y[keep], pred[keep])
+
+    def state(self):
+        return {**super().state(), "mean": self.mean, "std": self.std}
+
+
+@register_task("landmarks")
+@dataclass
+class Landmarks(Regress):
+    """Facial landmarks as 2K coordinates: L1 on standardised coordinates; NME, FR, AUC."""
+
+    primary: ClassVar[str] = "nme"
+
+    @classmethod
+    def columns_for(cls, dataset: Dataset, prefix: str) -> list[str]:
+        pat = re.compile(rf"^{re.escape(prefix)}(\d+)_x$")
+        idx = sorted(int(m.group(1)) for c in dataset.label_columns if (m := pat.match(c)))
+        if not idx:
+            raise EtfError(f"--task landmarks:{prefix}: no columns {prefix}<i>_x / {prefix}<i>_y in {dataset.describe()}")
+        return [f"{prefix}{i}_{a}" for i in idx for a in ("x", "y")]
+
+    @property
+    def spec(self) -> str:
+        return f"landmarks:{self.name}"
+
+    def metrics(self, pred, y, m, extra):
+        keep = m.all(axis=1)
+        pts_true = y[keep].reshape(int(keep.sum()), -1, 2)
+        pts_pred = pred[keep].reshape(pts_true.shape)
+        if "nme_norm" in extra:
+            norm = extra["nme_norm"][keep]
+        else:
+            span = pts_true.max(axis=1) - pts_true.min(axis=1)
+            norm = np.sqrt(span[:, 0] * span[:, 1])
+        per_sample = metrics.nme(pts_true, pts_pred, np.maximum(norm, 1e-8))
+        return {**metrics.landmark_metrics(per_sample), "mae": float(np.abs(pts_true - pts_pred).mean())}
+
+
+def parse_task(spec: str, dataset: Dataset) -> Task:
+    """``KIND:ARG`` to a task bound to ``dataset``'s columns (validated against its labels)."""
+    kind, sep, arg = spec.partition(":")
+    if not sep or not arg or kind not in TASKS:
+        raise EtfError(f"--task {spec!r}: expected one of {', '.join(f'{k}:...' for k in TASKS)}")
+    if kind == "landmarks":
+        columns = Landmarks.columns_for(dataset, arg)
+        name = arg
+    else:
+        columns = [c.strip() for c in arg.split(",") if c.strip()]
+        name = columns[0] if len(columns) == 1 else kind
+    for c in columns:
+        dataset.column(c)  # raises naming the missing column
+    if kind == "classify" and len(columns) != 1:
+        raise EtfError(f"--task {spec!r}: classify takes one column; use multilabel:{arg} for several binary labels")
+    return TASKS[kind](name=name, columns=columns)
+
+
+def unique_names(tasks: list[Task]) -> None:
+    """Give tasks distinct names (they key heads, metrics and prediction columns)."""
+    seen: dict[str, int] = {}
+    for t in tasks:
+        if t.name in seen:
+            seen[t.name] += 1
+            t.name = f"{t.name}_{seen[t.name]}"
+        else:
+            seen[t.name] = 0

@@ -1,0 +1,63 @@
+"""Task metrics. scikit-learn where it has them; NME, failure rate and CED-AUC otherwise.
+
+Every function takes NumPy arrays of valid entries only (callers drop missing labels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, mean_absolute_error
+
+
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Accuracy, mean-class accuracy (mean per-class recall) and macro F1."""
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "mean_class_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+def multilabel_metrics(y_true: np.ndarray, y_pred: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Mean over labels of accuracy and of binary F1, each label over its labelled samples.
+
+    ``mask`` (N, K) marks which entries are labelled; action-unit and attribute sets often
+    miss some labels per sample.
+    """
+    accs, f1s = [], []
+    for k in range(y_true.shape[1]):
+        m = mask[:, k]
+        if m.any():
+            accs.append(accuracy_score(y_true[m, k], y_pred[m, k]))
+            f1s.append(f1_score(y_true[m, k], y_pred[m, k], zero_division=0))
+    return {"mean_accuracy": float(np.mean(accs)), "mean_f1": float(np.mean(f1s))}
+
+
+def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """MAE over all targets, and per target when there are several (e.g. yaw, pitch, roll)."""
+    out = {"mae": float(mean_absolute_error(y_true.reshape(-1), y_pred.reshape(-1)))}
+    if y_true.ndim == 2 and y_true.shape[1] > 1:
+        out.update({f"mae_{k}": float(mean_absolute_error(y_true[:, k], y_pred[:, k])) for k in range(y_true.shape[1])})
+    return out
+
+
+def nme(points_true: np.ndarray, points_pred: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    """Per-sample normalised mean error: mean point-to-point distance over ``norm``.
+
+    ``points_*`` are (N, K, 2); ``norm`` is (N,) (inter-ocular distance, box size, ...).
+    """
+    dist = np.linalg.norm(points_true - points_pred, axis=-1).mean(axis=1)
+    return dist / norm
+
+
+def landmark_metrics(per_sample_nme: np.ndarray, threshold: float = 0.1) -> dict[str, float]:
+    """Mean NME, failure rate (NME > threshold) and the area under the cumulative error
+    distribution up to ``threshold``, normalised to [0, 1]."""
+    errors = np.sort(per_sample_nme)
+    grid = np.linspace(0.0, threshold, 1001)
+    ced = np.searchsorted(errors, grid, side="right") / len(errors)
+    return {
+        "nme": float(per_sample_nme.mean()),
+        f"fr@{threshold:g}": float((per_sample_nme > threshold).mean()),
+        f"auc@{threshold:g}": float(np.trapezoid(ced, grid) / threshold),
+    }

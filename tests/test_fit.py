@@ -1,0 +1,214 @@
+"""etf fit: the ensemble token uses information split across priors; protocols; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from etf.errors import EtfError
+from etf.pipeline.fit import FitConfig, fit
+from etf.pipeline.fusers import FuserConfig
+from tests.synthetic import import_prior, make_csv_dataset, planted_tokens, standard_splits, xor_cache
+
+SMALL = FuserConfig(dim=64, depth=2, heads=4)
+
+
+def _fit(dataset, cache, out, encoders, fuser="etfuser", epochs=40, **kw):
+    kw.setdefault("tasks", ["classify:label"])
+    cfg = FitConfig(cache_dir=cache, encoders=encoders, out=out, fuser=fuser, epochs=epochs, batch_size=32, lr=2e-3,
+                    fuser_config=kw.pop("fuser_config", SMALL), progress=False, **kw)
+    return fit(dataset, cfg).metrics
+
+
+@pytest.fixture(scope="module")
+def xor(tmp_path_factory):
+    return xor_cache(tmp_path_factory.mktemp("xor"))
+
+
+def test_ensemble_token_combines_information_split_across_priors(xor, tmp_path):
+    dataset, _, cache = xor
+    acc = lambda m: m["test"]["label"]["accuracy"]  # noqa: E731
+    both = _fit(dataset, cache, tmp_path / "ab", ["A", "B"])
+    only_a = _fit(dataset, cache, tmp_path / "a", ["A"])
+    only_b = _fit(dataset, cache, tmp_path / "b", ["B"])
+    linear = _fit(dataset, cache, tmp_path / "lin", ["A", "B"], fuser="linear")
+    assert acc(both) > 0.9
+    for single in (only_a, only_b, linear):
+        assert acc(single) < 0.65
+    assert both["fuser_params"] > linear["fuser_params"] > 0
+    assert both["fuser_flops"] > 0
+
+
+def test_same_seed_same_run_bit_for_bit(xor, tmp_path):
+    dataset, _, cache = xor
+    runs = [tmp_path / "r1", tmp_path / "r2"]
+    metrics = [_fit(dataset, cache, r, ["A", "B"], epochs=3, seed=7) for r in runs]
+    for m in metrics:
+        m.pop("seconds")
+    assert metrics[0] == metrics[1]
+    assert (runs[0] / "model.safetensors").read_bytes() == (runs[1] / "model.safetensors").read_bytes()
+    other = _fit(dataset, cache, tmp_path / "r3", ["A", "B"], epochs=3, seed=8)
+    assert (tmp_path / "r3" / "model.safetensors").read_bytes() != (runs[0] / "model.safetensors").read_bytes()
+    assert other["splits"] == metrics[0]["splits"]
+
+
+def test_run_directory_and_metrics_agree_with_sklearn(xor, tmp_path):
+    import csv
+
+    from sklearn.metrics import accuracy_score, f1_score
+
+    dataset, _, cache = xor
+    m = _fit(dataset, cache, tmp_path / "run", ["A", "B"], epochs=5)
+    for name in ("config.json", "stores.json", "metrics.json", "model.safetensors", "history.csv", "predictions.csv", "summary.txt"):
+        assert (tmp_path / "run" / name).exists(), name
+    rows = [r for r in csv.DictReader(open(tmp_path / "run" / "predictions.csv")) if r["split"] == "test"]
+    truth = {sid: label for sid, label in zip(dataset.ids, dataset.column("label"))}
+    y = [int(r["label:true:label"]) for r in rows]
+    assert y == [truth[r["id"]] for r in rows]  # predictions line up with the right samples
+    p = [int(r["label:pred:label"]) for r in rows]
+    assert m["test"]["label"]["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert m["test"]["label"]["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    stores = json.loads((tmp_path / "run" / "stores.json").read_text())
+    assert [s["name"] for s in stores] == ["A", "B"] and all(len(s["spec_hash"]) == 16 for s in stores)
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert len(history) == 6 and "val_label_accuracy" in history[0]
+
+
+def test_prior_masking_keeps_accuracy_when_a_prior_is_zeroed(tmp_path):
+    """A weak prior A and a strong prior B both carry the label. Zeroing B at test time
+    hurts a fuser trained with every prior present more than one trained with prior:P."""
+    import torch
+
+    from etf.cache.features import PriorSet
+    from etf.pipeline.predict import load_model
+
+    rng = np.random.default_rng(1)
+    n = 600
+    s = rng.choice([-1.0, 1.0], n)
+    dataset, _ = make_csv_dataset(tmp_path / "d", {"label": (s > 0).astype(float)}, standard_splits(n))
+    cache = tmp_path / "cache"
+    import_prior(cache, dataset, "A", planted_tokens(rng, s, 0.6), tmp_path)
+    import_prior(cache, dataset, "B", planted_tokens(rng, s, 4.0), tmp_path)
+    test = np.nonzero(np.array(dataset.splits) == "test")[0]
+    priors = PriorSet(cache, dataset, ["A", "B"])
+    tokens = priors.load(test)
+    priors.close()
+    y = (s[test] > 0).astype(int)
+
+    def zeroed_b_accuracy(mask: str) -> float:
+        out = tmp_path / mask.replace(":", "_")
+        _fit(dataset, cache, out, ["A", "B"], epochs=30, fuser_config=FuserConfig(dim=64, depth=2, heads=4, mask=mask))
+        _, _, _, model = load_model(out)
+        with torch.no_grad():
+            logits = model([tokens[0].float(), torch.zeros_like(tokens[1]).float()])["label"]
+        return float((logits.argmax(1).numpy() == y).mean())
+
+    assert zeroed_b_accuracy("prior:0.5") > zeroed_b_accuracy("none") + 0.05
+
+
+def test_streamed_fit_matches_budget_and_learns(xor, tmp_path):
+    dataset, _, cache = xor
+    m = _fit(dataset, cache, tmp_path / "s", ["A", "B"], max_memory=4096)
+    assert m["streamed"] is True
+    assert m["test"]["label"]["accuracy"] > 0.85
+
+
+def test_low_data_protocols(xor, tmp_path):
+    dataset, _, cache = xor
+    m = _fit(dataset, cache, tmp_path / "f", ["A"], epochs=1, train_fraction=0.25)
+    assert m["splits"]["train"] == 75
+    m = _fit(dataset, cache, tmp_path / "k", ["A"], epochs=1, shots=10)
+    assert m["splits"]["train"] == 20
+    with pytest.raises(EtfError, match="--shots 1000: class '0' has only"):
+        _fit(dataset, cache, tmp_path / "k2", ["A"], epochs=1, shots=1000)
+
+
+def test_multi_task_with_missing_labels(tmp_path):
+    rng = np.random.default_rng(2)
+    n = 400
+    s, r = rng.choice([-1.0, 1.0], n), rng.normal(size=n)
+    age = 30 + 10 * r
+    age[rng.random(n) < 0.3] = np.nan  # a third of the samples lack the regression label
+    dataset, _ = make_csv_dataset(tmp_path / "d", {"cls": (s > 0).astype(float), "age": age}, standard_splits(n))
+    cache = tmp_path / "cache"
+    tok = planted_tokens(rng, s, 3.0)
+    tok[:, :, 1] += 2.0 * r[:, None]
+    import_prior(cache, dataset, "A", tok, tmp_path)
+    m = _fit(dataset, cache, tmp_path / "run", ["A"], tasks=["classify:cls", "regress:age"], epochs=30)
+    assert m["test"]["cls"]["accuracy"] > 0.9
+    assert m["test"]["age"]["mae"] < 6.0  # the spread of age is 10: the head must use the token
+
+
+@pytest.mark.parametrize(
+    "labels,task,message",
+    [
+        ({"label": [0, 1, -1]}, "classify:label", "outside 0..1"),
+        ({"label": [0.5, 1.0, 2.0]}, "classify:label", "non-integer values"),
+        ({"label": [0, 1, 2]}, "multilabel:label", "not binary"),
+        ({"label": [0, 1, 1]}, "classify:missing", "no label column 'missing'"),
+        ({"label": [0, 1, 1]}, "bogus:label", "expected one of"),
+    ],
+)
+def test_tasks_that_do_not_fit_the_labels(tmp_path, labels, task, message):
+    n = 30
+    col = np.resize(np.array(next(iter(labels.values())), dtype=float), n)
+    dataset, _ = make_csv_dataset(tmp_path / "d", {"label": col}, standard_splits(n))
+    import_prior(tmp_path / "c", dataset, "A", np.zeros((n, 5, 16), np.float32) + 1, tmp_path)
+    with pytest.raises(EtfError, match=message):
+        _fit(dataset, tmp_path / "c", tmp_path / "run", ["A"], tasks=[task], epochs=1)
+
+
+def test_regress_on_a_categorical_column_is_refused(tmp_path):
+    from etf.data import load_dataset
+
+    (tmp_path / "img").mkdir()
+    from PIL import Image
+
+    lines = ["path,split,mood"]
+    for i in range(12):
+        Image.new("RGB", (4, 4)).save(tmp_path / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{'train' if i < 8 else 'val'},{'happy' if i % 2 else 'sad'}")
+    (tmp_path / "d.csv").write_text("\n".join(lines))
+    dataset = load_dataset(f"csv:{tmp_path / 'd.csv'}")
+    import_prior(tmp_path / "c", dataset, "A", np.ones((12, 5, 16), np.float32), tmp_path)
+    with pytest.raises(EtfError, match="categorical"):
+        _fit(dataset, tmp_path / "c", tmp_path / "run", ["A"], tasks=["regress:mood"], epochs=1)
+
+
+def test_cache_problems_are_refused(xor, tmp_path):
+    import shutil
+
+    dataset, _, cache = xor
+    with pytest.raises(EtfError, match="no store for this dataset"):
+        _fit(dataset, cache, tmp_path / "r", ["C"], epochs=1)
+    # a store of another sample set, passed by path
+    other, _ = make_csv_dataset(tmp_path / "other", {"label": np.zeros(20)}, standard_splits(20))
+    foreign = import_prior(cache, other, "F", np.ones((20, 5, 16), np.float32), tmp_path)
+    with pytest.raises(EtfError, match="different sample set"):
+        _fit(dataset, cache, tmp_path / "r", ["A", str(foreign)], epochs=1)
+    # an incomplete store
+    copy = tmp_path / "copy"
+    shutil.copytree(cache, copy)
+    store = next((copy / dataset.key).glob("B-*.zarr"))
+    store.rename(store.with_name(store.name + ".partial"))
+    with pytest.raises(EtfError, match="incomplete"):
+        _fit(dataset, copy, tmp_path / "r", ["A", "B"], epochs=1)
+    # a cached manifest that no longer matches --data
+    manifest = copy / dataset.key / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["labels"]["label"][0] = 1 - m["labels"]["label"][0]
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(EtfError, match="differs from --data .* in labels"):
+        _fit(dataset, copy, tmp_path / "r", ["A"], epochs=1)
+
+
+def test_empty_split_is_refused(tmp_path):
+    n = 20
+    label = np.resize([0.0, 1.0], n)
+    label[np.array(standard_splits(n)) == "val"] = np.nan  # every val sample lacks the label
+    dataset, _ = make_csv_dataset(tmp_path / "d", {"label": label}, standard_splits(n))
+    import_prior(tmp_path / "c", dataset, "A", np.ones((n, 5, 16), np.float32), tmp_path)
+    with pytest.raises(EtfError, match="val split has no usable samples"):
+        _fit(dataset, tmp_path / "c", tmp_path / "run", ["A"], epochs=1)

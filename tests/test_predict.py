@@ -1,0 +1,60 @@
+"""etf predict: real images end to end give the predictions the run recorded."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from etf.cli import main
+from tests.conftest import IMG, TINY_VIT
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from tests.conftest import make_image
+
+    tmp = tmp_path_factory.mktemp("predict")
+    root = tmp / "faces"
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                make_image(root / split / cls / f"{i}.png", seed=hash((split, cls, i)) % 1000)
+    r = CliRunner()
+    args = ["--data", f"folder:{root}", "--cache", str(tmp / "cache")]
+    res = r.invoke(main, ["extract", *args, "--encoder", TINY_VIT, "--encoder", "resnet18", "--no-pretrained",
+                          "--img-size", str(IMG), "--workers", "0", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(main, ["fit", *args, "--encoders", f"{TINY_VIT},resnet18", "--out", str(tmp / "run"), "--epochs", "3",
+                          "--dim", "32", "--tokens", "pool:1", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "MFLOPs/sample" in res.output
+    return tmp, root
+
+
+def test_predict_reproduces_the_runs_own_predictions(run):
+    tmp, root = run
+    rows = [r for r in csv.DictReader(open(tmp / "run" / "predictions.csv")) if r["split"] == "test"]
+    images = [str(root / r["id"]) for r in rows]
+    out = CliRunner().invoke(main, ["predict", "--run", str(tmp / "run"), *images, "--json", str(tmp / "p.json"), "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    got = json.loads((tmp / "p.json").read_text())
+    classes = json.loads((tmp / "run" / "config.json").read_text())["tasks"][0]["classes"]
+    assert [g["label"] for g in got] == [classes[int(r["label:pred:label"])] for r in rows]
+    assert all(0.5 <= g["label_prob"] <= 1.0 for g in got)
+
+
+def test_predict_refuses_encoders_whose_weights_changed(run, tmp_path):
+    import shutil
+
+    tmp, root = run
+    copy = tmp_path / "run"
+    shutil.copytree(tmp / "run", copy)
+    stores = json.loads((copy / "stores.json").read_text())
+    stores[1]["spec"]["weights_sha256"] = "0" * 64
+    (copy / "stores.json").write_text(json.dumps(stores))
+    out = CliRunner().invoke(main, ["predict", "--run", str(copy), str(next(root.rglob("*.png")))])
+    assert out.exit_code == 1
+    assert "prior 'resnet18': the loaded weights" in out.output and "differ" in out.output
