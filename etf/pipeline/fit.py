@@ -28,7 +28,7 @@ from etf.cache.features import BlockStream, PriorSet, default_memory_budget
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.fusers import FuserConfig, count_parameters, create_fuser, flops_per_sample
-from etf.pipeline.heads import Classify, Head, Task, parse_task, unique_names
+from etf.pipeline.heads import Classify, Task, parse_task, unique_names
 from etf.utils import write_json_atomic
 
 
@@ -69,7 +69,7 @@ class FusionModel(nn.Module):
     def __init__(self, fuser: nn.Module, tasks: list[Task]) -> None:
         super().__init__()
         self.fuser = fuser
-        self.heads = nn.ModuleDict({t.name: Head(fuser.out_dim, t.out_dim) for t in tasks})
+        self.heads = nn.ModuleDict({t.name: t.make_head(fuser.out_dim) for t in tasks})
 
     def forward(self, tokens: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         reps = self.fuser(tokens)
@@ -226,7 +226,8 @@ def evaluate(tasks: list[Task], order: np.ndarray, preds: dict[str, np.ndarray],
     for t in tasks:
         y, m = targets[t.name]
         if m[order].any():
-            out[t.name] = t.metrics(preds[t.name], y[order], m[order], {k: v[order] for k, v in extra.items()})
+            rows = {"rows": order, **{k: v[order] for k, v in extra.items()}}
+            out[t.name] = t.metrics(preds[t.name], y[order], m[order], rows)
     return out
 
 
@@ -260,6 +261,7 @@ def fit(dataset: Dataset, cfg: FitConfig) -> FitResult:
         splits = make_splits(dataset, priors.valid & labelled, cfg, tasks[0], targets[tasks[0].name][0])
         for t in tasks:
             y, m = targets[t.name]
+            t.check_splits(dataset, splits.train, splits.evaluate)
             if not m[splits.train].any():
                 raise EtfError(f"--task {t.spec}: no training sample has this label")
             t.fit_stats(y[splits.train], m[splits.train])
@@ -282,6 +284,8 @@ def fit(dataset: Dataset, cfg: FitConfig) -> FitResult:
                 out = model([t.to(device, non_blocking=True) for t in tokens])
                 sel = torch.from_numpy(idx)
                 loss = sum(t.loss(out[t.name], y_dev[t.name][0][sel].to(device), y_dev[t.name][1][sel].to(device)) for t in tasks)
+                if model.fuser.aux_loss is not None:
+                    loss = loss + model.fuser.aux_loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -98,6 +98,8 @@ class Fuser(nn.Module):
 
     def __init__(self, groups: list[Group], tasks: list[Any], cfg: FuserConfig) -> None:
         super().__init__()
+        #: an auxiliary training loss a fuser may set during a training forward; fit adds it
+        self.aux_loss: torch.Tensor | None = None
         if not groups:
             raise EtfError("a fuser needs at least one prior")
         self.groups, self.cfg = groups, cfg

@@ -72,6 +72,13 @@ class Task:
         """(N, k) float32 targets and an (N, k) mask of present labels."""
         raise NotImplementedError
 
+    def make_head(self, in_dim: int) -> nn.Module:
+        """The module that reads the fuser's representation for this task."""
+        return Head(in_dim, self.out_dim)
+
+    def check_splits(self, dataset: Dataset, train: np.ndarray, evaluate: dict[str, np.ndarray]) -> None:
+        """Refuse splits this task cannot be trained or evaluated on (e.g. leaked identities)."""
+
     def fit_stats(self, y: np.ndarray, m: np.ndarray) -> None:
         """Learn target statistics from the training split (regression standardisation)."""
 
@@ -83,6 +90,7 @@ class Task:
         raise NotImplementedError
 
     def metrics(self, pred: np.ndarray, y: np.ndarray, m: np.ndarray, extra: dict[str, np.ndarray]) -> dict[str, float]:
+        """Metrics of predictions for the rows ``extra["rows"]`` (sample indices)."""
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
