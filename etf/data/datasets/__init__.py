@@ -1,7 +1,11 @@
 """One module per dataset format; importing this package registers them all."""
 
 from etf.data.datasets import (  # noqa: F401
+    affectnet,
     csvfile,
+    fer2013,
+    ferplus,
     folder,
     lfw_subset,
+    rafdb,
 )
