@@ -2,10 +2,13 @@
 
 from etf.data.datasets import (  # noqa: F401
     affectnet,
+    agedb,
+    celeba,
     csvfile,
     fer2013,
     ferplus,
     folder,
     lfw_subset,
     rafdb,
+    utkface,
 )
