@@ -9,6 +9,9 @@ from etf.data.datasets import (  # noqa: F401
     ferplus,
     folder,
     lfw_subset,
+    pose,
     rafdb,
     utkface,
+    w300,
+    wflw,
 )
