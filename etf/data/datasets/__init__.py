@@ -3,6 +3,7 @@
 from etf.data.datasets import (  # noqa: F401
     affectnet,
     agedb,
+    au,
     celeba,
     csvfile,
     fer2013,
