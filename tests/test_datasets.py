@@ -353,6 +353,8 @@ def test_au_disfa_intensity_rule_and_given_folds(tmp_path):
     text[2] = text[2].replace(",1,1,1,1,1,1,1,1,", ",1,7,1,1,1,1,1,1,")
     path.write_text("\n".join(text) + "\n")
     one_line_error(f"au:{path}?dataset=disfa", "disfa.csv: line 3:", "AU2 = '7'")
+    path.write_text("\n".join([*text[:4], "SN009/x.png,SN009,1"]) + "\n")
+    one_line_error(f"au:{path}?dataset=disfa", "disfa.csv: line 5:", "expected 11 columns")
 
 
 # --- registry and CLI ------------------------------------------------------------------
