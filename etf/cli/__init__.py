@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import click
 
 from etf.errors import EtfError
@@ -21,6 +23,12 @@ class _Group(click.Group):
 @click.version_option(package_name="etf")
 def main() -> None:
     """ET-Fuser: learn an ensemble token over frozen face encoders, from a token cache."""
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings meant for the user (e.g. skipped malformed annotations) as one line, no source."""
+    return f"Warning: {message}\n"
 
 
 def _register() -> None:

@@ -28,7 +28,7 @@ def data_options(fn: Callable) -> Callable:
     fn = click.option(
         "--crop",
         default=None,
-        help="Face crop before preprocessing: none, bbox[:margin], align5 (part of the dataset key).",
+        help="Face crop before preprocessing: none, bbox[:margin], align5[:size] (part of the dataset key).",
     )(fn)
     return click.option(
         "--data",

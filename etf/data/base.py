@@ -30,8 +30,10 @@ class Sample:
 
     ``id`` is the sample's stable name (its path relative to the dataset root, or the
     ``path`` column of a CSV as written); ``labels`` maps a label column to a number, a list
-    of numbers, or ``None`` when the label is missing; ``meta`` carries what crops need
-    (``box`` as x0, y0, x1, y1 in source pixels; ``landmarks5`` as five x, y points).
+    of numbers, or ``None`` when the label is missing (column and task conventions:
+    :mod:`etf.data.labels`); ``meta`` carries what crops need, in source pixels: ``box`` as
+    x0, y0, x1, y1, and ``landmarks5`` as five [x, y] points, the image-left eye, image-right
+    eye, nose tip, left and right mouth corners.
     """
 
     id: str
@@ -228,12 +230,14 @@ def parse_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
 GENERIC_OPTIONS = ("crop",)
 
 
-def load_dataset(spec: str, **overrides: Any) -> Dataset:
+def load_dataset(spec: str, *, require_files: bool = True, **overrides: Any) -> Dataset:
     """Load ``--data SPEC``; ``overrides`` (e.g. from ``--crop``) win over ``?key=value`` options.
 
-    ``crop`` applies to every format; the other options are the adapter's own.
+    ``crop`` applies to every format; the other options are the adapter's own. A crop also
+    maps landmark labels into crop coordinates, here, for every format. Missing image files
+    are an error unless ``require_files`` is false (``etf data check`` reports them instead).
     """
-    from etf.data.crop import parse_crop
+    from etf.data.crop import crop_labels, parse_crop
 
     name, root, options = parse_spec(spec)
     adapter = get_adapter(name)
@@ -259,6 +263,17 @@ def load_dataset(spec: str, **overrides: Any) -> Dataset:
     dataset.options = {**{k: v.default for k, v in known.items()}, **kwargs}
     if crop != "none":
         dataset.options["crop"] = crop
+        dataset.samples = crop_labels(dataset.samples, crop, f"--data {spec!r}")
+    if require_files:
+        require_images(dataset)
     if not dataset.tasks:
         dataset.tasks = list(adapter.tasks)
     return dataset
+
+
+def require_images(dataset: Dataset) -> None:
+    """One error naming the first sample whose image file is missing, and how many are."""
+    missing = [s for s in dataset.samples if not s.path.is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise EtfError(f"{dataset.describe()}: image not found for sample {missing[0].id!r}: {missing[0].path}{more}")

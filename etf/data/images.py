@@ -11,6 +11,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".pgm", ".ppm", ".gif"})
 
 
+def find_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted by path."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Grayscale, CMYK, palette, alpha and 16/32-bit images to 8-bit RGB.
 

@@ -41,11 +41,6 @@ def load_csv(file: Path) -> Dataset:
     if "path" not in header:
         raise EtfError(f"csv:{file}: no 'path' column (header: {','.join(header)})")
     base = file.parent
-    missing = [(n, r["path"]) for n, r in enumerate(rows, start=2) if not (base / r["path"]).is_file()]
-    if missing:
-        line, path = missing[0]
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise EtfError(f"csv:{file}: line {line}: image not found: {path}{more}")
     label_cols = [c for c in header if c not in ("path", "split")]
     columns, classes = {}, {}
     for c in label_cols:

@@ -5,12 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from etf.data.base import SPLITS, Dataset, Sample, register_dataset
-from etf.data.images import IMAGE_SUFFIXES
+from etf.data.images import find_images
 from etf.errors import EtfError
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 @register_dataset(
@@ -31,7 +27,7 @@ def load_folder(root: Path) -> Dataset:
         Sample(p.relative_to(root).as_posix(), p, split, {"label": index[cls.name]})
         for split, base in parts
         for cls in sorted(d for d in base.iterdir() if d.is_dir())
-        for p in _images(cls)
+        for p in find_images(cls)
     ]
     if not samples:
         raise EtfError(f"folder:{root}: no images found under the class folders")

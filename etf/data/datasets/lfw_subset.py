@@ -6,20 +6,15 @@ path as any on-disk dataset. Splits are fixed and stratified: 60/20/20 per class
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from etf.data.base import Dataset, register_dataset
+from etf.data.datasets._common import data_home
 from etf.data.datasets.csvfile import load_csv
 from etf.utils import atomic_path
-
-
-def data_home() -> Path:
-    """Where embedded datasets are written: ``$ETF_DATA_HOME`` or ``~/.cache/etf/data``."""
-    return Path(os.environ.get("ETF_DATA_HOME", Path.home() / ".cache" / "etf" / "data"))
 
 
 def _materialise(root: Path) -> Path:
