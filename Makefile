@@ -32,9 +32,13 @@ bench: install
 	$(BIN)/python bench/extract.py
 
 # Random-init tiny encoders: the demo must run offline. Drop --no-pretrained with network access.
+DEMO_IMAGES = $${ETF_DATA_HOME:-$$HOME/.cache/etf/data}/lfw-subset
 demo: install
-	$(BIN)/etf extract --data $(DATA) --encoder vit_t --encoder resnet18 --no-pretrained --img-size 64 --cache $(CACHE)
+	$(BIN)/etf extract --data lfw-subset --encoder vit_t --encoder resnet18 --no-pretrained --img-size 64 --cache $(CACHE)
 	$(BIN)/etf cache ls $(CACHE)
+	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser etfuser --epochs 20 --out runs/demo-etfuser
+	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser linear --epochs 20 --out runs/demo-linear
+	$(BIN)/etf predict --run runs/demo-etfuser $(DEMO_IMAGES)/face/000.png $(DEMO_IMAGES)/nonface/100.png
 
 clean:
 	rm -rf $(CACHE) runs demo .pytest_cache

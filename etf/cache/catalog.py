@@ -20,16 +20,17 @@ def dataset_dir(cache_dir: Path, key: str) -> Path:
 def write_manifest(cache_dir: Path, dataset: Any, skipped: list[str] | None = None) -> Path:
     """Write ``manifest.json`` for ``dataset`` (atomic), merging newly skipped sample ids.
 
-    Skipped samples are those whose image could not be decoded under ``--on-error skip``;
-    every store of the dataset leaves them out when read.
+    Skipped entries are those the adapter could not use (kept from ``Dataset.skipped``) and
+    samples whose image could not be decoded under ``--on-error skip``, which every store of
+    the dataset leaves out when read.
     """
     path = dataset_dir(cache_dir, dataset.key) / "manifest.json"
     manifest = dataset.manifest()
     old = read_json(path) if path.exists() else {}
-    known = {s["id"]: s for s in old.get("skipped", [])}
+    known = {s["id"]: s for s in [*manifest["skipped"], *old.get("skipped", [])]}
     paths = dict(zip(dataset.ids, (str(s.path) for s in dataset.samples)))
     for sid in skipped or []:
-        known.setdefault(sid, {"id": sid, "path": paths.get(sid, "")})
+        known.setdefault(sid, {"id": sid, "path": paths.get(sid, ""), "reason": "unreadable image"})
     manifest["skipped"] = sorted(known.values(), key=lambda s: s["id"])
     if manifest != old:
         write_json_atomic(path, manifest)

@@ -174,16 +174,20 @@ class PriorSet:
         return out
 
     def load(self, rows: np.ndarray, block_rows: int | None = None) -> list[torch.Tensor]:
-        """The selected tokens of ``rows`` (sorted sample indices) in memory, read block-wise."""
+        """The selected tokens of ``rows`` (sorted sample indices) in memory, read block-wise
+        into preallocated tensors: peak memory is the result plus one block."""
         step = block_rows or self.block_rows * max(1, (64 << 20) // max(1, self.row_bytes() * self.block_rows))
-        parts: list[list[torch.Tensor]] = []
+        out = [torch.empty((len(rows), g.tokens, g.dim), dtype=_TORCH_DTYPE[self.stores[g.prior].spec["dtype"]]) for g in self.groups]
+        filled = 0
         for start in range(0, len(self.dataset), step):
             stop = min(len(self.dataset), start + step)
             sel = rows[(rows >= start) & (rows < stop)]
             if len(sel):
-                block = self.read_block(start, stop)
-                parts.append([b[torch.from_numpy(sel - start)] for b in block])
-        return [torch.cat([p[g] for p in parts]) for g in range(len(self.groups))]
+                local = torch.from_numpy(sel - start)
+                for o, b in zip(out, self.read_block(start, stop)):
+                    o[filled : filled + len(sel)] = b[local]
+                filled += len(sel)
+        return out
 
 
 def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:

@@ -9,7 +9,6 @@ ground-truth landmarks' bounding-box area). Registered in :data:`TASKS`, like th
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from etf.data import labels
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline import metrics
@@ -255,14 +255,6 @@ class Landmarks(Regress):
 
     primary: ClassVar[str] = "nme"
 
-    @classmethod
-    def columns_for(cls, dataset: Dataset, prefix: str) -> list[str]:
-        pat = re.compile(rf"^{re.escape(prefix)}(\d+)_x$")
-        idx = sorted(int(m.group(1)) for c in dataset.label_columns if (m := pat.match(c)))
-        if not idx:
-            raise EtfError(f"--task landmarks:{prefix}: no columns {prefix}<i>_x / {prefix}<i>_y in {dataset.describe()}")
-        return [f"{prefix}{i}_{a}" for i in idx for a in ("x", "y")]
-
     @property
     def spec(self) -> str:
         return f"landmarks:{self.name}"
@@ -282,20 +274,10 @@ class Landmarks(Regress):
 
 def parse_task(spec: str, dataset: Dataset) -> Task:
     """``KIND:ARG`` to a task bound to ``dataset``'s columns (validated against its labels)."""
-    kind, sep, arg = spec.partition(":")
-    if not sep or not arg or kind not in TASKS:
-        raise EtfError(f"--task {spec!r}: expected one of {', '.join(f'{k}:...' for k in TASKS)}")
-    if kind == "landmarks":
-        columns = Landmarks.columns_for(dataset, arg)
-        name = arg
-    else:
-        columns = [c.strip() for c in arg.split(",") if c.strip()]
-        name = columns[0] if len(columns) == 1 else kind
-    for c in columns:
-        dataset.column(c)  # raises naming the missing column
-    if kind == "classify" and len(columns) != 1:
-        raise EtfError(f"--task {spec!r}: classify takes one column; use multilabel:{arg} for several binary labels")
-    return TASKS[kind](name=name, columns=columns)
+    parsed = labels.parse_task(spec)
+    columns = parsed.columns(dataset.label_columns)
+    name = parsed.names[0] if parsed.kind == "landmarks" or len(columns) == 1 else parsed.kind
+    return TASKS[parsed.kind](name=name, columns=columns)
 
 
 def unique_names(tasks: list[Task]) -> None:
