@@ -26,10 +26,12 @@ def runs(tmp_path_factory):
     res = r.invoke(main, ["extract", *args, "--encoder", TINY_VIT, "--encoder", TINY_CNN, "--layers", "4,5", "--no-pretrained",
                           "--img-size", str(IMG), "--workers", "0", "--no-progress"])
     assert res.exit_code == 0, res.output
-    for fuser in ("etfuser+qface", "fra"):
-        res = r.invoke(main, ["fit", *args, "--encoders", f"{TINY_VIT},{TINY_CNN}", "--fuser", fuser, "--layers", "all",
+    for fuser, aux in (("etfuser+qface", "recon:0.5"), ("fra", "sinkhorn:0.1")):
+        res = r.invoke(main, ["fit", *args, "--encoders", f"{TINY_VIT},{TINY_CNN}", "--fuser", fuser, "--layers", "all", "--aux", aux,
                               "--out", str(tmp / fuser), "--epochs", "2", "--dim", "32", "--regions", "3", "--no-progress"])
         assert res.exit_code == 0, res.output
+        config = json.loads((tmp / fuser / "config.json").read_text())
+        assert config["fuser_config"]["aux"] == aux and config["fuser_config"]["regions"] == 3
     return tmp, root
 
 

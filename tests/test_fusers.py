@@ -107,6 +107,11 @@ def test_auxiliary_objective_a_fuser_lacks_is_refused(fuser, cfg, message):
         create_fuser(fuser, GROUPS, [Classify("label", ["label"], ["a", "b"])], cfg)
 
 
+def test_fusers_without_attention_say_so():
+    with pytest.raises(EtfError, match="the linear fuser has no attention maps"):
+        create_fuser("linear", GROUPS, [Classify("label", ["label"], ["a", "b"])], SMALL).attention_maps(_tokens())
+
+
 @pytest.mark.parametrize("kw", [{"aux": "recon"}, {"aux": "recon:0"}, {"aux": "blur:1"}, {"queries": "all"},
                                 {"regions": 0}, {"temperature": 0.0}, {"recon_ratio": 1.0}])
 def test_bad_fuser_options_are_refused(kw):
