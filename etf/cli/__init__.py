@@ -36,6 +36,9 @@ def _register() -> None:
 
     for module in (extract, fit, predict, cache, data):
         main.add_command(module.command)
+    from etf.cli import explain
+
+    main.add_command(explain.command)
 
 
 _register()

@@ -23,6 +23,13 @@ def fuser_options(fn):
         click.option("--attn", type=click.Choice(["full", "intra"]), default="full", show_default=True,
                      help="intra: prior tokens attend only within their prior; the ensemble token sees all."),
         click.option("--mask", default="none", show_default=True, help="Training-time dropping: none, token:P, prior:P."),
+        click.option("--queries", type=click.Choice(["label", "task"]), default="label", show_default=True,
+                     help="qface: one label query per label of a multilabel task, or one per task."),
+        click.option("--regions", default=8, show_default=True, help="fra: facial-mask embeddings (regions)."),
+        click.option("--temperature", default=0.1, show_default=True, help="fra: heatmap softmax temperature."),
+        click.option("--aux", default="none", show_default=True,
+                     help="Auxiliary loss: recon:W (etfuser, etfuser+qface: reconstruct hidden prior tokens) or sinkhorn:W (fra: balanced regions)."),
+        click.option("--recon-ratio", default=0.5, show_default=True, help="recon: fraction of prior tokens hidden."),
     ]):
         fn = opt(fn)
     return fn
@@ -49,8 +56,9 @@ def training_options(fn):
     return fn
 
 
-def fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask) -> FuserConfig:
-    return FuserConfig(dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, attn=attn, mask=mask)
+def fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask, **options) -> FuserConfig:
+    """The values of ``fuser_options``; ``options`` are the per-fuser ones (queries, regions, ...)."""
+    return FuserConfig(dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, attn=attn, mask=mask, **options)
 
 
 @click.command("fit")
@@ -64,13 +72,15 @@ def fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask) -> FuserConf
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
 def command(cache_dir, data_spec, crop, encoders, tasks, fuser, dim, depth, heads, mlp_ratio, dropout, attn, mask,
-            layers, tokens, epochs, batch_size, lr, weight_decay, warmup_epochs, train_fraction, shots, val_fraction,
-            max_memory, device, progress, seed, out) -> None:
+            queries, regions, temperature, aux, recon_ratio, layers, tokens, epochs, batch_size, lr, weight_decay,
+            warmup_epochs, train_fraction, shots, val_fraction, max_memory, device, progress, seed, out) -> None:
     """Train --fuser and task heads on cached tokens of --encoders; write the run to --out."""
     dataset = open_dataset(data_spec, crop)
     cfg = FitConfig(
         cache_dir=cache_dir, encoders=[e.strip() for e in encoders.split(",") if e.strip()], out=out, tasks=list(tasks),
-        fuser=fuser, fuser_config=fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask), layers=layers,
+        fuser=fuser, layers=layers,
+        fuser_config=fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask, queries=queries, regions=regions,
+                                  temperature=temperature, aux=aux, recon_ratio=recon_ratio),
         tokens=tokens, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, seed=seed, train_fraction=train_fraction, shots=shots, val_fraction=val_fraction,
         max_memory=parse_size(max_memory) if max_memory else None, device=device, progress=progress,

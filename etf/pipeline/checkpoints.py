@@ -1,11 +1,15 @@
 """Local checkpoint files to a state dict that fits a timm model, with a report of the fit.
 
 Face-pretrained priors come as ``.pth``/``.pt``/``.bin``/``.safetensors`` files saved by
-other code bases; this module unwraps their containers and prefixes so timm can load them.
+other code bases; this module unwraps their containers (``read_state_dict``), converts their
+layouts (``adapt_state_dict``: torchvision ResNets, MAE/MIM ViTs, OpenAI-CLIP towers such as
+FaRL's) and reports what fitted (``load_into``).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +100,83 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, allo
     return report
 
 
+#: prefixes preferred when several fit the model equally well: MoCo's query encoder over its
+#: momentum copy, a wrapper's encoder or backbone over its other parts
+PREFERRED_PREFIXES = ("", "encoder.", "backbone.", "encoder_q.", "module.encoder_q.", "online_encoder.", "student.")
+
+
 def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename a foreign checkpoint's keys to the model's layout (identity for timm's own)."""
+    """Rename a foreign checkpoint's keys to the model's layout (identity for timm's own).
+
+    Recognised: OpenAI-CLIP visual towers (``visual.conv1``, ``visual.transformer.resblocks``:
+    FaRL) through timm's own converter; any prefix in front of the model's key names
+    (``encoder.``, ``backbone.``, ``module.encoder_q.``: torchvision ResNets, MAE/MIM ViTs),
+    the one under which most keys fit; for ViTs, ``fc_norm`` where the model has ``norm`` (or
+    the reverse) and a ``pos_embed`` of another grid, resampled to the model's. Keys that fit
+    nothing keep their names, so that ``load_into`` reports them as unused.
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    own = model.state_dict()
+    if isinstance(model, VisionTransformer):
+        state = _from_openai_clip(state, model)
+    state = _strip_prefix(state, own)
+    if isinstance(model, VisionTransformer):
+        state = _swap_final_norm(state, own)
+        state = _resample_pos_embed(state, model)
     return state
+
+
+def _from_openai_clip(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """An OpenAI-CLIP layout visual tower (under any prefix) in timm's names; the rest (a text
+    tower) is kept as it is."""
+    from timm.models.vision_transformer import _convert_openai_clip
+
+    key = next((k for k in state if k.endswith("visual.class_embedding")), None)
+    if key is None:
+        return state
+    prefix = key[: -len("class_embedding")]
+    rest = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    return {**rest, **_convert_openai_clip(state, model, prefix=prefix)}
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove the key prefix under which most keys are the model's own names."""
+    counts: Counter[str] = Counter()
+    for k in state:
+        counts.update(k[: i + 1] for i, ch in enumerate(k) if ch == "." and k[i + 1 :] in own)
+        if k in own:
+            counts[""] += 1
+    if not counts:
+        return state
+    best = max(counts, key=lambda p: (counts[p], p in PREFERRED_PREFIXES))
+    if not best:
+        return state
+    rest = {k: v for k, v in state.items() if not k.startswith(best)}
+    return {**rest, **{k[len(best) :]: v for k, v in state.items() if k.startswith(best)}}
+
+
+def _swap_final_norm(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MAE fine-tuning keeps the final LayerNorm as ``fc_norm`` (after pooling); a token model
+    has it as ``norm``, or the reverse: use the checkpoint's under the model's name."""
+    for have, want in (("fc_norm.", "norm."), ("norm.", "fc_norm.")):
+        present = {k[len(have) :] for k in state if k.startswith(have)}
+        if present and not any(k.startswith(want) for k in state) and all(want + k in own for k in present) \
+                and not any(have + k in own for k in present):
+            return {(want + k[len(have) :] if k.startswith(have) else k): v for k, v in state.items()}
+    return state
+
+
+def _resample_pos_embed(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A square-grid ``pos_embed`` of another size, interpolated to the model's patch grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    v, target = state.get("pos_embed"), getattr(model, "pos_embed", None)
+    if v is None or target is None or v.shape == target.shape or v.dim() != 3 or v.shape[-1] != target.shape[-1]:
+        return state
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    side = math.isqrt(v.shape[1] - prefix)
+    if side * side != v.shape[1] - prefix:
+        return state  # not a square grid: load_into reports the mismatch
+    resampled = resample_abs_pos_embed(v, new_size=list(model.patch_embed.grid_size), old_size=[side, side], num_prefix_tokens=prefix)
+    return {**state, "pos_embed": resampled}

@@ -1,0 +1,31 @@
+"""``etf explain``: attention maps of a trained run, over images or a whole split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from etf.cli.predict import _weights
+from etf.pipeline.explain import explain_images, explain_split
+
+
+@click.command("explain")
+@click.option("--run", "run", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--split", help="Instead of images: mean attention share per prior/stage over this split of the cache.")
+@click.option("--data", "data_spec", metavar="SPEC", help="With --split: the dataset.  [default: as the run recorded it]")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="With --split: the cache.  [default: the run's]")
+@click.option("--weights", multiple=True, callback=_weights, help="PRIOR=FILE for priors extracted with --weights.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the PNGs.")
+def command(run, images, split, data_spec, cache_dir, weights, device, out) -> None:
+    """Draw where --run's fuser looks: over IMAGE... (PNG overlays), or over --split (bar chart)."""
+    if bool(images) == bool(split):
+        raise click.UsageError("give IMAGE... or --split NAME (one of them)")
+    if images:
+        paths = explain_images(run, list(images), out, weights, device)
+    else:
+        paths = explain_split(run, split, out, data_spec, cache_dir, device)
+    for path in paths:
+        click.echo(path)

@@ -1,0 +1,162 @@
+"""``etf explain``: where a trained fuser looks, as PNGs.
+
+For images, each fuser's attention maps (``Fuser.attention_maps``: the ensemble token's
+attention, each Q-Face label query's cross-attention, each FRA region's heatmap) are cut
+into the groups (one layer of one prior) they cover and drawn over the image as that
+prior's encoder saw it, one panel per group with a patch grid. For a split of the cache,
+each map's share of weight per group (prior / stage) is averaged over the split and drawn
+as a bar chart, with the numbers beside it as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from etf.cache.features import BlockStream, Group, PriorSet
+from etf.data.base import Dataset, get_adapter, load_dataset
+from etf.data.images import load_rgb
+from etf.errors import EtfError
+from etf.pipeline.extract import resolve_device
+from etf.pipeline.fusers import group_shares
+from etf.pipeline.predict import Predictor, load_model, load_predictor, prior_tokens
+
+
+def group_label(g: Group, groups: list[Group]) -> str:
+    """``A`` for a prior read at one layer, ``A L4`` when the run reads several of its layers."""
+    several = sum(h.prior == g.prior for h in groups) > 1
+    return f"{g.name} L{g.layer}" if several else g.name
+
+
+def patch_maps(weights: torch.Tensor, groups: list[Group]) -> list[np.ndarray | None]:
+    """One sample's (S,) weights to each group's (h, w) patch-grid map (None: no grid)."""
+    out = []
+    for g, w in zip(groups, weights.split([g.tokens for g in groups])):
+        out.append(w[g.layout.prefix :].reshape(g.layout.grid).cpu().numpy() if g.layout.grid else None)
+    return out
+
+
+def _filename(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_") or "map"
+
+
+def _encoder_view(p: Predictor, prior: int, image: Path) -> np.ndarray:
+    """The image as prior ``prior``'s encoder saw it (resized, cropped), as (H, W, 3) in [0, 1]."""
+    enc = p.encoders[prior]
+    x = enc.transform()(load_rgb(image))
+    mean, std = (torch.tensor(enc.data_config[k]).view(3, 1, 1) for k in ("mean", "std"))
+    return (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def explain_images(run: Path, images: list[Path], out: Path, weights: dict[str, Path] | None = None,
+                   device: str = "auto") -> list[Path]:
+    """One PNG per image: a row per attention map, a column per group with a patch grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    missing = [i for i in images if not Path(i).is_file()]
+    if missing:
+        raise EtfError(f"{missing[0]}: image not found")
+    p = load_predictor(run, weights, device)
+    spatial = [i for i, g in enumerate(p.groups) if g.layout.grid]
+    if not spatial:
+        raise EtfError(f"--run {run}: its tokens have no patch grid (fitted with --tokens cls?); use --split for attention shares")
+    with torch.no_grad():
+        maps = p.model.fuser.eval().attention_maps(prior_tokens(p, images))
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for b, image in enumerate(images):
+        views = {p.groups[i].prior: _encoder_view(p, p.groups[i].prior, image) for i in spatial}
+        fig, axes = plt.subplots(len(maps), len(spatial), figsize=(2.6 * len(spatial), 2.6 * len(maps)), squeeze=False)
+        for row, (name, weights_) in enumerate(maps.items()):
+            grids = patch_maps(weights_[b], p.groups)
+            shares = group_shares(weights_[b : b + 1], p.groups)[0]
+            for col, i in enumerate(spatial):
+                ax, view = axes[row, col], views[p.groups[i].prior]
+                ax.imshow(view)
+                ax.imshow(grids[i], cmap="inferno", alpha=0.55, interpolation="bilinear",
+                          extent=(0, view.shape[1], view.shape[0], 0))
+                ax.set_title(f"{name} · {group_label(p.groups[i], p.groups)} ({shares[i]:.0%})", fontsize=8)
+                ax.axis("off")
+        fig.tight_layout()
+        path = out / f"{b}_{_filename(Path(image).stem)}_{_filename(p.config['fuser'])}.png"  # images may share a name
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def run_dataset(config: dict[str, Any], data_spec: str | None) -> Dataset:
+    """The run's dataset: ``data_spec``, or rebuilt from what the run recorded; it must be
+    the data the run was fitted on."""
+    recorded = config["dataset"]
+    if data_spec is None:
+        adapter = get_adapter(recorded["name"])
+        data_spec = recorded["name"] if adapter.embedded else f"{recorded['name']}:{recorded['root']}"
+        dataset = load_dataset(data_spec, **recorded["options"])
+    else:
+        dataset = load_dataset(data_spec)
+    if dataset.key != recorded["key"]:
+        raise EtfError(f"--data {data_spec}: not the data the run was fitted on (dataset key {dataset.key}, the run's {recorded['key']}); pass --data SPEC")
+    return dataset
+
+
+def split_shares(run: Path, split: str, data_spec: str | None = None, cache_dir: Path | None = None,
+                 device: str = "auto", batch_size: int = 256) -> tuple[list[str], dict[str, list[float]], int]:
+    """Group labels, each map's mean share per group over ``split``, and the sample count."""
+    config, _, groups, model = load_model(run)
+    dataset = run_dataset(config, data_spec)
+    rows = np.nonzero(np.array(dataset.splits) == split)[0]
+    if not len(rows):
+        raise EtfError(f"--split {split}: {dataset.describe()} has no such split (splits: {', '.join(dict.fromkeys(dataset.splits))})")
+    dev = resolve_device(device)
+    fuser = model.fuser.to(dev).eval()
+    priors = PriorSet(cache_dir or Path(config["cache_dir"]), dataset, config["encoders"], config["layers"], config["tokens"])
+    try:
+        if priors.groups != groups:
+            raise EtfError(f"--run {run}: the cache's token groups differ from the run's (re-extracted stores?)")
+        rows = rows[priors.valid[rows]]
+        totals: dict[str, torch.Tensor] = {}
+        for _, tokens in BlockStream(priors, rows, batch_size, priors.block_rows, shuffle=False, seed=0).epoch():
+            for name, w in fuser.attention_maps([t.to(dev).float() for t in tokens]).items():
+                totals[name] = totals.get(name, 0) + group_shares(w, groups).sum(dim=0).cpu()
+    finally:
+        priors.close()
+    means = {name: (t / len(rows)).tolist() for name, t in totals.items()}
+    return [group_label(g, groups) for g in groups], means, len(rows)
+
+
+def explain_split(run: Path, split: str, out: Path, data_spec: str | None = None, cache_dir: Path | None = None,
+                  device: str = "auto") -> list[Path]:
+    """A bar chart of each map's mean share per group over ``split``, and the numbers as JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, means, n = split_shares(run, split, data_spec, cache_dir, device)
+    out.mkdir(parents=True, exist_ok=True)
+    x = np.arange(len(labels))
+    width = 0.8 / len(means)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.6 * len(labels) * len(means) ** 0.5), 4.0))
+    for k, (name, values) in enumerate(means.items()):
+        ax.bar(x + (k - (len(means) - 1) / 2) * width, values, width, label=name)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylabel("attention share")
+    ax.set_title(f"{split}: {n} samples")
+    if len(means) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    stem = f"shares_{_filename(split)}"
+    paths = [out / f"{stem}.png", out / f"{stem}.json"]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+    paths[1].write_text(json.dumps({"split": split, "samples": n, "groups": labels, "shares": means}, indent=1) + "\n")
+    return paths

@@ -1,0 +1,178 @@
+"""The related fusers over the same cache: Q-Face, FRA, ET-Fuser + Q-Face, the recon objective."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from etf.cache.features import Group, PriorSet
+from etf.cache.tokens import TokenLayout
+from etf.errors import EtfError
+from etf.pipeline.fit import FusionModel, build_model
+from etf.pipeline.fusers import FuserConfig, create_fuser, group_shares
+from etf.pipeline.fusers_fra import sinkhorn
+from etf.pipeline.heads import Classify, MultiLabel
+from etf.pipeline.predict import load_model
+from tests.synthetic import D, T, import_prior, make_csv_dataset, standard_splits, xor_cache
+from tests.test_fit import _fit
+
+SMALL = FuserConfig(dim=64, depth=2, heads=4)
+GROUPS = [Group(0, "A", 12, TokenLayout(1, (2, 2)), D), Group(1, "B", 12, TokenLayout(1, (2, 2)), D)]
+acc = lambda m, task="label": m["test"][task]["accuracy"]  # noqa: E731
+
+
+#: each fuser fitted on the XOR cache, with the auxiliary objective it offers where it has one
+FITTED = {"linear": "none", "qface": "none", "etfuser+qface": "recon:0.5", "fra": "sinkhorn:0.1"}
+
+
+@pytest.fixture(scope="module")
+def xor_runs(tmp_path_factory):
+    """The two-prior XOR cache, with linear and every new fuser fitted on it once."""
+    tmp = tmp_path_factory.mktemp("xor_fusers")
+    dataset, _, cache = xor_cache(tmp)
+    runs = {}
+    for fuser, aux in FITTED.items():
+        cfg = FuserConfig(dim=64, depth=2, heads=4, aux=aux)
+        runs[fuser] = (tmp / fuser, _fit(dataset, cache, tmp / fuser, ["A", "B"], fuser=fuser, epochs=8, fuser_config=cfg))
+    return dataset, cache, runs
+
+
+@pytest.mark.parametrize("fuser", ["qface", "etfuser+qface", "fra"])
+def test_fuser_combines_information_split_across_priors(xor_runs, fuser):
+    _, _, runs = xor_runs
+    metrics, linear = runs[fuser][1], runs["linear"][1]
+    assert acc(linear) < 0.65
+    assert acc(metrics) > 0.85
+    assert metrics["fuser_params"] > linear["fuser_params"] and metrics["fuser_flops"] > 0
+
+
+def test_fra_heatmaps_are_distributions_over_tokens_that_differ(xor_runs):
+    dataset, cache, runs = xor_runs
+    _, _, groups, model = load_model(runs["fra"][0])
+    priors = PriorSet(cache, dataset, ["A", "B"])
+    tokens = [t.float() for t in priors.load(np.arange(64))]
+    priors.close()
+    with torch.no_grad():
+        heat = model.fuser.heatmaps(tokens)
+    assert heat.shape == (64, 8, sum(g.tokens for g in groups))
+    torch.testing.assert_close(heat.sum(dim=-1), torch.ones(64, 8))
+    assert heat.std(dim=-1).mean() > 0.01  # not uniform over tokens
+    assert (heat[:, 0] - heat[:, 1]).abs().max() > 0.01  # regions differ
+    maps = model.fuser.attention_maps(tokens)
+    assert list(maps) == [f"region{k}" for k in range(1, 9)]
+
+
+def test_sinkhorn_balances_regions():
+    torch.manual_seed(0)
+    tokens = F.normalize(torch.randn(200, 8) + torch.tensor([2.0] + [0.0] * 7), dim=1)
+    cos = tokens @ F.normalize(torch.randn(4, 8), dim=1).T
+    assert F.softmax(cos / 0.05, dim=1).sum(dim=0).min() < 20  # unbalanced as they are
+    q = sinkhorn(cos)
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(200))
+    torch.testing.assert_close(q.sum(dim=0), torch.full((4,), 50.0), rtol=0.1, atol=0)
+
+
+def _tokens(b: int = 6) -> list[torch.Tensor]:
+    return [torch.randn(b, g.tokens, g.dim) for g in GROUPS]
+
+
+@pytest.mark.parametrize("fuser,aux", [("etfuser", "recon:0.5"), ("etfuser+qface", "recon:1"), ("fra", "sinkhorn:0.1")])
+def test_auxiliary_loss_only_in_training_and_it_reaches_the_fuser(fuser, aux):
+    torch.manual_seed(0)
+    f = create_fuser(fuser, GROUPS, [Classify("label", ["label"], ["a", "b"])], FuserConfig(dim=32, heads=4, aux=aux))
+    tokens = _tokens()
+    tokens[1][:2] = 0  # prior B missing for two samples: never a reconstruction target
+    f.train()
+    f(tokens)
+    assert f.aux_loss is not None and f.aux_loss.item() > 0
+    f.aux_loss.backward()
+    trained = f.recon.pred if fuser != "fra" else f.key
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.parameters())
+    f.eval()
+    f(tokens)
+    assert f.aux_loss is None
+
+
+@pytest.mark.parametrize(
+    "fuser,cfg,message",
+    [
+        ("qface", FuserConfig(aux="recon:1"), "the qface fuser offers no auxiliary objective"),
+        ("etfuser", FuserConfig(aux="sinkhorn:1"), "the etfuser fuser offers recon:W"),
+    ],
+)
+def test_auxiliary_objective_a_fuser_lacks_is_refused(fuser, cfg, message):
+    with pytest.raises(EtfError, match=message):
+        create_fuser(fuser, GROUPS, [Classify("label", ["label"], ["a", "b"])], cfg)
+
+
+def test_fusers_without_attention_say_so():
+    with pytest.raises(EtfError, match="the linear fuser has no attention maps"):
+        create_fuser("linear", GROUPS, [Classify("label", ["label"], ["a", "b"])], SMALL).attention_maps(_tokens())
+
+
+@pytest.mark.parametrize("kw", [{"aux": "recon"}, {"aux": "recon:0"}, {"aux": "blur:1"}, {"queries": "all"},
+                                {"regions": 0}, {"temperature": 0.0}, {"recon_ratio": 1.0}])
+def test_bad_fuser_options_are_refused(kw):
+    with pytest.raises(EtfError):
+        FuserConfig(**kw)
+
+
+@pytest.mark.parametrize("fuser", ["qface", "etfuser+qface"])
+def test_label_queries_per_label_or_per_task(fuser):
+    tasks = [MultiLabel("attrs", ["smile", "glasses", "beard"]), Classify("expr", ["expr"], ["a", "b", "c"])]
+    for queries, shape in (("label", (6, 3)), ("task", (6,))):
+        torch.manual_seed(0)
+        f = create_fuser(fuser, GROUPS, tasks, FuserConfig(dim=32, heads=4, queries=queries))
+        model = FusionModel(f, tasks).eval()
+        reps = f(_tokens())
+        assert reps["attrs"].shape == (*shape, f.out_dim) and reps["expr"].shape == (6, f.out_dim)
+        out = model(_tokens())
+        assert out["attrs"].shape == (6, 3) and out["expr"].shape == (6, 3)
+        names = [n for n in f.attention_maps(_tokens()) if n != "ensemble"]
+        assert names == (["attrs:smile", "attrs:glasses", "attrs:beard", "expr"] if queries == "label" else ["attrs", "expr"])
+
+
+def test_etfuser_qface_starts_at_the_single_prior_baseline():
+    torch.manual_seed(0)
+    tasks = [Classify("label", ["label"], ["a", "b"])]
+    tokens = _tokens()
+    both = create_fuser("etfuser+qface", GROUPS, tasks, SMALL).eval()
+    linear = create_fuser("linear", GROUPS, tasks, SMALL).eval()
+    torch.testing.assert_close(both(tokens)["label"], linear(tokens)["label"])
+
+
+def test_qface_queries_move_to_the_stage_that_holds_their_task(tmp_path):
+    """Two tasks, two layers of one prior, each layer holding one task's label along the same
+    feature direction (and a third of t2's labels missing): a query that reads both layers
+    alike sees s1 + s2 and can do neither task, so each task's query must come to read its
+    own stage. One head and one decoder block, so that the choice shows in the query's
+    attention (several heads could each take a stage); ``linear`` (the last layer) fails t1."""
+    rng = np.random.default_rng(3)
+    n = 500
+    s1, s2 = rng.choice([-1.0, 1.0], n), rng.choice([-1.0, 1.0], n)
+    t2 = (s2 > 0).astype(float)
+    t2[rng.random(n) < 0.3] = np.nan
+    dataset, _ = make_csv_dataset(tmp_path / "d", {"t1": (s1 > 0).astype(float), "t2": t2}, standard_splits(n))
+    direction = rng.normal(size=D)
+    direction /= np.linalg.norm(direction)
+    layer = lambda s: rng.normal(size=(n, T, D)) + 1.5 * s[:, None, None] * direction  # noqa: E731
+    cache = tmp_path / "cache"
+    import_prior(cache, dataset, "P", np.stack([layer(s1), layer(s2)], axis=1).astype(np.float32), tmp_path)  # (N, L, T, D)
+    tasks = ["classify:t1", "classify:t2"]
+    cfg = FuserConfig(dim=64, depth=1, heads=1)
+    m = _fit(dataset, cache, tmp_path / "q", ["P"], fuser="qface", layers="all", tasks=tasks, epochs=15, fuser_config=cfg)
+    assert acc(m, "t1") > 0.9 and acc(m, "t2") > 0.9
+    assert acc(_fit(dataset, cache, tmp_path / "lin", ["P"], fuser="linear", tasks=tasks, epochs=5), "t1") < 0.65
+
+    config, task_objs, groups, model = load_model(tmp_path / "q")
+    assert [g.layer for g in groups] == [1, 2]
+    priors = PriorSet(cache, dataset, ["P"], layers="all")
+    tokens = [t.float() for t in priors.load(np.nonzero(np.array(dataset.splits) == "test")[0])]
+    priors.close()
+    untrained = build_model("qface", groups, task_objs, cfg, config["seed"]).eval()
+    before, after = ({k: group_shares(w, groups).mean(dim=0) for k, w in mod.fuser.attention_maps(tokens).items()}
+                     for mod in (untrained, model))
+    assert abs(before["t1"][0] - 0.5) < 0.05 and abs(before["t2"][1] - 0.5) < 0.05
+    assert after["t1"][0] > 0.75 and after["t2"][1] > 0.75, after
