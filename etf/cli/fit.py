@@ -10,6 +10,7 @@ from etf.cache.features import parse_size
 from etf.cli.options import cache_option, data_options, open_dataset
 from etf.pipeline.fit import FitConfig, fit
 from etf.pipeline.fusers import FUSERS, FuserConfig
+from etf.pipeline.verification import MARGINS, with_options
 
 
 def fuser_options(fn):
@@ -49,6 +50,18 @@ def training_options(fn):
     return fn
 
 
+def verify_options(fn):
+    """Options of verify tasks, shared with ``etf ablate``; a task string's own ``?key=`` wins."""
+    for opt in reversed([
+        click.option("--embed-dim", type=int, help="verify: embedding size.  [default: 512]"),
+        click.option("--margin", type=click.Choice(sorted(MARGINS)), help="verify: margin softmax.  [default: arcface]"),
+        click.option("--margin-scale", type=float, help="verify: logit scale s.  [default: 64]"),
+        click.option("--margin-m", type=float, help="verify: margin m.  [default: 0.5 arcface, 0.35 cosface]"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
 def fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask) -> FuserConfig:
     return FuserConfig(dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, attn=attn, mask=mask)
 
@@ -57,19 +70,21 @@ def fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask) -> FuserConf
 @cache_option
 @data_options
 @click.option("--encoders", required=True, help="Comma-separated priors (store names, NAME-HASHPREFIX, or store paths); the first is canonical.")
-@click.option("--task", "tasks", multiple=True, help="classify:COL, multilabel:C1,C2, regress:COL, landmarks:PREFIX; repeat for multi-task.  [default: the dataset's]")
+@click.option("--task", "tasks", multiple=True, help="classify:COL, multilabel:C1,C2, regress:COL, landmarks:PREFIX, verify:COL; repeat for multi-task.  [default: the dataset's]")
+@verify_options
 @click.option("--fuser", type=click.Choice(sorted(FUSERS)), default="etfuser", show_default=True)
 @fuser_options
 @training_options
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
-def command(cache_dir, data_spec, crop, encoders, tasks, fuser, dim, depth, heads, mlp_ratio, dropout, attn, mask,
+def command(cache_dir, data_spec, crop, encoders, tasks, embed_dim, margin, margin_scale, margin_m, fuser, dim, depth, heads, mlp_ratio, dropout, attn, mask,
             layers, tokens, epochs, batch_size, lr, weight_decay, warmup_epochs, train_fraction, shots, val_fraction,
             max_memory, device, progress, seed, out) -> None:
     """Train --fuser and task heads on cached tokens of --encoders; write the run to --out."""
     dataset = open_dataset(data_spec, crop)
+    tasks = with_options(list(tasks) or dataset.tasks, dim=embed_dim, margin=margin, s=margin_scale, m=margin_m)
     cfg = FitConfig(
-        cache_dir=cache_dir, encoders=[e.strip() for e in encoders.split(",") if e.strip()], out=out, tasks=list(tasks),
+        cache_dir=cache_dir, encoders=[e.strip() for e in encoders.split(",") if e.strip()], out=out, tasks=tasks,
         fuser=fuser, fuser_config=fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask), layers=layers,
         tokens=tokens, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, seed=seed, train_fraction=train_fraction, shots=shots, val_fraction=val_fraction,

@@ -4,8 +4,9 @@ predictions and metrics.
 A task string is ``KIND:ARG[?key=value&...]``: ``classify:COL``, ``multilabel:C1,C2,...``,
 ``regress:COL[,COL...]``, ``landmarks:PREFIX`` (columns ``PREFIX<i>_x``/``PREFIX<i>_y``;
 NME normalised by the ``nme_norm`` column when present, else by the square root of the
-ground-truth landmarks' bounding-box area). Registered in :data:`TASKS`, like the fusers;
-the options after ``?`` are the task's own (:attr:`Task.options`).
+ground-truth landmarks' bounding-box area), ``verify:COL`` (identity embeddings, see
+:mod:`etf.pipeline.verification`). Registered in :data:`TASKS`, like the fusers; the
+options after ``?`` are the task's own (:attr:`Task.options`).
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class Task:
 
     @staticmethod
     def from_state(state: dict[str, Any]) -> Task:
+        _import_tasks()
         fields = {k: v for k, v in state.items() if k not in ("kind", "spec")}
         return TASKS[state["kind"]](**fields)
 
@@ -298,6 +300,10 @@ class Landmarks(Regress):
         return {**metrics.landmark_metrics(per_sample), "mae": float(np.abs(pts_true - pts_pred).mean())}
 
 
+def _import_tasks() -> None:
+    import etf.pipeline.verification  # noqa: F401  (registers verify)
+
+
 def _task_options(cls: type[Task], query: str, spec: str) -> dict[str, Any]:
     out = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
@@ -313,6 +319,7 @@ def _task_options(cls: type[Task], query: str, spec: str) -> dict[str, Any]:
 
 def parse_task(spec: str, dataset: Dataset) -> Task:
     """``KIND:ARG[?options]`` to a task bound to ``dataset``'s columns (validated against its labels)."""
+    _import_tasks()
     head, _, query = spec.partition("?")
     kind, sep, arg = head.partition(":")
     if not sep or not arg or kind not in TASKS:
