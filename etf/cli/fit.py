@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -10,6 +12,7 @@ from etf.cache.features import parse_size
 from etf.cli.options import cache_option, data_options, open_dataset
 from etf.pipeline.fit import FitConfig, fit
 from etf.pipeline.fusers import FUSERS, FuserConfig
+from etf.pipeline.verification import MARGINS, with_options
 
 
 def fuser_options(fn):
@@ -56,33 +59,51 @@ def training_options(fn):
     return fn
 
 
-def fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask, **options) -> FuserConfig:
-    """The values of ``fuser_options``; ``options`` are the per-fuser ones (queries, regions, ...)."""
-    return FuserConfig(dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio, dropout=dropout, attn=attn, mask=mask, **options)
+def pop_fuser_config(kw: dict[str, Any]) -> FuserConfig:
+    """Take the ``fuser_options`` values out of a command's keyword arguments."""
+    names = {f.name for f in fields(FuserConfig)}
+    return FuserConfig(**{k: kw.pop(k) for k in list(kw) if k in names})
+
+
+def verify_options(fn):
+    """Options of verify tasks, shared with ``etf ablate``; a task string's own ``?key=`` wins."""
+    for opt in reversed([
+        click.option("--embed-dim", type=int, help="verify: embedding size.  [default: 512]"),
+        click.option("--margin", type=click.Choice(sorted(MARGINS)), help="verify: margin softmax.  [default: arcface]"),
+        click.option("--margin-scale", type=float, help="verify: logit scale s.  [default: 64]"),
+        click.option("--margin-m", type=float, help="verify: margin m.  [default: 0.5 arcface, 0.35 cosface]"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def pop_task_specs(kw: dict[str, Any], default: list[str]) -> list[str]:
+    """``--task`` values (or the dataset's defaults) with the ``verify_options`` filled in."""
+    tasks = list(kw.pop("tasks")) or default
+    return with_options(tasks, dim=kw.pop("embed_dim"), margin=kw.pop("margin"), s=kw.pop("margin_scale"), m=kw.pop("margin_m"))
+
+
+def split_names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 @click.command("fit")
 @cache_option
 @data_options
 @click.option("--encoders", required=True, help="Comma-separated priors (store names, NAME-HASHPREFIX, or store paths); the first is canonical.")
-@click.option("--task", "tasks", multiple=True, help="classify:COL, multilabel:C1,C2, regress:COL, landmarks:PREFIX; repeat for multi-task.  [default: the dataset's]")
+@click.option("--task", "tasks", multiple=True, help="classify:COL, multilabel:C1,C2, regress:COL, landmarks:PREFIX, verify:COL; repeat for multi-task.  [default: the dataset's]")
+@verify_options
 @click.option("--fuser", type=click.Choice(sorted(FUSERS)), default="etfuser", show_default=True)
 @fuser_options
 @training_options
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
-def command(cache_dir, data_spec, crop, encoders, tasks, fuser, dim, depth, heads, mlp_ratio, dropout, attn, mask,
-            queries, regions, temperature, aux, recon_ratio, layers, tokens, epochs, batch_size, lr, weight_decay,
-            warmup_epochs, train_fraction, shots, val_fraction, max_memory, device, progress, seed, out) -> None:
+def command(**kw: Any) -> None:
     """Train --fuser and task heads on cached tokens of --encoders; write the run to --out."""
-    dataset = open_dataset(data_spec, crop)
-    cfg = FitConfig(
-        cache_dir=cache_dir, encoders=[e.strip() for e in encoders.split(",") if e.strip()], out=out, tasks=list(tasks),
-        fuser=fuser, layers=layers,
-        fuser_config=fuser_config(dim, depth, heads, mlp_ratio, dropout, attn, mask, queries=queries, regions=regions,
-                                  temperature=temperature, aux=aux, recon_ratio=recon_ratio),
-        tokens=tokens, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        warmup_epochs=warmup_epochs, seed=seed, train_fraction=train_fraction, shots=shots, val_fraction=val_fraction,
-        max_memory=parse_size(max_memory) if max_memory else None, device=device, progress=progress,
-    )
+    dataset = open_dataset(kw.pop("data_spec"), kw.pop("crop"))
+    tasks = pop_task_specs(kw, dataset.tasks)
+    fuser_config = pop_fuser_config(kw)
+    max_memory = kw.pop("max_memory")
+    cfg = FitConfig(encoders=split_names(kw.pop("encoders")), tasks=tasks, fuser_config=fuser_config,
+                    max_memory=parse_size(max_memory) if max_memory else None, **kw)
     click.echo(fit(dataset, cfg).summary)

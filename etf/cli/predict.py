@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
-from etf.pipeline.predict import load_predictor, predict
+from etf.cli.options import cache_option, open_dataset
+from etf.pipeline.predict import embed_dataset, load_predictor, predict_all
+from etf.pipeline.verification import format_pair_metrics
 
 
 def _weights(ctx, param, values: tuple[str, ...]) -> dict[str, Path]:
@@ -23,18 +25,32 @@ def _weights(ctx, param, values: tuple[str, ...]) -> dict[str, Path]:
 
 @click.command("predict")
 @click.option("--run", "run", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--embed", type=click.Path(file_okay=False, path_type=Path),
+              help="Write each verify task's embeddings to DIR/embeddings-<task>.npy (+ .txt: the ids, one a line).")
+@click.option("--data", "data_spec", metavar="SPEC",
+              help="Embed a cached dataset's samples instead of IMAGES (needs --embed; tokens from --cache) and evaluate its pair protocols.")
+@cache_option
+@click.option("--crop", default=None, help="The --crop the dataset was extracted with.")
 @click.option("--weights", multiple=True, callback=_weights, help="PRIOR=FILE for priors extracted with --weights.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the predictions as JSON.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the predictions as CSV.")
-def command(run, images, weights, device, batch_size, json_out, csv_out) -> None:
+def command(run, images, embed, data_spec, cache_dir, crop, weights, device, batch_size, json_out, csv_out) -> None:
     """Predict every task of --run for IMAGE... (encoders, fuser and heads end to end)."""
+    if data_spec:
+        if images or not embed:
+            raise click.UsageError("--data takes no IMAGE arguments and needs --embed DIR")
+        results = embed_dataset(run, open_dataset(data_spec, crop), cache_dir, embed, batch_size, device)
+        click.echo(format_pair_metrics(results) or f"embeddings written to {embed}; the dataset has no pair protocol")
+        return
+    if not images:
+        raise click.UsageError("give IMAGE... (or --data SPEC with --embed DIR)")
     predictor = load_predictor(run, weights, device)
-    records = []
-    for b in range(0, len(images), batch_size):
-        records += predict(predictor, list(images[b : b + batch_size]))
+    records = predict_all(predictor, list(images), batch_size, embed)
+    if embed:
+        click.echo(f"embeddings of {len(images)} images written to {embed}")
     if json_out:
         json_out.write_text(json.dumps(records, indent=1) + "\n")
     if csv_out:
@@ -42,7 +58,7 @@ def command(run, images, weights, device, batch_size, json_out, csv_out) -> None
             w = csv.DictWriter(f, fieldnames=list(records[0]))
             w.writeheader()
             w.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
-    if not (json_out or csv_out):
+    if not (json_out or csv_out) and len(records[0]) > 1:
         keys = list(records[0])
         widths = [max(len(k), *(len(str(r[k])) for r in records)) for k in keys]
         click.echo("  ".join(k.ljust(w) for k, w in zip(keys, widths)))

@@ -50,6 +50,10 @@ class Dataset:
     ``key`` hashes everything that defines the data (adapter name, options, ids, splits,
     labels, crop metadata, pairs) but not the root directory, so a moved dataset keeps its
     cache, while a changed label or pair list makes a new one.
+
+    ``pairs`` holds verification protocols per split: ``{split: {"a": [ids], "b": [ids],
+    "same": [1 or 0], "fold": [k]}}`` (``fold`` optional); both samples of a pair belong
+    to that split.
     """
 
     name: str
@@ -73,6 +77,21 @@ class Dataset:
                 raise EtfError(
                     f"{self.describe()}: sample {s.id!r} has split {s.split!r} (use train, val, test or test_<subset>)"
                 )
+        if self.pairs is not None:
+            self._check_pairs()
+
+    def _check_pairs(self) -> None:
+        split_of = {s.id: s.split for s in self.samples}
+        for split, p in self.pairs.items():
+            where = f"{self.describe()}: pairs of split {split!r}"
+            keys = ["a", "b", "same", *(["fold"] if "fold" in p else [])]
+            if len({len(p.get(k, ())) for k in keys}) != 1 or not p.get("a"):
+                raise EtfError(f"{where}: need non-empty lists {', '.join(keys)} of equal length")
+            for k, sid in enumerate(p["a"] + p["b"]):
+                if split_of.get(sid) != split:
+                    raise EtfError(f"{where}: pair {k % len(p['a']) + 1} names {sid!r}, which is not a {split} sample of the dataset")
+            if not set(p["same"]) <= {0, 1}:
+                raise EtfError(f"{where}: 'same' must hold 1 (match) or 0 (mismatch)")
 
     def describe(self) -> str:
         return f"{self.name}:{self.root}"

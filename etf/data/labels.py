@@ -5,6 +5,7 @@ Task strings name the label columns a head predicts:
 - ``classify:COL``: one categorical column (integer class indices, names in ``classes[COL]``);
 - ``multilabel:COL1,COL2,...``: several 0/1 columns;
 - ``regress:COL`` or ``regress:COL1,COL2,...``: one or several numeric columns;
+- ``verify:COL``: one identity column (face recognition; pair protocols from ``Dataset.pairs``);
 - ``landmarks:PREFIX``: K points stored as flat columns ``PREFIX<i>_x``, ``PREFIX<i>_y``
   (i = 0..K-1) in pixel coordinates of the image the model sees (after ``--crop``).
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from etf.errors import EtfError
 
-TASK_KINDS = ("classify", "multilabel", "regress", "landmarks")
+TASK_KINDS = ("classify", "multilabel", "regress", "landmarks", "verify")
 NME_NORM = "nme_norm"
 SUBSET_PREFIX = "subset_"
 _POINT = re.compile(r"^(?P<prefix>.*?)(?P<index>\d+)_x$")

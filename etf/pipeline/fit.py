@@ -29,6 +29,7 @@ from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.fusers import FuserConfig, count_parameters, create_fuser, flops_per_sample
 from etf.pipeline.heads import Classify, Task, parse_task, unique_names
+from etf.pipeline.metrics import format_metrics
 from etf.utils import write_json_atomic
 
 
@@ -124,8 +125,16 @@ def make_splits(dataset: Dataset, usable: np.ndarray, cfg: FitConfig, first: Tas
     if val_from_train:
         if not 0 < cfg.val_fraction < 1:
             raise EtfError(f"{dataset.describe()} has no val split; --val-fraction must be in (0, 1)")
-        strat = _stratify(first, y0, train)
-        train, val = train_test_split(train, test_size=cfg.val_fraction, random_state=cfg.seed, stratify=strat)
+        groups = first.split_groups(y0)
+        if groups is not None:  # whole groups (identities) go to val
+            from sklearn.model_selection import GroupShuffleSplit
+
+            splitter = GroupShuffleSplit(1, test_size=cfg.val_fraction, random_state=cfg.seed)
+            keep, held = next(splitter.split(train, groups=groups[train]))
+            train, val = train[keep], train[held]
+        else:
+            strat = _stratify(first, y0, train)
+            train, val = train_test_split(train, test_size=cfg.val_fraction, random_state=cfg.seed, stratify=strat)
         train, val = np.sort(train), np.sort(val)
     rng = np.random.default_rng(cfg.seed)
     if cfg.shots is not None:
@@ -299,7 +308,7 @@ def fit(dataset: Dataset, cfg: FitConfig) -> FitResult:
             if score > best or best_state is None:
                 best, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
             row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": total_loss / seen, "samples_per_s": rate}
-            row.update({f"val_{t}_{k}": v for t, ms in val.items() for k, v in ms.items()})
+            row.update({f"val_{t}_{k}": v for t, ms in val.items() for k, v in ms.items() if not isinstance(v, list)})
             history.append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{val.get(tasks[0].name, {}).get(tasks[0].primary, float('nan')):.4f}", sps=f"{rate:.0f}")
         model.load_state_dict(best_state)
@@ -347,7 +356,7 @@ def _write_run(cfg, dataset, tasks, priors, model, metrics, history, predictions
         w = csv.writer(f)
         header = ["id", "split"]
         for t in tasks:
-            header += [f"{t.name}:true:{c}" for c in t.columns] + [f"{t.name}:pred:{c}" for c in t.columns]
+            header += [f"{t.name}:true:{c}" for c in t.columns] + [f"{t.name}:pred:{c}" for c in t.pred_columns]
         w.writerow(header)
         ids = dataset.ids
         for split, order, preds in predictions:
@@ -356,8 +365,11 @@ def _write_run(cfg, dataset, tasks, priors, model, metrics, history, predictions
                 for t in tasks:
                     y, m = targets[t.name]
                     row += [_fmt(y[i, j]) if m[i, j] else "" for j in range(len(t.columns))]
-                    row += [_fmt(v) for v in preds[t.name][k]]
+                    row += [_fmt(v) for v in preds[t.name][k][: len(t.pred_columns)]]
                 w.writerow(row)
+    evaluated = [ids[i] for _, order, _ in predictions for i in order]
+    for t in tasks:
+        t.save_outputs(out, evaluated, np.concatenate([preds[t.name] for _, _, preds in predictions]))
     summary = format_summary(cfg, tasks, metrics)
     (out / "summary.txt").write_text(summary + "\n")
     return summary
@@ -377,7 +389,7 @@ def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -
         for t in tasks:
             ms = metrics[split].get(t.name)
             if ms:
-                lines.append(f"{split:<8} {t.name:<12} " + "  ".join(f"{k} {v:.4f}" for k, v in ms.items()))
+                lines.append(f"{split:<8} {t.name:<12} " + format_metrics(ms))
     f, e = metrics["fuser_flops"], metrics["encoder_flops"]
     share = f" ({100 * f / e:.2f}% of the encoders' {e / 1e9:.2f} GFLOPs)" if e else ""
     lines.append(f"cost     {metrics['fuser_params'] / 1e6:.3f} M trainable parameters, {f / 1e6:.2f} MFLOPs/sample{share}")

@@ -1,17 +1,21 @@
 """Tasks and their heads: targets from dataset labels, losses with missing labels masked,
 predictions and metrics.
 
-A task string is ``KIND:ARG``: ``classify:COL``, ``multilabel:C1,C2,...``,
+A task string is ``KIND:ARG[?key=value&...]``: ``classify:COL``, ``multilabel:C1,C2,...``,
 ``regress:COL[,COL...]``, ``landmarks:PREFIX`` (columns ``PREFIX<i>_x``/``PREFIX<i>_y``;
 NME normalised by the ``nme_norm`` column when present, else by the square root of the
-ground-truth landmarks' bounding-box area). Registered in :data:`TASKS`, like the fusers.
+ground-truth landmarks' bounding-box area), ``verify:COL`` (identity embeddings, see
+:mod:`etf.pipeline.verification`). Registered in :data:`TASKS`, like the fusers; the
+options after ``?`` are the task's own (:attr:`Task.options`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
@@ -63,10 +67,17 @@ class Task:
     kind: ClassVar[str] = ""
     primary: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
+    #: options a task string may set after ``?``, and their types
+    options: ClassVar[dict[str, type]] = {}
 
     @property
     def out_dim(self) -> int:
         raise NotImplementedError
+
+    @property
+    def pred_columns(self) -> list[str]:
+        """predictions.csv's prediction columns: the first ``len()`` values of a decoded row."""
+        return self.columns
 
     def targets(self, dataset: Dataset) -> tuple[np.ndarray, np.ndarray]:
         """(N, k) float32 targets and an (N, k) mask of present labels."""
@@ -78,6 +89,10 @@ class Task:
 
     def check_splits(self, dataset: Dataset, train: np.ndarray, evaluate: dict[str, np.ndarray]) -> None:
         """Refuse splits this task cannot be trained or evaluated on (e.g. leaked identities)."""
+
+    def split_groups(self, y: np.ndarray) -> np.ndarray | None:
+        """Per-sample groups that a val split held out from train must not cut (identities), or None."""
+        return None
 
     def fit_stats(self, y: np.ndarray, m: np.ndarray) -> None:
         """Learn target statistics from the training split (regression standardisation)."""
@@ -93,12 +108,17 @@ class Task:
         """Metrics of predictions for the rows ``extra["rows"]`` (sample indices)."""
         raise NotImplementedError
 
+    def save_outputs(self, out: Path, ids: list[str], pred: np.ndarray) -> None:
+        """Write decoded outputs that predictions.csv does not hold (an embedding) into the run
+        directory ``out``; ``ids`` name the rows of ``pred``."""
+
     def state(self) -> dict[str, Any]:
         """What predict needs to rebuild the task (class names, target statistics)."""
         return {"kind": self.kind, "spec": self.spec, "name": self.name, "columns": self.columns}
 
     @staticmethod
     def from_state(state: dict[str, Any]) -> Task:
+        _import_tasks()
         fields = {k: v for k, v in state.items() if k not in ("kind", "spec")}
         return TASKS[state["kind"]](**fields)
 
@@ -272,12 +292,32 @@ class Landmarks(Regress):
         return {**metrics.landmark_metrics(per_sample), "mae": float(np.abs(pts_true - pts_pred).mean())}
 
 
+def _import_tasks() -> None:
+    import etf.pipeline.verification  # noqa: F401  (registers verify)
+
+
+def _task_options(cls: type[Task], query: str, spec: str) -> dict[str, Any]:
+    out = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in cls.options:
+            known = f" (options: {', '.join(cls.options)})" if cls.options else ""
+            raise EtfError(f"--task {spec!r}: {cls.kind} has no option {key!r}{known}")
+        try:
+            out[key] = cls.options[key](value)
+        except ValueError:
+            raise EtfError(f"--task {spec!r}: option {key}={value!r} is not a valid {cls.options[key].__name__}") from None
+    return out
+
+
 def parse_task(spec: str, dataset: Dataset) -> Task:
-    """``KIND:ARG`` to a task bound to ``dataset``'s columns (validated against its labels)."""
-    parsed = labels.parse_task(spec)
+    """``KIND:ARG[?options]`` to a task bound to ``dataset``'s columns (validated against its labels)."""
+    _import_tasks()
+    head, _, query = spec.partition("?")
+    parsed = labels.parse_task(head)
     columns = parsed.columns(dataset.label_columns)
     name = parsed.names[0] if parsed.kind == "landmarks" or len(columns) == 1 else parsed.kind
-    return TASKS[parsed.kind](name=name, columns=columns)
+    cls = TASKS[parsed.kind]
+    return cls(name=name, columns=columns, **_task_options(cls, query, spec))
 
 
 def unique_names(tasks: list[Task]) -> None:

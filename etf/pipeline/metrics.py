@@ -1,12 +1,22 @@
-"""Task metrics. scikit-learn where it has them; NME, failure rate and CED-AUC otherwise.
+"""Task metrics. scikit-learn where it has them; NME, failure rate, CED-AUC and the
+k-fold verification protocol otherwise.
 
 Every function takes NumPy arrays of valid entries only (callers drop missing labels).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, mean_absolute_error
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    f1_score,
+    mean_absolute_error,
+    roc_auc_score,
+    roc_curve,
+)
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
@@ -61,3 +71,55 @@ def landmark_metrics(per_sample_nme: np.ndarray, threshold: float = 0.1) -> dict
         f"fr@{threshold:g}": float((per_sample_nme > threshold).mean()),
         f"auc@{threshold:g}": float(np.trapezoid(ced, grid) / threshold),
     }
+
+
+def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
+    """The score threshold (``same`` iff score >= threshold) with the highest accuracy on these pairs.
+
+    Every distinct score is a candidate (``roc_curve`` without dropping points); accuracy at
+    each is ``(TP + TN) / n``; ties go to the highest threshold.
+    """
+    fpr, tpr, thresholds = roc_curve(same, scores, drop_intermediate=False)
+    positives = int(same.sum())
+    correct = tpr * positives + (1 - fpr) * (len(same) - positives)
+    return float(thresholds[int(np.argmax(correct))])
+
+
+def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, far: float) -> float:
+    """True-accept rate at the largest false-accept rate not above ``far`` (no interpolation)."""
+    return float(tpr[fpr <= far].max())
+
+
+def verification_metrics(scores: np.ndarray, same: np.ndarray, folds: np.ndarray, fars: tuple[float, ...] = (1e-3, 1e-4)) -> dict[str, Any]:
+    """The LFW k-fold protocol plus ROC summaries over pair similarity ``scores``.
+
+    For each fold the threshold that maximises accuracy on the other folds classifies the
+    fold's pairs; ``accuracy_10fold`` is the mean over folds and ``accuracy_10fold_std`` their
+    population std (as common LFW evaluation code reports), ``fold_accuracy`` lists them for
+    paired tests. ``auc`` and ``tar@far=F`` use all pairs; a FAR is reported only when there
+    are at least ``1 / F`` mismatched pairs, so that it is resolved at all.
+    """
+    same = same.astype(int)
+    accuracy, thresholds = [], []
+    for k in np.unique(folds):
+        held = folds == k
+        t = best_threshold(scores[~held], same[~held])
+        thresholds.append(t)
+        accuracy.append(float(accuracy_score(same[held], scores[held] >= t)))
+    fpr, tpr, _ = roc_curve(same, scores, drop_intermediate=False)
+    out: dict[str, Any] = {
+        "accuracy_10fold": float(np.mean(accuracy)),
+        "accuracy_10fold_std": float(np.std(accuracy)),
+        "auc": float(roc_auc_score(same, scores)),
+    }
+    negatives = int((same == 0).sum())
+    for far in fars:
+        if negatives * far >= 1:
+            out[f"tar@far={far:.0e}".replace("e-0", "e-")] = tar_at_far(fpr, tpr, far)
+    out.update(threshold=float(np.mean(thresholds)), pairs=len(same), fold_accuracy=accuracy)
+    return out
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """One task's metrics as ``name value`` pairs for a summary line; lists (per-fold values) left out."""
+    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if not isinstance(v, list))

@@ -4,6 +4,10 @@ Everything is rebuilt from the run directory: each prior's encoder from its stor
 (refused if the loaded weights hash differs from the one the cache was made with), the
 preprocessing from the recorded data config, the token selection and storage rounding
 as at extraction, then the fuser and heads from ``model.safetensors``.
+
+A run with a ``verify`` task also gives identity embeddings: of new images, or of a cached
+dataset's samples (no encoders run; its stores must match the run's priors), whose pair
+protocols (LFW, CFP) are then evaluated, e.g. for a run trained on another face set.
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from etf.cache.features import Group
+from etf.cache.features import Group, PriorSet, default_memory_budget
 from etf.cache.store import decode_tokens
 from etf.cache.tokens import TokenLayout, select_tokens
+from etf.data.base import Dataset
 from etf.data.images import load_rgb
 from etf.errors import EtfError
 from etf.pipeline.encoders import Encoder, create_encoder
 from etf.pipeline.extract import ExtractOptions, autocast_for, compute_tokens, resolve_device
-from etf.pipeline.fit import FusionModel, build_model, load_run
+from etf.pipeline.fit import Batches, FusionModel, build_model, load_run, predict_rows
 from etf.pipeline.fusers import FuserConfig
 from etf.pipeline.heads import Classify, Task
+from etf.pipeline.verification import Verify, pair_metrics, write_embeddings
+from etf.utils import write_json_atomic
 
 
 @dataclass
@@ -113,12 +120,47 @@ def prior_tokens(p: Predictor, images: list[Path]) -> list[torch.Tensor]:
 @torch.no_grad()
 def predict(p: Predictor, images: list[Path]) -> list[dict[str, Any]]:
     """One record per image: per task the prediction (class name and probability, values)."""
+    return _records(p, images, _forward(p, images))
+
+
+@torch.no_grad()
+def _forward(p: Predictor, images: list[Path]) -> dict[str, Any]:
     missing = [i for i in images if not Path(i).is_file()]
     if missing:
         raise EtfError(f"{missing[0]}: image not found")
-    out = p.model(prior_tokens(p, images))
+    return p.model(prior_tokens(p, images))
+
+
+def _verify_tasks(tasks: list[Task], run: Path) -> list[Verify]:
+    found = [t for t in tasks if isinstance(t, Verify)]
+    if not found:
+        raise EtfError(f"--embed: {run} has no verify task, so no identity embedding")
+    return found
+
+
+def predict_all(p: Predictor, images: list[Path], batch_size: int, embed: Path | None = None) -> list[dict[str, Any]]:
+    """:func:`predict` in batches; with ``embed``, also each verify task's embeddings of
+    ``images`` written to that directory."""
+    verify = _verify_tasks(p.tasks, p.run) if embed else []
+    if not embed and all(isinstance(t, Verify) for t in p.tasks):
+        raise EtfError(f"{p.run}: its tasks give embeddings only; pass --embed DIR")
+    records, embeddings = [], {t.name: [] for t in verify}
+    for b in range(0, len(images), batch_size):
+        batch = images[b : b + batch_size]
+        out = _forward(p, batch)
+        records += _records(p, batch, out)
+        for t in verify:
+            embeddings[t.name].append(t.decode(out[t.name]))
+    for t in verify:
+        write_embeddings(embed, t.name, [str(i) for i in images], np.concatenate(embeddings[t.name]))
+    return records
+
+
+def _records(p: Predictor, images: list[Path], out: dict[str, Any]) -> list[dict[str, Any]]:
     records = [{"image": str(i)} for i in images]
     for t in p.tasks:
+        if not t.pred_columns:  # an embedding: written by --embed, not a table cell
+            continue
         logits = out[t.name]
         values = t.decode(logits)
         for r, v, row in zip(records, values, logits):
@@ -128,3 +170,44 @@ def predict(p: Predictor, images: list[Path]) -> list[dict[str, Any]]:
             else:
                 r[t.name] = [round(float(x), 4) for x in v] if len(v) > 1 else round(float(v[0]), 4)
     return records
+
+
+DATASET_FIELDS = ("dataset_key", "n", "tokens_sha256", "ids_sha256")  # store spec fields that name the data
+
+
+def _check_priors(run: Path, config: dict[str, Any], priors: PriorSet) -> None:
+    """The dataset's stores must hold what the run's priors held for its training data."""
+    recorded = json.loads((run / "stores.json").read_text())
+    for old, new in zip(recorded, priors.specs()):
+        a, b = ({k: v for k, v in s["spec"].items() if k not in DATASET_FIELDS} for s in (old, new))
+        if a != b:
+            differs = ", ".join(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
+            raise EtfError(f"prior {old['name']!r}: {new['path']} was extracted differently from the run's {old['path']} ({differs})")
+    if [g.to_json() for g in priors.groups] != config["groups"]:
+        raise EtfError(f"--data {priors.dataset.describe()}: the stores' token groups differ from those {run} was trained on")
+
+
+@torch.no_grad()
+def embed_dataset(run: str | Path, dataset: Dataset, cache_dir: Path, embed: Path, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+    """Each verify task's embeddings of ``dataset``'s cached samples, written to ``embed``, and
+    the dataset's pair protocols evaluated on them (also written, as ``embed/metrics.json``)."""
+    run = Path(run)
+    config, tasks, _, model = load_model(run)
+    verify = _verify_tasks(tasks, run)
+    dev = resolve_device(device)
+    priors = PriorSet(cache_dir, dataset, config["encoders"], config["layers"], config["tokens"])
+    try:
+        _check_priors(run, config, priors)
+        rows = np.nonzero(priors.valid)[0]
+        batches = Batches(priors, rows, default_memory_budget(), batch_size, seed=0)
+        order, preds = predict_rows(model.to(dev), verify, batches, rows, dev)
+    finally:
+        priors.close()
+    results = {}
+    for t in verify:
+        write_embeddings(embed, t.name, [dataset.ids[i] for i in order], preds[t.name])
+        full = np.zeros((len(dataset), preds[t.name].shape[1]), np.float32)
+        full[order] = preds[t.name]
+        results[t.name] = pair_metrics(dataset, full, priors.valid)
+    write_json_atomic(embed / "metrics.json", results)
+    return results

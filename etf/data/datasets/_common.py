@@ -51,9 +51,15 @@ def read_rows(path: Path, skip: int = 0) -> list[tuple[int, list[str]]]:
     """Whitespace-separated fields of each non-blank line after the first ``skip``, with 1-based line numbers."""
     try:
         text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise EtfError(f"{path}: not found") from None
     except UnicodeDecodeError as e:
         raise EtfError(f"{path}: not a text file ({e})") from None
     return [(n, line.split()) for n, line in enumerate(text.splitlines(), start=1) if n > skip and line.strip()]
+
+
+def integer(text: str, path: Path, line: int) -> int:
+    return numbers([text], path, line, int)[0]
 
 
 def numbers(fields: Sequence[str], path: Path, line: int, kind: type = float) -> list[Any]:
