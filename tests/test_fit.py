@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from etf.errors import EtfError
 from etf.pipeline.fit import FitConfig, fit
@@ -79,7 +80,6 @@ def test_run_directory_and_metrics_agree_with_sklearn(xor, tmp_path):
 def test_prior_masking_keeps_accuracy_when_a_prior_is_zeroed(tmp_path):
     """A weak prior A and a strong prior B both carry the label. Zeroing B at test time
     hurts a fuser trained with every prior present more than one trained with prior:P."""
-    import torch
 
     from etf.cache.features import PriorSet
     from etf.pipeline.predict import load_model
@@ -212,3 +212,25 @@ def test_empty_split_is_refused(tmp_path):
     import_prior(tmp_path / "c", dataset, "A", np.ones((n, 5, 16), np.float32), tmp_path)
     with pytest.raises(EtfError, match="val split has no usable samples"):
         _fit(dataset, tmp_path / "c", tmp_path / "run", ["A"], epochs=1)
+
+
+def test_block_stream_visits_each_row_once_in_full_batches(xor):
+    from etf.cache.features import BlockStream, PriorSet
+
+    dataset, _, cache = xor
+    priors = PriorSet(cache, dataset, ["A", "B"])
+    rows = np.arange(3, len(dataset), 2)  # odd rows only, so blocks are partly wanted
+    stream = BlockStream(priors, rows, batch_size=32, block_rows=45, shuffle=True, seed=0)
+    everything = priors.load(np.arange(len(dataset)))
+    seen = []
+    batches = list(stream.epoch(1))
+    assert len(batches) == len(stream) == -(-len(rows) // 32)
+    assert [len(i) for i, _ in batches[:-1]] == [32] * (len(batches) - 1)
+    for idx, tokens in batches:
+        for full, got in zip(everything, tokens):
+            assert np.array_equal(full[torch.from_numpy(idx)].numpy(), got.numpy())
+        seen.extend(idx.tolist())
+    assert sorted(seen) == rows.tolist()
+    assert seen != sorted(seen)  # shuffled
+    assert [i.tolist() for i, _ in stream.epoch(1)] == [i.tolist() for i, _ in batches]  # seeded
+    priors.close()

@@ -230,36 +230,58 @@ class BlockStream:
     """Batches of ``rows`` read in blocks of contiguous samples, for data beyond the budget.
 
     Only whole blocks are read, one ahead in a background thread; an epoch visits blocks in
-    a seeded random order and rows within a block in a seeded random order. Peak memory
-    is a few blocks, whatever N is.
+    a seeded random order and rows within a block in a seeded random order. Batches are
+    full-sized across block boundaries (the rows left over from one block start the next
+    batch), so an epoch has as many steps as one from memory. Peak memory is a few blocks,
+    whatever N is.
     """
 
     def __init__(self, priors: PriorSet, rows: np.ndarray, batch_size: int, block_rows: int, shuffle: bool, seed: int) -> None:
         self.priors, self.rows, self.batch_size = priors, np.sort(rows), batch_size
-        self.block_rows, self.shuffle, self.seed = block_rows, shuffle, seed
+        self.shuffle, self.seed = shuffle, seed
         n = len(priors.dataset)
-        starts = range(0, n, block_rows)
-        self.blocks = [(s, min(n, s + block_rows)) for s in starts]
-        self.blocks = [(s, e) for s, e in self.blocks if ((self.rows >= s) & (self.rows < e)).any()]
+        spans = [(s, min(n, s + block_rows)) for s in range(0, n, block_rows)]
+        self.blocks = [(s, e) for s, e in spans if ((self.rows >= s) & (self.rows < e)).any()]
 
     def __len__(self) -> int:
-        per_block = [int(((self.rows >= s) & (self.rows < e)).sum()) for s, e in self.blocks]
-        return sum(-(-k // self.batch_size) for k in per_block)
+        return -(-len(self.rows) // self.batch_size)
 
     def epoch(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.blocks)) if self.shuffle else range(len(self.blocks))
-        blocks = [self.blocks[i] for i in order]
 
-        def read() -> Iterator[tuple[int, np.ndarray, list[torch.Tensor]]]:
-            for start, stop in blocks:
+        def read() -> Iterator[list[Any]]:
+            for i in order:
+                start, stop = self.blocks[i]
                 sel = self.rows[(self.rows >= start) & (self.rows < stop)]
-                yield start, sel, self.priors.read_block(start, stop)
+                if self.shuffle:
+                    sel = sel[rng.permutation(len(sel))]
+                yield [sel, torch.from_numpy(sel - start), self.priors.read_block(start, stop)]
 
-        for start, sel, block in prefetch(read(), depth=1):
-            if self.shuffle:
-                sel = sel[rng.permutation(len(sel))]
-            for b in range(0, len(sel), self.batch_size):
-                idx = sel[b : b + self.batch_size]
-                local = torch.from_numpy(idx - start)
-                yield idx, [x[local] for x in block]
+        held: list[list[Any]] = []  # [rows, their positions in the block, block], rows not yet taken
+        count = 0
+        for item in prefetch(read(), depth=1):
+            held.append(item)
+            count += len(item[0])
+            while count >= self.batch_size:
+                count -= self.batch_size
+                yield self._take(held, self.batch_size)
+        if count:
+            yield self._take(held, count)
+
+    @staticmethod
+    def _take(held: list[list[Any]], k: int) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """The next ``k`` held rows, gathered straight from their blocks (possibly two), so a
+        block is never copied whole; a block is dropped once all its rows are taken."""
+        idx, parts = [], []
+        while k:
+            rows, local, block = held[0]
+            n = min(k, len(rows))
+            idx.append(rows[:n])
+            parts.append([x[local[:n]] for x in block])
+            held[0][:2] = rows[n:], local[n:]
+            if n == len(rows):
+                held.pop(0)
+            k -= n
+        tokens = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)]
+        return np.concatenate(idx), tokens
