@@ -6,6 +6,7 @@ other code bases; this module unwraps their containers and prefixes so timm can 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +97,14 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, allo
     return report
 
 
-def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename a foreign checkpoint's keys to the model's layout (identity for timm's own)."""
-    return state
+def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """Rename and reshape a checkpoint for ``model`` with timm's own converter for the
+    architecture (OpenAI CLIP layouts such as FaRL's, original DINOv2, ...; position
+    embeddings resampled to the model's input size); unchanged where timm has none."""
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is None:
+        return state
+    try:
+        return convert(state, model)
+    except Exception as e:  # converters index and reshape freely; any failure means a foreign layout
+        raise EtfError(f"--weights {path}: cannot convert it for {type(model).__name__} ({type(e).__name__}: {e})") from None

@@ -20,7 +20,7 @@ from torch import nn
 
 from etf.cache.tokens import TokenLayout
 from etf.errors import EtfError
-from etf.pipeline.checkpoints import LoadReport, load_into, read_state_dict
+from etf.pipeline.checkpoints import LoadReport, adapt_state_dict, load_into, read_state_dict
 
 
 @dataclass(frozen=True)
@@ -185,9 +185,7 @@ def create_encoder(
     report = None
     if weights is not None:
         path = Path(weights)
-        from etf.pipeline.checkpoints import adapt_state_dict
-
-        report = load_into(model, adapt_state_dict(read_state_dict(path), model), path, allow_partial)
+        report = load_into(model, adapt_state_dict(read_state_dict(path), model, path), path, allow_partial)
     model.eval().requires_grad_(False)
     overrides = {"input_size": (3, img_size, img_size)} if img_size else {}
     if "img_size" in kwargs and not overrides:
