@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from etf.cache.catalog import write_manifest
 from etf.cache.store import (
+    ArraySpec,
     StoreWriter,
     TokenStore,
     encode_tokens,
@@ -159,6 +160,19 @@ class _ChunkBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
+def autocast_for(precision: str, device: torch.device) -> Any:
+    """The autocast context of a resolved ``--precision`` (a no-op for fp32)."""
+    return torch.autocast(device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST else nullcontext()
+
+
+def compute_tokens(encoder: Encoder, x: torch.Tensor, layers: list[int], opts: ExtractOptions, ids: list[str], autocast: Any) -> dict[int, np.ndarray]:
+    """Stored form of the tokens of a preprocessed batch, per layer: what extraction writes
+    and what ``etf predict`` recomputes for new images."""
+    with autocast:
+        outs = encoder.tokens(x, layers, opts.norm)
+    return {layer: encode_tokens(select_tokens(t, lay, opts.tokens)[0], opts.dtype, ids) for layer, (t, lay) in zip(layers, outs)}
+
+
 def _bad_list(bad: list[tuple[str, str]]) -> str:
     shown = "; ".join(f"{sid}: {why}" for sid, why in bad[:5])
     return shown + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -177,6 +191,8 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     shard = resolve_shard(opts.shard)
+    if opts.store == "hdf5" and shard is not None:
+        raise EtfError("--shard with --store hdf5: HDF5 has no concurrent writers; extract to zarr, or run one process")
     layers = encoder.resolve_layers(opts.layers)
     encoder.model.to(device)
 
@@ -184,11 +200,10 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     path = store_path(Path(cache_dir), dataset.key, encoder.name, spec, opts.store)
     write_manifest(Path(cache_dir), dataset)
     if path.exists():
-        return ExtractResult(path, True, 0, time.perf_counter() - t0)
+        with TokenStore.open(path) as store:
+            return ExtractResult(path, True, 0, time.perf_counter() - t0, store.skipped)
 
-    autocast = (
-        torch.autocast(device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST else nullcontext()
-    )
+    autocast = autocast_for(precision, device)
     input_size = tuple(encoder.data_config["input_size"])
     with autocast:
         probe = encoder.tokens(torch.zeros(1, *input_size, device=device), layers, opts.norm)
@@ -201,8 +216,6 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
         "load_report": encoder.load_report.summary() if encoder.load_report else None,
     }
     writer = StoreWriter(path, spec, arrays, layouts, codec=opts.codec, chunk_rows=opts.chunk_rows, info=info)
-    if opts.store == "hdf5" and shard is not None:
-        raise EtfError("--shard with --store hdf5: HDF5 has no concurrent writers; extract to zarr, or run one process")
 
     todo = sorted(set(range(writer.num_chunks)) - writer.done_chunks())
     if shard is not None:
@@ -211,12 +224,14 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     rows = [r for c in todo for r in range(*writer.chunk_range(c))]
 
     bad = _prescan(dataset, rows)
+    listed = _bad_list([(dataset.ids[r], w) for r, w in sorted(bad.items())]) if bad else ""
     if bad and opts.on_error == "fail":
         raise EtfError(
-            f"{len(bad)} unreadable image(s) in {dataset.describe()}: "
-            f"{_bad_list([(dataset.ids[r], w) for r, w in sorted(bad.items())])} "
-            "(nothing written; fix or remove them, or pass --on-error skip)"
+            f"{len(bad)} unreadable image(s) in {dataset.describe()}: {listed} "
+            "(nothing written for them; fix or remove them, or pass --on-error skip)"
         )
+    if len(bad) == len(dataset):
+        raise EtfError(f"every image of {dataset.describe()} is unreadable ({listed}); check the dataset path and format")
     done_rows = _run(dataset, encoder, writer, todo, set(bad), layers, opts, device, autocast)
     complete = writer.finalize()
     skipped = []
@@ -230,7 +245,7 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
 def _prescan(dataset: Dataset, rows: list[int]) -> dict[int, str]:
     """Header-check the images about to be read, in threads (I/O bound)."""
     with ThreadPoolExecutor(max_workers=8) as pool:
-        reasons = pool.map(lambda r: check_image(dataset.samples[r].path), rows, chunksize=64)
+        reasons = pool.map(lambda r: check_image(dataset.samples[r].path), rows)
         return {r: why for r, why in zip(rows, reasons) if why}
 
 
@@ -247,7 +262,7 @@ class _ChunkBuffer:
         self.missing = len(rows) - len(self.skipped)
 
     def put(self, idx: list[int], arrays: dict[str, np.ndarray]) -> None:
-        rows = np.asarray(idx) - self.start
+        rows = np.asarray(idx, dtype=np.intp) - self.start
         for name, block in arrays.items():
             self.data[name][rows] = block
         self.missing -= len(idx)
@@ -264,16 +279,14 @@ def _run(
     device: torch.device,
     autocast: Any,
 ) -> int:
-    """The extraction loop: decode in workers, forward here, write in a background thread."""
+    """The extraction loop: decode in workers, forward here, write in a background thread.
+
+    Whatever stops the loop (a bad image, a failed write, Ctrl-C), the chunks already
+    handed to the writer are finished and marked before the exception leaves, so a re-run
+    resumes after them.
+    """
     workers = opts.workers if opts.workers is not None else default_workers()
     sampler = _ChunkBatches(todo, writer, opts.batch_size, skip)
-    loader = DataLoader(
-        _Images(dataset, encoder.transform(), tuple(encoder.data_config["input_size"])),
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
     buffers = {c: _ChunkBuffer(writer, c, dataset, skip) for c in todo}
     pending: list[Future] = []
     total = sum(len(b) for b in sampler.batches)
@@ -282,40 +295,51 @@ def _run(
 
         def flush(buf: _ChunkBuffer) -> None:
             pending.append(io.submit(writer.write_chunk, buf.c, buf.data, sorted(buf.skipped)))
-            while len(pending) > 2:  # bounded: at most two chunks in flight
+            # at most two chunks in flight; a failed write stops the run at the next chunk
+            while len(pending) > 2 or (pending and pending[0].done()):
                 pending.pop(0).result()
 
         for buf in [b for b in buffers.values() if b.missing == 0]:  # chunks of skipped rows only
             flush(buffers.pop(buf.c))
-        for idx, x, errors in loader:
+        batches = _loader(dataset, encoder, sampler, workers, device) if total else []  # no workers for an idle shard
+        for idx, x, errors in batches:
             idx = idx.tolist()
-            failed = [(i, e) for i, e in zip(idx, errors) if e]
+            failed = {i: e for i, e in zip(idx, errors) if e}
             if failed and opts.on_error == "fail":
                 raise EtfError(
-                    f"unreadable image(s) in {dataset.describe()}: {_bad_list([(dataset.ids[i], e) for i, e in failed])} "
+                    f"unreadable image(s) in {dataset.describe()}: {_bad_list([(dataset.ids[i], e) for i, e in failed.items()])} "
                     "(the store stays incomplete and is never read; fix them, or pass --on-error skip to resume)"
                 )
-            with autocast:
-                outs = encoder.tokens(x.to(device, non_blocking=True), layers, opts.norm)
-            per_layer = {
-                layer: encode_tokens(select_tokens(t, lay, opts.tokens)[0], opts.dtype, [dataset.ids[i] for i in idx])
-                for layer, (t, lay) in zip(layers, outs)
-            }
-            arrays = {
-                a.name: np.stack([per_layer[la] for la in a.layers], axis=1) if a.name == "tokens" else per_layer[a.layers[0]]
-                for a in writer.arrays
-            }
-            keep = [k for k, i in enumerate(idx) if not any(i == f for f, _ in failed)]
             buf = buffers[idx[0] // writer.chunk_rows]
-            buf.put([idx[k] for k in keep], {n: a[keep] for n, a in arrays.items()})
-            buf.skipped.extend(dataset.ids[i] for i, _ in failed)
+            keep = [k for k, i in enumerate(idx) if i not in failed]
+            if keep:
+                ok = [idx[k] for k in keep]
+                x = x[keep] if failed else x
+                per_layer = compute_tokens(encoder, x.to(device, non_blocking=True), layers, opts, [dataset.ids[i] for i in ok], autocast)
+                buf.put(ok, {a.name: _stack(a, per_layer) for a in writer.arrays})
+            buf.skipped.extend(dataset.ids[i] for i in failed)
             buf.missing -= len(failed)
             bar.update(len(idx))
             if buf.missing == 0:
                 flush(buffers.pop(buf.c))
-        for f in pending:
-            f.result()
+        while pending:
+            pending.pop(0).result()
     return total
+
+
+def _stack(a: ArraySpec, per_layer: dict[int, np.ndarray]) -> np.ndarray:
+    """One array's block from per-layer tokens: (B, L, T, D) for ``tokens``, else (B, T, D)."""
+    return np.stack([per_layer[la] for la in a.layers], axis=1) if a.name == "tokens" else per_layer[a.layers[0]]
+
+
+def _loader(dataset: Dataset, encoder: Encoder, sampler: _ChunkBatches, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(
+        _Images(dataset, encoder.transform(), tuple(encoder.data_config["input_size"])),
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def default_workers() -> int:
