@@ -14,20 +14,27 @@ import etf.pipeline.extract
 from etf.cache.store import TokenStore
 from etf.data import load_dataset
 from etf.errors import EtfError
+from etf.pipeline.encoders import create_encoder
 from etf.pipeline.extract import ExtractOptions, extract
+from tests.conftest import IMG, TINY_VIT, make_image
 
 OPTS = dict(workers=0, progress=False, chunk_rows=4, batch_size=4)  # 24 samples: 6 chunks of one batch
 
 
-@pytest.fixture
-def dataset(folder_dataset):
-    return load_dataset(f"folder:{folder_dataset}")
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    for i in range(24):
+        make_image(root / "ab"[i % 2] / f"{i:02d}.png", seed=i)
+    return load_dataset(f"folder:{root}")
 
 
-@pytest.fixture
-def reference(dataset, tiny_vit, tmp_path) -> np.ndarray:
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory) -> np.ndarray:
     """Tokens of an uninterrupted run."""
-    with TokenStore.open(extract(dataset, tiny_vit, tmp_path / "ref", ExtractOptions(**OPTS)).path) as store:
+    encoder = create_encoder(TINY_VIT, pretrained=False, img_size=IMG)
+    res = extract(dataset, encoder, tmp_path_factory.mktemp("ref"), ExtractOptions(**OPTS))
+    with TokenStore.open(res.path) as store:
         return store.read(12)
 
 
