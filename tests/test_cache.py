@@ -174,3 +174,12 @@ def test_ls_and_info(store_path, dataset):
     assert info.exit_code == 0
     assert "samples     24" in info.output and "tokens (24, 1, 5, 4096)" in info.output
     assert "4 samples per chunk" in info.output
+
+
+def test_default_chunks_are_balanced(tmp_path, dataset):
+    """24 samples at a 10-sample target: 3 chunks of 8, not 10 + 10 + 4 stored as 10."""
+    npy, _ = _tokens(tmp_path, (24, 5, 8))
+    with mock.patch.object(store_mod, "ZARR_CHUNK_BYTES", 10 * 5 * 8 * 2):
+        path = import_tokens(tmp_path, dataset, "x", npy)
+    with TokenStore.open(path) as store:
+        assert store.chunk_rows == 8

@@ -102,9 +102,12 @@ def store_path(cache_dir: Path, dataset_key: str, name: str, spec: dict[str, Any
     return Path(cache_dir) / dataset_key / f"{safe}-{spec_hash(spec)}{FORMATS[fmt]}"
 
 
-def _chunk_rows(arrays: list[ArraySpec], itemsize: int, target: int) -> int:
+def _chunk_rows(arrays: list[ArraySpec], itemsize: int, target: int, n: int) -> int:
+    """Samples per chunk: about ``target`` bytes, balanced over ``n`` samples so that the
+    last chunk is nearly full (both formats store an edge chunk at full size)."""
     row = sum(int(np.prod(a.shape)) for a in arrays) * itemsize
-    return int(min(4096, max(1, target // max(row, 1))))
+    rows = int(min(4096, max(1, target // max(row, 1))))
+    return -(-n // -(-n // rows))
 
 
 def _zarr_compressors(codec: str) -> Any:
@@ -146,7 +149,7 @@ class StoreWriter:
         self.done_dir = self.partial / "done"
         self._itemsize = physical_dtype(spec["dtype"]).itemsize
         _zarr_compressors(codec)  # refuse an unknown codec before anything runs
-        self.chunk_rows = min(self.n, chunk_rows or _chunk_rows(arrays, self._itemsize, ZARR_CHUNK_BYTES))
+        self.chunk_rows = min(self.n, chunk_rows or _chunk_rows(arrays, self._itemsize, ZARR_CHUNK_BYTES, self.n))
         self.attrs = {
             "spec": spec,
             "complete": False,
@@ -274,7 +277,7 @@ class StoreWriter:
                 zarr.open_group(str(data), mode="r+").attrs["etf"] = attrs
                 os.rename(data, self.path)
             else:
-                rows = min(self.n, _chunk_rows(self.arrays, self._itemsize, HDF5_CHUNK_BYTES))
+                rows = _chunk_rows(self.arrays, self._itemsize, HDF5_CHUNK_BYTES, self.n)
                 _zarr_to_hdf5(zarr.open_group(str(data), mode="r"), self.path, {**attrs, "chunk_rows": rows})
         shutil.rmtree(self.partial, ignore_errors=True)
         return True
