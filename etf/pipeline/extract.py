@@ -285,7 +285,7 @@ def _run(
     handed to the writer are finished and marked before the exception leaves, so a re-run
     resumes after them.
     """
-    workers = opts.workers if opts.workers is not None else default_workers()
+    workers = opts.workers if opts.workers is not None else default_workers(device)
     sampler = _ChunkBatches(todo, writer, opts.batch_size, skip)
     buffers = {c: _ChunkBuffer(writer, c, dataset, skip) for c in todo}
     pending: list[Future] = []
@@ -339,12 +339,27 @@ def _loader(dataset: Dataset, encoder: Encoder, sampler: _ChunkBatches, workers:
         num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_yield_to_forward if device.type == "cpu" else None,
     )
 
 
-def default_workers() -> int:
-    """Decode workers: leave the forward pass at least one core of its own."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+#: Niceness of decode workers while the forward pass runs on the CPU: they then use the
+#: cycles the forward leaves idle instead of preempting its threads (bench/README.md).
+CPU_DECODE_NICENESS = 10
+
+
+def _yield_to_forward(worker_id: int) -> None:
+    os.nice(CPU_DECODE_NICENESS)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode workers. On a GPU, enough to keep it fed while leaving the main process a core.
+    On the CPU, decoding and preprocessing cost about a tenth of a small ViT's forward per
+    image, so one worker per eight cores keeps up (see bench/README.md)."""
+    cores = os.cpu_count() or 2
+    if device.type == "cpu":
+        return max(1, min(8, cores // 8))
+    return max(1, min(8, cores - 1))
 
 
 def _versions() -> dict[str, str]:
