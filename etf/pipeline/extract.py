@@ -204,14 +204,13 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
             return ExtractResult(path, True, 0, time.perf_counter() - t0, store.skipped)
 
     autocast = autocast_for(precision, device)
-    input_size = tuple(encoder.data_config["input_size"])
     with autocast:
-        probe = encoder.tokens(torch.zeros(1, *input_size, device=device), layers, opts.norm)
+        probe, flops = encoder.probe(layers, opts.norm)
     selected = [select_tokens(t, lay, opts.tokens) for t, lay in probe]
     layouts = {layer: lay for layer, (_, lay) in zip(layers, selected)}
     arrays = plan_arrays(layers, [tuple(t.shape[1:]) for t, _ in selected])
     info = {
-        "flops_per_image": encoder.flops_per_image(layers),
+        "flops_per_image": flops,
         "versions": _versions(),
         "load_report": encoder.load_report.summary() if encoder.load_report else None,
     }
