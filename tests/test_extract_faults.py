@@ -4,6 +4,7 @@ resumes to the same arrays; shard and format edge cases."""
 from __future__ import annotations
 
 import errno
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,22 @@ def test_failed_write_stops_the_run_and_resumes_identically(dataset, tiny_vit, t
     assert res.complete and len(calls) == 6 - len(done), "only the chunks not yet written are computed again"
     with TokenStore.open(res.path) as store:
         np.testing.assert_array_equal(store.read(12), reference)
+
+
+def test_chunk_buffers_exist_only_while_they_are_filled(dataset, tiny_vit, tmp_path, monkeypatch):
+    """Memory follows the batches in flight, not the size of the dataset."""
+    live: weakref.WeakSet = weakref.WeakSet()
+    most = [0]
+
+    class Counted(etf.pipeline.extract._ChunkBuffer):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            live.add(self)
+            most[0] = max(most[0], len(live))
+
+    monkeypatch.setattr(etf.pipeline.extract, "_ChunkBuffer", Counted)
+    assert extract(dataset, tiny_vit, tmp_path, ExtractOptions(**OPTS)).complete
+    assert 1 <= most[0] <= 2, f"{most[0]} of 6 chunk buffers alive at once"
 
 
 def test_more_shards_than_chunks(dataset, tiny_vit, tmp_path, reference, monkeypatch):

@@ -286,7 +286,7 @@ def _run(
     """
     workers = opts.workers if opts.workers is not None else default_workers(device)
     sampler = _ChunkBatches(todo, writer, opts.batch_size, skip)
-    buffers = {c: _ChunkBuffer(writer, c, dataset, skip) for c in todo}
+    buffers: dict[int, _ChunkBuffer] = {}  # chunks being filled: memory follows the batches, not the dataset
     pending: list[Future] = []
     total = sum(len(b) for b in sampler.batches)
     disable = None if opts.progress is None else not opts.progress
@@ -298,8 +298,9 @@ def _run(
             while len(pending) > 2 or (pending and pending[0].done()):
                 pending.pop(0).result()
 
-        for buf in [b for b in buffers.values() if b.missing == 0]:  # chunks of skipped rows only
-            flush(buffers.pop(buf.c))
+        for c in todo:  # chunks of skipped rows only: no batch will come for them
+            if all(r in skip for r in range(*writer.chunk_range(c))):
+                flush(_ChunkBuffer(writer, c, dataset, skip))
         batches = _loader(dataset, encoder, sampler, workers, device) if total else []  # no workers for an idle shard
         for idx, x, errors in batches:
             idx = idx.tolist()
@@ -309,7 +310,10 @@ def _run(
                     f"unreadable image(s) in {dataset.describe()}: {_bad_list([(dataset.ids[i], e) for i, e in failed.items()])} "
                     "(the store stays incomplete and is never read; fix them, or pass --on-error skip to resume)"
                 )
-            buf = buffers[idx[0] // writer.chunk_rows]
+            c = idx[0] // writer.chunk_rows
+            if c not in buffers:
+                buffers[c] = _ChunkBuffer(writer, c, dataset, skip)
+            buf = buffers[c]
             keep = [k for k, i in enumerate(idx) if i not in failed]
             if keep:
                 ok = [idx[k] for k in keep]
