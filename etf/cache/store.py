@@ -182,7 +182,7 @@ class StoreWriter:
             return set(range(self.num_chunks))
         return {int(p.stem) for p in self.done_dir.glob("*.json")}
 
-    def _open_partial(self) -> dict[str, zarr.Array]:
+    def _open_partial(self) -> None:
         """Open the staging arrays, adopting the chunking they were created with (resume).
 
         Empty chunks are written too: every chunk of a finished store then exists on disk,
@@ -197,7 +197,6 @@ class StoreWriter:
         self.chunk_rows = int(found["chunk_rows"])
         self.attrs = {**found, "info": {**found.get("info", {}), **self.attrs["info"]}}
         self._staged = staged
-        return staged
 
     def _staging(self) -> dict[str, zarr.Array]:
         """The staging arrays, created on first use."""
