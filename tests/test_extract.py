@@ -173,3 +173,16 @@ class _Blocks(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         c = self.store.chunk_rows
         return torch.from_numpy(self.store.read(12, i * c, min(self.store.n, (i + 1) * c)))
+
+
+def test_probe_gives_shapes_and_flops_up_to_the_requested_layers(tiny_vit):
+    (six,), flops6 = tiny_vit.probe([6])
+    (_, twelve), flops12 = tiny_vit.probe([6, 12])
+    assert six[0].shape == twelve[0].shape == (1, 5, 192) and six[1].grid == (2, 2)
+    assert 0 < flops6 < flops12 < 2.2 * flops6  # blocks 7-12 cost what blocks 1-6 do
+
+
+def test_blocks_after_the_last_layer_are_not_run(tiny_cnn):
+    _, flops3 = tiny_cnn.probe([3])
+    _, flops5 = tiny_cnn.probe([3, 5])
+    assert flops3 < 0.7 * flops5

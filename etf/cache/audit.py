@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from etf.cache.catalog import STORE_RE, read_manifest
-from etf.cache.store import TokenStore
+from etf.cache.store import ArraySpec, TokenStore, decode_tokens
 from etf.errors import EtfError
 from etf.utils import spec_hash
 
@@ -83,6 +83,7 @@ def verify_store(path: Path, cache_dir: Path | None = None) -> list[str]:
                 problems.append(f"manifest has {len(manifest['ids'])} samples, store has {store.n}")
         except EtfError as e:
             problems.append(f"manifest: {e}")
+        ids, skipped = _row_ids(cache_dir, store), set(store.skipped)
         for a in store.array_specs:
             arr = store._arrays[a.name]
             if tuple(arr.shape) != (store.n, *a.shape):
@@ -90,17 +91,37 @@ def verify_store(path: Path, cache_dir: Path | None = None) -> list[str]:
                 continue
             if isinstance(arr, zarr.Array) and arr.nchunks_initialized != arr.nchunks:
                 problems.append(f"{a.name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing on disk")
-        skipped = set(store.skipped)
-        ids = None
-        for layer in store.layers:
-            for start, block in store.blocks(layer):
-                finite = np.isfinite(block.reshape(block.shape[0], -1)).all(axis=1)
-                if not finite.all():
-                    if ids is None:
-                        ids = read_manifest(cache_dir, store.spec["dataset_key"])["ids"]
-                    bad = [ids[start + i] for i in np.nonzero(~finite)[0] if ids[start + i] not in skipped]
-                    if bad:
-                        problems.append(f"layer {layer}: non-finite values for {', '.join(bad[:5])}")
+            problems += _scan_values(store, a, ids, skipped)
+    return problems
+
+
+def _row_ids(cache_dir: Path, store: TokenStore) -> list[str]:
+    """Sample ids of the store's rows (row numbers when the manifest is unusable)."""
+    try:
+        ids = read_manifest(cache_dir, store.spec["dataset_key"])["ids"]
+    except EtfError:
+        ids = []
+    return ids if len(ids) == store.n else [f"row {i}" for i in range(store.n)]
+
+
+def _scan_values(store: TokenStore, a: ArraySpec, ids: list[str], skipped: set[str]) -> list[str]:
+    """Read every chunk of one array: unreadable chunks and non-finite samples, per layer."""
+    arr, dtype, step = store._arrays[a.name], store.spec["dtype"], store.chunk_rows
+    bad: dict[int, list[str]] = {layer: [] for layer in a.layers}
+    problems = []
+    for start in range(0, store.n, step):
+        stop = min(store.n, start + step)
+        try:
+            block = decode_tokens(np.asarray(arr[start:stop]), dtype)
+        except Exception as e:  # codec and shape errors of a damaged chunk file
+            problems.append(f"{a.name}: rows {start}:{stop} cannot be read ({type(e).__name__}: {e})")
+            continue
+        per_layer = block if a.name == "tokens" else block[:, None]
+        finite = np.isfinite(per_layer.reshape(*per_layer.shape[:2], -1)).all(axis=2)
+        for k, layer in enumerate(a.layers):
+            bad[layer] += [ids[start + i] for i in np.nonzero(~finite[:, k])[0] if ids[start + i] not in skipped]
+    problems += [f"layer {layer}: non-finite values for {', '.join(b[:5])}" + (f" (+{len(b) - 5} more)" if len(b) > 5 else "")
+                 for layer, b in bad.items() if b]
     return problems
 
 

@@ -83,6 +83,7 @@ def import_tokens(
         "tokens_sha256": sha256_file(tokens_file),
         "ids_sha256": sha256_file(ids_file) if ids_file else None,
         "layers": layers,
+        "layout": layout.to_json(),
         "tokens": "all",
         "dtype": dtype,
     }

@@ -102,9 +102,12 @@ def store_path(cache_dir: Path, dataset_key: str, name: str, spec: dict[str, Any
     return Path(cache_dir) / dataset_key / f"{safe}-{spec_hash(spec)}{FORMATS[fmt]}"
 
 
-def _chunk_rows(arrays: list[ArraySpec], itemsize: int, target: int) -> int:
+def _chunk_rows(arrays: list[ArraySpec], itemsize: int, target: int, n: int) -> int:
+    """Samples per chunk: about ``target`` bytes, balanced over ``n`` samples so that the
+    last chunk is nearly full (both formats store an edge chunk at full size)."""
     row = sum(int(np.prod(a.shape)) for a in arrays) * itemsize
-    return int(min(4096, max(1, target // max(row, 1))))
+    rows = int(min(4096, max(1, target // max(row, 1))))
+    return -(-n // -(-n // rows))
 
 
 def _zarr_compressors(codec: str) -> Any:
@@ -120,8 +123,10 @@ def _zarr_compressors(codec: str) -> Any:
 class StoreWriter:
     """Create or resume the partial store for ``spec`` and fill it chunk by chunk.
 
-    Several processes may hold a writer on the same store (``--shard I/N``): they write
-    disjoint chunks, and whichever finds every chunk done publishes the complete store.
+    Nothing is created on disk until the first chunk is written, so a run that stops at
+    its input checks leaves no trace. Several processes may hold a writer on the same
+    store (``--shard I/N``): they write disjoint chunks, and whichever finds every chunk
+    done publishes the complete store.
     """
 
     def __init__(
@@ -142,8 +147,9 @@ class StoreWriter:
         self.n = int(spec["n"])
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.done_dir = self.partial / "done"
-        itemsize = physical_dtype(spec["dtype"]).itemsize
-        self.chunk_rows = min(self.n, chunk_rows or _chunk_rows(arrays, itemsize, ZARR_CHUNK_BYTES))
+        self._itemsize = physical_dtype(spec["dtype"]).itemsize
+        _zarr_compressors(codec)  # refuse an unknown codec before anything runs
+        self.chunk_rows = min(self.n, chunk_rows or _chunk_rows(arrays, self._itemsize, ZARR_CHUNK_BYTES, self.n))
         self.attrs = {
             "spec": spec,
             "complete": False,
@@ -156,7 +162,9 @@ class StoreWriter:
             "info": info or {},
         }
         self._codec = codec
-        self._group = None if self.path.exists() else self._open_partial()
+        self._staged: dict[str, zarr.Array] | None = None
+        if not self.complete and (self.partial / "data.zarr").exists():
+            self._open_partial()
 
     @property
     def complete(self) -> bool:
@@ -174,21 +182,41 @@ class StoreWriter:
             return set(range(self.num_chunks))
         return {int(p.stem) for p in self.done_dir.glob("*.json")}
 
-    def _open_partial(self):
-        data = self.partial / "data.zarr"
-        if not data.exists():
-            self._create(data)
-        group = zarr.open_group(str(data), mode="r+")
+    def _open_partial(self) -> None:
+        """Open the staging arrays, adopting the chunking they were created with (resume).
+
+        Empty chunks are written too: every chunk of a finished store then exists on disk,
+        which is what ``etf cache verify`` checks (a chunk of skipped rows is all zeros).
+        """
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            group = zarr.open_group(str(self.partial / "data.zarr"), mode="r+")
+            staged = {a.name: group[a.name] for a in self.arrays if a.name in group}
         found = group.attrs.get("etf", {})
-        if canonical_json(found.get("spec")) != canonical_json(self.spec):
+        if canonical_json(found.get("spec")) != canonical_json(self.spec) or len(staged) != len(self.arrays):
             raise EtfError(f"{self.partial}: holds a different spec than this run; remove it to start over")
         self.chunk_rows = int(found["chunk_rows"])
         self.attrs = {**found, "info": {**found.get("info", {}), **self.attrs["info"]}}
-        return group
+        self._staged = staged
+
+    def _staging(self) -> dict[str, zarr.Array]:
+        """The staging arrays, created on first use."""
+        if self._staged is None:
+            planned = self.chunk_rows
+            self._create(self.partial / "data.zarr")
+            self._open_partial()
+            if self.chunk_rows != planned:  # another shard created it with other --chunk-rows
+                raise EtfError(
+                    f"{self.partial}: was created with {self.chunk_rows} samples per chunk, this run planned "
+                    f"{planned}; give every shard the same --chunk-rows"
+                )
+        return self._staged
 
     def _create(self, data: Path) -> None:
         """Build the empty arrays in a temporary folder and rename it into place (atomic)."""
         self.partial.mkdir(parents=True, exist_ok=True)
+        self.done_dir.mkdir(exist_ok=True)
+        if data.exists():
+            return
         tmp = self.partial / f".data.zarr.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -202,7 +230,6 @@ class StoreWriter:
                 fill_value=0,
             )
         group.attrs["etf"] = self.attrs
-        self.done_dir.mkdir(exist_ok=True)
         try:
             os.rename(tmp, data)
         except OSError:  # another shard created it first
@@ -215,8 +242,13 @@ class StoreWriter:
             block = data[a.name]
             if block.shape != (stop - start, *a.shape):
                 raise EtfError(f"chunk {c} of {a.name}: shape {block.shape}, expected {(stop - start, *a.shape)}")
-            self._group[a.name][start:stop] = block
-        write_json_atomic(self.done_dir / f"{c}.json", skipped)
+        try:
+            staging = self._staging()
+            for a in self.arrays:
+                staging[a.name][start:stop] = data[a.name]
+            write_json_atomic(self.done_dir / f"{c}.json", skipped)
+        except OSError as e:
+            raise EtfError(f"{self.partial}: cannot write chunk {c} ({e}); fix that and re-run to resume") from None
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -244,21 +276,22 @@ class StoreWriter:
                 zarr.open_group(str(data), mode="r+").attrs["etf"] = attrs
                 os.rename(data, self.path)
             else:
-                _zarr_to_hdf5(zarr.open_group(str(data), mode="r"), self.path, attrs)
+                rows = _chunk_rows(self.arrays, self._itemsize, HDF5_CHUNK_BYTES, self.n)
+                _zarr_to_hdf5(zarr.open_group(str(data), mode="r"), self.path, {**attrs, "chunk_rows": rows})
         shutil.rmtree(self.partial, ignore_errors=True)
         return True
 
 
 def _zarr_to_hdf5(group, path: Path, attrs: dict[str, Any]) -> None:
-    """Copy the staged arrays into an HDF5 file, written beside and renamed into place."""
+    """Copy the staged arrays into an HDF5 file with ``attrs["chunk_rows"]`` samples per
+    chunk (every array alike), written beside and renamed into place."""
     import h5py
 
+    rows = int(attrs["chunk_rows"])
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for name, arr in group.arrays():
-            row = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
-            rows = max(1, min(arr.shape[0], HDF5_CHUNK_BYTES // max(row, 1)))
             ds = f.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=(rows, *arr.shape[1:]))
-            step = arr.chunks[0]
+            step = rows * -(-arr.chunks[0] // rows)  # whole HDF5 chunks, at least one Zarr chunk
             for start in range(0, arr.shape[0], step):
                 ds[start : start + step] = arr[start : start + step]
         f.attrs["etf"] = json.dumps(attrs, sort_keys=True)
@@ -290,6 +323,8 @@ class TokenStore:
     @classmethod
     def open(cls, path: str | os.PathLike) -> TokenStore:
         path = Path(path)
+        if path.name.endswith(".partial"):
+            raise EtfError(f"{path}: incomplete store (extraction still under way or interrupted); re-run the same etf extract to resume")
         if not path.exists():
             partial = path.with_name(path.name + ".partial")
             if partial.exists():

@@ -46,8 +46,9 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int] | None:
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Storage dtype.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="Autocast precision (auto: bf16/fp16 on GPU, fp32 on CPU).")
 @click.option("--img-size", type=int, help="Input resolution (ViT position embeddings are resized).")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--workers", type=int, help="DataLoader decode workers.  [default: cores - 1, at most 8]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), help="Decode worker processes (0: decode in the main process).  "
+              "[default: on a GPU cores - 1, at most 8; on the CPU one per 8 cores, at low priority]")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--store", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option("--codec", type=click.Choice(CODECS), default="none", show_default=True, help="Zarr compression (activations compress poorly; see bench/README.md).")

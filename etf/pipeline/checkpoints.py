@@ -8,7 +8,7 @@ FaRL's) and reports what fitted (``load_into``).
 
 from __future__ import annotations
 
-import math
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,15 +105,16 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, allo
 PREFERRED_PREFIXES = ("", "encoder.", "backbone.", "encoder_q.", "module.encoder_q.", "online_encoder.", "student.")
 
 
-def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module, path: Path | None = None) -> dict[str, torch.Tensor]:
     """Rename a foreign checkpoint's keys to the model's layout (identity for timm's own).
 
     Recognised: OpenAI-CLIP visual towers (``visual.conv1``, ``visual.transformer.resblocks``:
     FaRL) through timm's own converter; any prefix in front of the model's key names
     (``encoder.``, ``backbone.``, ``module.encoder_q.``: torchvision ResNets, MAE/MIM ViTs),
     the one under which most keys fit; for ViTs, ``fc_norm`` where the model has ``norm`` (or
-    the reverse) and a ``pos_embed`` of another grid, resampled to the model's. Keys that fit
-    nothing keep their names, so that ``load_into`` reports them as unused.
+    the reverse). Then timm's own converter for the architecture (original DINOv2 and
+    ConvNeXt layouts, position embeddings resampled to the model's input size, ...). Keys
+    that fit nothing keep their names, so that ``load_into`` reports them as unused.
     """
     from timm.models.vision_transformer import VisionTransformer
 
@@ -123,8 +124,7 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[s
     state = _strip_prefix(state, own)
     if isinstance(model, VisionTransformer):
         state = _swap_final_norm(state, own)
-        state = _resample_pos_embed(state, model)
-    return state
+    return _timm_convert(state, model, path)
 
 
 def _from_openai_clip(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -167,16 +167,14 @@ def _swap_final_norm(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor
     return state
 
 
-def _resample_pos_embed(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """A square-grid ``pos_embed`` of another size, interpolated to the model's patch grid."""
-    from timm.layers import resample_abs_pos_embed
 
-    v, target = state.get("pos_embed"), getattr(model, "pos_embed", None)
-    if v is None or target is None or v.shape == target.shape or v.dim() != 3 or v.shape[-1] != target.shape[-1]:
+def _timm_convert(state: dict[str, torch.Tensor], model: nn.Module, path: Path | None) -> dict[str, torch.Tensor]:
+    """``state`` through timm's ``checkpoint_filter_fn`` for the model's architecture;
+    unchanged where timm has none."""
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is None:
         return state
-    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
-    side = math.isqrt(v.shape[1] - prefix)
-    if side * side != v.shape[1] - prefix:
-        return state  # not a square grid: load_into reports the mismatch
-    resampled = resample_abs_pos_embed(v, new_size=list(model.patch_embed.grid_size), old_size=[side, side], num_prefix_tokens=prefix)
-    return {**state, "pos_embed": resampled}
+    try:
+        return convert(state, model)
+    except Exception as e:  # converters index and reshape freely; any failure means a foreign layout
+        raise EtfError(f"--weights {path or 'checkpoint'}: cannot convert it for {type(model).__name__} ({type(e).__name__}: {e})") from None

@@ -20,7 +20,7 @@ from torch import nn
 
 from etf.cache.tokens import TokenLayout
 from etf.errors import EtfError
-from etf.pipeline.checkpoints import LoadReport, load_into, read_state_dict
+from etf.pipeline.checkpoints import LoadReport, adapt_state_dict, load_into, read_state_dict
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,12 @@ class Encoder:
 
     @torch.inference_mode()
     def tokens(self, x: torch.Tensor, layers: list[int], norm: bool = True) -> list[tuple[torch.Tensor, TokenLayout]]:
-        """Per layer, the (B, T, D) token sequence and its layout (prefix count, patch grid)."""
+        """Per layer, the (B, T, D) token sequence and its layout (prefix count, patch grid).
+        Blocks after the last requested layer are not run."""
         idx = [layer - 1 for layer in layers]
         if self.is_vit:
             feats = self.model.forward_intermediates(
-                x, indices=idx, norm=norm, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+                x, indices=idx, norm=norm, stop_early=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
             )
             grid = tuple(self.model.patch_embed.dynamic_feat_size(x.shape[-2:]))
             out = []
@@ -121,18 +122,18 @@ class Encoder:
                     prefix = patches[:, :0]
                 out.append((torch.cat([prefix, patches], dim=1), TokenLayout(prefix.shape[1], grid)))
             return out
-        feats = self.model.forward_intermediates(x, indices=idx, norm=norm, intermediates_only=True)
+        feats = self.model.forward_intermediates(x, indices=idx, norm=norm, stop_early=True, intermediates_only=True)
         return [(f.flatten(2).transpose(1, 2), TokenLayout(0, (f.shape[2], f.shape[3]))) for f in feats]
 
-    def flops_per_image(self, layers: list[int]) -> int:
-        """Forward FLOPs for one image up to the requested layers (multiply-add = 2 FLOPs)."""
+    def probe(self, layers: list[int], norm: bool = True) -> tuple[list[tuple[torch.Tensor, TokenLayout]], int]:
+        """Tokens of one blank image (their shapes plan a store) and the forward FLOPs they
+        took (multiply-add = 2 FLOPs), from a single forward."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        size = self.data_config["input_size"]
-        x = torch.zeros(1, *size, device=next(self.model.parameters()).device)
+        x = torch.zeros(1, *self.data_config["input_size"], device=next(self.model.parameters()).device)
         with FlopCounterMode(display=False) as counter:
-            self.tokens(x, layers)
-        return int(counter.get_total_flops())
+            out = self.tokens(x, layers, norm)
+        return out, int(counter.get_total_flops())
 
     def spec(self) -> dict[str, Any]:
         """The encoder's part of a store spec: what determines its tokens, nothing else."""
@@ -185,9 +186,7 @@ def create_encoder(
     report = None
     if weights is not None:
         path = Path(weights)
-        from etf.pipeline.checkpoints import adapt_state_dict
-
-        report = load_into(model, adapt_state_dict(read_state_dict(path), model), path, allow_partial)
+        report = load_into(model, adapt_state_dict(read_state_dict(path), model, path), path, allow_partial)
     model.eval().requires_grad_(False)
     overrides = {"input_size": (3, img_size, img_size)} if img_size else {}
     if "img_size" in kwargs and not overrides:

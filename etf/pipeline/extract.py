@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from etf.cache.catalog import write_manifest
 from etf.cache.store import (
+    ArraySpec,
     StoreWriter,
     TokenStore,
     encode_tokens,
@@ -190,6 +191,8 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     shard = resolve_shard(opts.shard)
+    if opts.store == "hdf5" and shard is not None:
+        raise EtfError("--shard with --store hdf5: HDF5 has no concurrent writers; extract to zarr, or run one process")
     layers = encoder.resolve_layers(opts.layers)
     encoder.model.to(device)
 
@@ -197,23 +200,21 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     path = store_path(Path(cache_dir), dataset.key, encoder.name, spec, opts.store)
     write_manifest(Path(cache_dir), dataset)
     if path.exists():
-        return ExtractResult(path, True, 0, time.perf_counter() - t0)
+        with TokenStore.open(path) as store:
+            return ExtractResult(path, True, 0, time.perf_counter() - t0, store.skipped)
 
     autocast = autocast_for(precision, device)
-    input_size = tuple(encoder.data_config["input_size"])
     with autocast:
-        probe = encoder.tokens(torch.zeros(1, *input_size, device=device), layers, opts.norm)
+        probe, flops = encoder.probe(layers, opts.norm)
     selected = [select_tokens(t, lay, opts.tokens) for t, lay in probe]
     layouts = {layer: lay for layer, (_, lay) in zip(layers, selected)}
     arrays = plan_arrays(layers, [tuple(t.shape[1:]) for t, _ in selected])
     info = {
-        "flops_per_image": encoder.flops_per_image(layers),
+        "flops_per_image": flops,
         "versions": _versions(),
         "load_report": encoder.load_report.summary() if encoder.load_report else None,
     }
     writer = StoreWriter(path, spec, arrays, layouts, codec=opts.codec, chunk_rows=opts.chunk_rows, info=info)
-    if opts.store == "hdf5" and shard is not None:
-        raise EtfError("--shard with --store hdf5: HDF5 has no concurrent writers; extract to zarr, or run one process")
 
     todo = sorted(set(range(writer.num_chunks)) - writer.done_chunks())
     if shard is not None:
@@ -222,12 +223,14 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     rows = [r for c in todo for r in range(*writer.chunk_range(c))]
 
     bad = _prescan(dataset, rows)
+    listed = _bad_list([(dataset.ids[r], w) for r, w in sorted(bad.items())]) if bad else ""
     if bad and opts.on_error == "fail":
         raise EtfError(
-            f"{len(bad)} unreadable image(s) in {dataset.describe()}: "
-            f"{_bad_list([(dataset.ids[r], w) for r, w in sorted(bad.items())])} "
-            "(nothing written; fix or remove them, or pass --on-error skip)"
+            f"{len(bad)} unreadable image(s) in {dataset.describe()}: {listed} "
+            "(nothing written for them; fix or remove them, or pass --on-error skip)"
         )
+    if len(bad) == len(dataset):
+        raise EtfError(f"every image of {dataset.describe()} is unreadable ({listed}); check the dataset path and format")
     done_rows = _run(dataset, encoder, writer, todo, set(bad), layers, opts, device, autocast)
     complete = writer.finalize()
     skipped = []
@@ -241,7 +244,7 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
 def _prescan(dataset: Dataset, rows: list[int]) -> dict[int, str]:
     """Header-check the images about to be read, in threads (I/O bound)."""
     with ThreadPoolExecutor(max_workers=8) as pool:
-        reasons = pool.map(lambda r: check_image(dataset.samples[r].path), rows, chunksize=64)
+        reasons = pool.map(lambda r: check_image(dataset.samples[r].path), rows)
         return {r: why for r, why in zip(rows, reasons) if why}
 
 
@@ -258,7 +261,7 @@ class _ChunkBuffer:
         self.missing = len(rows) - len(self.skipped)
 
     def put(self, idx: list[int], arrays: dict[str, np.ndarray]) -> None:
-        rows = np.asarray(idx) - self.start
+        rows = np.asarray(idx, dtype=np.intp) - self.start
         for name, block in arrays.items():
             self.data[name][rows] = block
         self.missing -= len(idx)
@@ -275,17 +278,15 @@ def _run(
     device: torch.device,
     autocast: Any,
 ) -> int:
-    """The extraction loop: decode in workers, forward here, write in a background thread."""
-    workers = opts.workers if opts.workers is not None else default_workers()
+    """The extraction loop: decode in workers, forward here, write in a background thread.
+
+    Whatever stops the loop (a bad image, a failed write, Ctrl-C), the chunks already
+    handed to the writer are finished and marked before the exception leaves, so a re-run
+    resumes after them.
+    """
+    workers = opts.workers if opts.workers is not None else default_workers(device)
     sampler = _ChunkBatches(todo, writer, opts.batch_size, skip)
-    loader = DataLoader(
-        _Images(dataset, encoder.transform(), tuple(encoder.data_config["input_size"])),
-        batch_sampler=sampler,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
-    buffers = {c: _ChunkBuffer(writer, c, dataset, skip) for c in todo}
+    buffers: dict[int, _ChunkBuffer] = {}  # chunks being filled: memory follows the batches, not the dataset
     pending: list[Future] = []
     total = sum(len(b) for b in sampler.batches)
     disable = None if opts.progress is None else not opts.progress
@@ -293,41 +294,75 @@ def _run(
 
         def flush(buf: _ChunkBuffer) -> None:
             pending.append(io.submit(writer.write_chunk, buf.c, buf.data, sorted(buf.skipped)))
-            while len(pending) > 2:  # bounded: at most two chunks in flight
+            # at most two chunks in flight; a failed write stops the run at the next chunk
+            while len(pending) > 2 or (pending and pending[0].done()):
                 pending.pop(0).result()
 
-        for buf in [b for b in buffers.values() if b.missing == 0]:  # chunks of skipped rows only
-            flush(buffers.pop(buf.c))
-        for idx, x, errors in loader:
+        for c in todo:  # chunks of skipped rows only: no batch will come for them
+            if all(r in skip for r in range(*writer.chunk_range(c))):
+                flush(_ChunkBuffer(writer, c, dataset, skip))
+        batches = _loader(dataset, encoder, sampler, workers, device) if total else []  # no workers for an idle shard
+        for idx, x, errors in batches:
             idx = idx.tolist()
-            failed = [(i, e) for i, e in zip(idx, errors) if e]
+            failed = {i: e for i, e in zip(idx, errors) if e}
             if failed and opts.on_error == "fail":
                 raise EtfError(
-                    f"unreadable image(s) in {dataset.describe()}: {_bad_list([(dataset.ids[i], e) for i, e in failed])} "
+                    f"unreadable image(s) in {dataset.describe()}: {_bad_list([(dataset.ids[i], e) for i, e in failed.items()])} "
                     "(the store stays incomplete and is never read; fix them, or pass --on-error skip to resume)"
                 )
-            ids = [dataset.ids[i] for i in idx]
-            per_layer = compute_tokens(encoder, x.to(device, non_blocking=True), layers, opts, ids, autocast)
-            arrays = {
-                a.name: np.stack([per_layer[la] for la in a.layers], axis=1) if a.name == "tokens" else per_layer[a.layers[0]]
-                for a in writer.arrays
-            }
-            keep = [k for k, i in enumerate(idx) if not any(i == f for f, _ in failed)]
-            buf = buffers[idx[0] // writer.chunk_rows]
-            buf.put([idx[k] for k in keep], {n: a[keep] for n, a in arrays.items()})
-            buf.skipped.extend(dataset.ids[i] for i, _ in failed)
+            c = idx[0] // writer.chunk_rows
+            if c not in buffers:
+                buffers[c] = _ChunkBuffer(writer, c, dataset, skip)
+            buf = buffers[c]
+            keep = [k for k, i in enumerate(idx) if i not in failed]
+            if keep:
+                ok = [idx[k] for k in keep]
+                x = x[keep] if failed else x
+                per_layer = compute_tokens(encoder, x.to(device, non_blocking=True), layers, opts, [dataset.ids[i] for i in ok], autocast)
+                buf.put(ok, {a.name: _stack(a, per_layer) for a in writer.arrays})
+            buf.skipped.extend(dataset.ids[i] for i in failed)
             buf.missing -= len(failed)
             bar.update(len(idx))
             if buf.missing == 0:
                 flush(buffers.pop(buf.c))
-        for f in pending:
-            f.result()
+        while pending:
+            pending.pop(0).result()
     return total
 
 
-def default_workers() -> int:
-    """Decode workers: leave the forward pass at least one core of its own."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def _stack(a: ArraySpec, per_layer: dict[int, np.ndarray]) -> np.ndarray:
+    """One array's block from per-layer tokens: (B, L, T, D) for ``tokens``, else (B, T, D)."""
+    return np.stack([per_layer[la] for la in a.layers], axis=1) if a.name == "tokens" else per_layer[a.layers[0]]
+
+
+def _loader(dataset: Dataset, encoder: Encoder, sampler: _ChunkBatches, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(
+        _Images(dataset, encoder.transform(), tuple(encoder.data_config["input_size"])),
+        batch_sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=_yield_to_forward if device.type == "cpu" else None,
+    )
+
+
+#: Niceness of decode workers while the forward pass runs on the CPU: they then use the
+#: cycles the forward leaves idle instead of preempting its threads (bench/README.md).
+CPU_DECODE_NICENESS = 10
+
+
+def _yield_to_forward(worker_id: int) -> None:
+    os.nice(CPU_DECODE_NICENESS)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode workers. On a GPU, enough to keep it fed while leaving the main process a core.
+    On the CPU, decoding and preprocessing cost about a tenth of a small ViT's forward per
+    image, so one worker per eight cores keeps up (see bench/README.md)."""
+    cores = os.cpu_count() or 2
+    if device.type == "cpu":
+        return max(1, min(8, cores // 8))
+    return max(1, min(8, cores - 1))
 
 
 def _versions() -> dict[str, str]:
