@@ -22,11 +22,29 @@ def _history(run):
 
 
 def _configs(cache, root):
-    base = FitConfig(cache_dir=cache, encoders=["A", "B"], out=root, tasks=["classify:label"], epochs=3, batch_size=32,
-                     seed=3, progress=False)
+    base = FitConfig(
+        cache_dir=cache,
+        encoders=["A", "B"],
+        out=root,
+        tasks=["classify:label"],
+        epochs=3,
+        batch_size=32,
+        seed=3,
+        progress=False,
+    )
     variants = [
-        ("etf_drop", dict(fuser="etfuser", fuser_config=FuserConfig(dim=32, depth=1, heads=2, dropout=0.1, mask="prior:0.3"))),
-        ("etf_intra", dict(fuser="etfuser", lr=3e-3, fuser_config=FuserConfig(dim=32, depth=1, heads=2, attn="intra", mask="token:0.2"))),
+        (
+            "etf_drop",
+            dict(fuser="etfuser", fuser_config=FuserConfig(dim=32, depth=1, heads=2, dropout=0.1, mask="prior:0.3")),
+        ),
+        (
+            "etf_intra",
+            dict(
+                fuser="etfuser",
+                lr=3e-3,
+                fuser_config=FuserConfig(dim=32, depth=1, heads=2, attn="intra", mask="token:0.2"),
+            ),
+        ),
         ("concat", dict(fuser="concat", weight_decay=0.0)),
         ("linear", dict(fuser="linear")),
     ]

@@ -24,9 +24,9 @@ def main() -> None:
 
 
 def _register() -> None:
-    from etf.cli import cache, data, extract, fit, predict
+    from etf.cli import ablate, cache, data, extract, fit, predict
 
-    for module in (extract, fit, predict, cache, data):
+    for module in (extract, fit, predict, ablate, cache, data):
         main.add_command(module.command)
 
 
