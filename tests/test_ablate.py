@@ -122,6 +122,24 @@ def test_a_failed_run_is_recorded_the_rest_finish_and_it_is_retried(xor, tmp_pat
     assert {r["seeds"] for r in _csv(tmp_path / "results.csv")} == {"1"}
 
 
+def test_a_dead_worker_stops_the_grid_but_keeps_what_finished(xor, tmp_path, monkeypatch):
+    calls = []
+
+    def dies_second(dataset, group, threads):
+        calls.append(group)
+        if len(calls) == 2:
+            raise RuntimeError("A worker process managed by the executor was unexpectedly terminated.")
+        return ablate._fit_group(dataset, group)
+
+    monkeypatch.setattr(ablate, "run_group", dies_second)
+    grid = _grid(xor, tmp_path, fusers="etfuser", seeds="0", subsets="k=2")
+    outcome = run_grid(plan_grid(grid))
+    assert outcome.stopped.startswith("RuntimeError: A worker process") and outcome.done == 1
+    assert "1 done, 0 failed, 1 not run" in (tmp_path / "report.md").read_text()
+    monkeypatch.undo()
+    assert run_grid(plan_grid(grid)).done == 1
+
+
 def test_dask_backend_runs_a_small_grid(xor, tmp_path):
     distributed = pytest.importorskip("dask.distributed")
     with distributed.LocalCluster(

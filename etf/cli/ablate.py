@@ -67,10 +67,16 @@ def command(ctx: click.Context, config_file: Path | None, dry_run: bool, **optio
             first = group[0].labels
             click.echo(f"group {k}: {first['subset']} seed {first['seed']}")
             for p in group:
-                click.echo(f"  {p.run_id} {p.labels['fuser']:<10} {status(p):<8} {p.labels}")
+                settings = " ".join(f"{k}={v}" for k, v in p.labels.items() if k not in ("subset", "priors", "seed"))
+                click.echo(f"  {p.run_id}  {status(p):<8} {settings}")
         return
     outcome = run_grid(plan, click.echo)
     click.echo(f"report: {outcome.report} (with results.csv, results.json and plots)")
+    if outcome.stopped:
+        click.echo(
+            f"the grid stopped: {outcome.stopped}; finished runs are kept, run the same command to resume", err=True
+        )
+        ctx.exit(1)
     if outcome.failed:
         click.echo(
             f"{len(outcome.failed)} run(s) failed (errors in the report); run the same command again to retry them",

@@ -439,14 +439,15 @@ def _backend(grid: Grid, threads: int) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class Outcome:
-    """What one ``etf ablate`` call did."""
+    """What one ``etf ablate`` call did; ``stopped`` says why the executor gave up, if it did."""
 
     report: Path
     runs: int
     reused: int
-    done: int
-    failed: list[tuple[Point, str]]
     groups: int
+    done: int = 0
+    failed: list[tuple[Point, str]] = field(default_factory=list)
+    stopped: str | None = None
 
 
 def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Outcome:
@@ -457,35 +458,33 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
     by_id = {p.run_id: p for p in plan.points}
     todo = [[p for p in g if status(p) != "done"] for g in plan.groups()]
     todo = [g for g in todo if g]
-    reused = len(plan.points) - sum(len(g) for g in todo)
+    outcome = Outcome(grid.out / "report.md", len(plan.points), len(plan.points) - sum(map(len, todo)), len(todo))
     threads = max(1, joblib.cpu_count() // grid.jobs)
     echo(
-        f"grid: {len(plan.points)} runs ({reused} already done), {sum(len(g) for g in todo)} to fit in {len(todo)} "
+        f"grid: {outcome.runs} runs ({outcome.reused} already done), {sum(map(len, todo))} to fit in {len(todo)} "
         f"group(s) on {grid.jobs} {grid.backend} worker(s) x {threads} thread(s); runs in {grid.out / 'runs'}"
     )
-    done, failed = 0, []
     if todo:
         with _backend(grid, threads) as config, joblib.parallel_config(**config):
             as_ = "list" if grid.backend == "ray" else "generator_unordered"
             jobs = joblib.Parallel(n_jobs=grid.jobs, return_as=as_)(
                 joblib.delayed(run_group)(plan.dataset, g, threads) for g in todo
             )
-            for k, results in enumerate(jobs, 1):
-                for run_id, state, message in results:
-                    point = by_id[run_id]
-                    done += state == "done"
-                    if state == "failed":
-                        failed.append((point, message))
-                        echo(
-                            f"  failed: {point.labels['subset']} {point.labels['fuser']} seed {point.labels['seed']}: {message}"
-                        )
-                first = by_id[results[0][0]].labels
-                echo(
-                    f"[{k}/{len(todo)}] {first['subset']} seed {first['seed']}: "
-                    f"{sum(s == 'done' for _, s, _ in results)}/{len(results)} run(s) done"
-                )
-    report = write_report([_as_run(p) for p in plan.points], plan.metric, grid.out, title=_title(grid))
-    return Outcome(report, len(plan.points), reused, done, failed, len(todo))
+            try:
+                for k, results in enumerate(jobs, 1):
+                    for run_id, state, message in results:
+                        outcome.done += state == "done"
+                        if state == "failed":
+                            labels = by_id[run_id].labels
+                            outcome.failed.append((by_id[run_id], message))
+                            echo(f"  failed: {labels['subset']} {labels['fuser']} seed {labels['seed']}: {message}")
+                    first = by_id[results[0][0]].labels
+                    ok = sum(s == "done" for _, s, _ in results)
+                    echo(f"[{k}/{len(todo)}] {first['subset']} seed {first['seed']}: {ok}/{len(results)} run(s) done")
+            except Exception as e:  # a worker died (out of memory, a signal): keep what finished
+                outcome.stopped = f"{type(e).__name__}: {e}"
+    write_report([_as_run(p) for p in plan.points], plan.metric, grid.out, title=_title(grid))
+    return outcome
 
 
 def _as_run(point: Point) -> Run:
