@@ -260,3 +260,18 @@ def test_shipped_experiment_files_are_valid(path):
     settings = {"data": "lfw-subset", "out": "unused", **load_toml(path)}
     grid = Grid.from_settings(settings, where=str(path))
     assert len(grid.encoders) >= 2 and grid.axes["seed"]
+
+
+def test_report_of_a_grid_where_nothing_finished(tmp_path):
+    from etf.pipeline.report import Metric, Run, write_report
+
+    labels = {"subset": "A+B", "priors": 2, "fuser": "etfuser", "attn": "full", "mask": "none", "seed": 0}
+    runs = [
+        Run("r1", labels, "r0", tmp_path / "r1", "failed", "RuntimeError: boom"),
+        Run("r0", {**labels, "subset": "A", "priors": 1, "fuser": "linear"}, "r0", tmp_path / "r0", "pending"),
+    ]
+    report = write_report(runs, Metric("label", "classify", "accuracy", "test", True), tmp_path, "nothing")
+    text = report.read_text()
+    assert "0 done, 1 failed, 1 not run" in text and "| A+B etfuser | 0 (1 failed) | n/a ± n/a" in text
+    assert not list(tmp_path.glob("*.png"))
+    assert json.loads((tmp_path / "results.json").read_text())["configurations"][0]["mean"] is None
