@@ -6,9 +6,11 @@ STAMP  := $(VENV)/.etf-installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 CACHE  ?= cache
 DATA   ?= lfw-subset
-ENCODERS ?= vit_tiny,resnet18,convnext_atto
+ENCODERS ?= vit_t,resnet18,convnext_atto
 SEEDS  ?= 0,1,2
 JOBS   ?= 2
+ABLATION ?= ablations/default.toml
+comma  := ,
 
 .PHONY: install test demo bench lint ablations clean
 
@@ -39,6 +41,13 @@ demo: install
 	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser etfuser --epochs 20 --out runs/demo-etfuser
 	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser linear --epochs 20 --out runs/demo-linear
 	$(BIN)/etf predict --run runs/demo-etfuser $(DEMO_IMAGES)/face/000.png $(DEMO_IMAGES)/nonface/100.png
+
+# The default grid end to end: extract whatever stores are missing (a complete store is found,
+# not recomputed), then every subset of $(ENCODERS) x fusers x masks x $(SEEDS) from the cache,
+# $(JOBS) fits at a time. Random-init encoders, as in the demo, so that it runs offline.
+ablations: install
+	$(BIN)/etf extract --data $(DATA) $(patsubst %,--encoder %,$(subst $(comma), ,$(ENCODERS))) --no-pretrained --img-size 64 --cache $(CACHE)
+	$(BIN)/etf ablate --config $(ABLATION) --data $(DATA) --encoders $(ENCODERS) --seeds $(SEEDS) --jobs $(JOBS) --cache $(CACHE)
 
 clean:
 	rm -rf $(CACHE) runs demo .pytest_cache

@@ -32,9 +32,9 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def _register() -> None:
-    from etf.cli import cache, data, extract, fit, predict
+    from etf.cli import ablate, cache, data, extract, fit, predict
 
-    for module in (extract, fit, predict, cache, data):
+    for module in (extract, fit, predict, ablate, cache, data):
         main.add_command(module.command)
     from etf.cli import explain
 

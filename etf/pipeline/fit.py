@@ -218,16 +218,35 @@ def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.opti
 
 
 @torch.no_grad()
-def predict_rows(model: FusionModel, tasks: list[Task], batches: Batches, rows: np.ndarray, device: torch.device) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Row order and, per task, decoded predictions for ``rows``."""
-    model.eval()
-    order, preds = [], {t.name: [] for t in tasks}
+def predict_rows(models: list[FusionModel], tasks: list[Task], batches: Batches, rows: np.ndarray, device: torch.device) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """Row order and, per model and task, decoded predictions for ``rows``: one read for all models."""
+    for model in models:
+        model.eval()
+    order, preds = [], [{t.name: [] for t in tasks} for _ in models]
     for idx, tokens in batches.iterate(rows, shuffle=False):
-        out = model([t.to(device) for t in tokens])
+        tokens = [t.to(device) for t in tokens]
         order.append(idx)
-        for t in tasks:
-            preds[t.name].append(t.decode(out[t.name]))
-    return np.concatenate(order), {k: np.concatenate(v) for k, v in preds.items()}
+        for model, p in zip(models, preds):
+            out = model(tokens)
+            for t in tasks:
+                p[t.name].append(t.decode(out[t.name]))
+    return np.concatenate(order), [{k: np.concatenate(v) for k, v in p.items()} for p in preds]
+
+
+@torch.no_grad()
+def attention_shares(models: list[FusionModel], batches: Batches, rows: np.ndarray, names: list[str], device: torch.device) -> list[dict[str, float] | None]:
+    """Per model, the mean share of the ensemble token's attention each prior gets on ``rows``
+    (which prior the token listens to); None for fusers without ``attention_shares``."""
+    which = [k for k, m in enumerate(models) if hasattr(m.fuser, "attention_shares")]
+    if not which or not len(rows):
+        return [None] * len(models)
+    sums = dict.fromkeys(which, 0.0)
+    for _, tokens in batches.iterate(rows, shuffle=False):
+        tokens = [t.to(device).float() for t in tokens]
+        for k in which:
+            models[k].eval()
+            sums[k] = sums[k] + models[k].fuser.attention_shares(tokens).sum(dim=0)
+    return [{n: float(v) for n, v in zip(names, sums[k] / len(rows))} if k in sums else None for k in range(len(models))]
 
 
 def evaluate(tasks: list[Task], order: np.ndarray, preds: dict[str, np.ndarray], targets: dict[str, tuple[np.ndarray, np.ndarray]], extra: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -252,9 +271,83 @@ class FitResult:
     summary: str
 
 
+#: FitConfig fields that shape only a model and its optimisation. Configs that differ in
+#: nothing else read the same batches in the same order, so :func:`fit_many` trains them
+#: together over one read of the data.
+MODEL_FIELDS = ("fuser", "fuser_config", "lr", "weight_decay", "warmup_epochs", "out", "progress")
+
+
+def data_key(cfg: FitConfig) -> dict[str, Any]:
+    """What a config's data and batch sequence depend on: configs with equal keys can share a pass."""
+    return {k: v for k, v in cfg.to_json().items() if k not in MODEL_FIELDS}
+
+
+class _Member:
+    """One model of a :func:`fit_many` group: its own optimiser, schedule, history, best
+    state and torch RNG stream (continued from its seeded init, as in a separate fit)."""
+
+    def __init__(self, cfg: FitConfig, groups: list, tasks: list[Task], steps_per_epoch: int, device: torch.device) -> None:
+        self.cfg = cfg
+        self.model = build_model(cfg.fuser, groups, tasks, cfg.fuser_config, cfg.seed).to(device)
+        self.cuda = [device] if device.type == "cuda" else []
+        self.rng = self._rng_state()
+        self.opt = _optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.sched = _schedule(self.opt, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+        self.history: list[dict[str, Any]] = []
+        self.best, self.best_state, self.best_epoch = -math.inf, None, 0
+        self.loss_sum = 0.0
+
+    def _rng_state(self) -> list[torch.Tensor]:
+        return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in self.cuda)]
+
+    def step(self, tokens: list[torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor]], tasks: list[Task]) -> None:
+        """One optimisation step on a batch, drawing random numbers from this model's stream only."""
+        with torch.random.fork_rng(devices=self.cuda):
+            torch.set_rng_state(self.rng[0])
+            for d, state in zip(self.cuda, self.rng[1:]):
+                torch.cuda.set_rng_state(state, d)
+            out = self.model(tokens)
+            loss = sum(t.loss(out[t.name], *targets[t.name]) for t in tasks)
+            if self.model.fuser.aux_loss is not None:
+                loss = loss + self.model.fuser.aux_loss
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            self.rng = self._rng_state()
+        self.loss_sum += float(loss.detach()) * len(tokens[0])
+
+    def end_epoch(self, epoch: int, seen: int, rate: float, val: dict[str, dict[str, float]], first: Task) -> None:
+        score = _score(first, val)
+        if score > self.best or self.best_state is None:
+            self.best, self.best_epoch, self.best_state = score, epoch, copy.deepcopy(self.model.state_dict())
+        row = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"], "train_loss": self.loss_sum / seen, "samples_per_s": rate}
+        row.update({f"val_{t}_{k}": v for t, ms in val.items() for k, v in ms.items() if not isinstance(v, list)})
+        self.history.append(row)
+        self.loss_sum = 0.0
+
+
 def fit(dataset: Dataset, cfg: FitConfig) -> FitResult:
     """Train and evaluate; write the run directory ``cfg.out``; return its metrics."""
+    return fit_many(dataset, [cfg])[0]
+
+
+def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
+    """Train one model per config over a single read of the data (the linear-eval idea: many
+    heads from one pass) and write each run directory.
+
+    The configs may differ only in :data:`MODEL_FIELDS`. Each model keeps its own seeded init
+    and RNG stream, so every result is bit-identical to ``fit(dataset, cfg)`` on its own;
+    ``metrics["seconds"]`` is the wall time of the whole group.
+    """
     t0 = time.perf_counter()
+    if not configs:
+        raise EtfError("fit_many: no configs")
+    cfg, shared = configs[0], data_key(configs[0])
+    for other in configs[1:]:
+        differs = [k for k, v in data_key(other).items() if shared[k] != v]
+        if differs:
+            raise EtfError(f"fit_many: {other.out} differs from {cfg.out} in {', '.join(differs)}, not only in model settings")
     specs = cfg.tasks or dataset.tasks
     if not specs:
         raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
@@ -278,57 +371,54 @@ def fit(dataset: Dataset, cfg: FitConfig) -> FitResult:
         all_rows = np.unique(np.concatenate([splits.train, *splits.evaluate.values()]))
         budget = cfg.max_memory or default_memory_budget()
         batches = Batches(priors, all_rows, budget, cfg.batch_size, cfg.seed)
-        model = build_model(cfg.fuser, priors.groups, tasks, cfg.fuser_config, cfg.seed).to(device)
-        history, best, best_state, best_epoch = [], -math.inf, None, 0
         steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
-        opt = _optimizer(model, cfg.lr, cfg.weight_decay)
-        sched = _schedule(opt, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+        members = [_Member(c, priors.groups, tasks, steps_per_epoch, device) for c in configs]
+        models = [m.model for m in members]
         disable = None if cfg.progress is None else not cfg.progress
-        bar = tqdm(range(cfg.epochs), desc=f"fit {cfg.fuser}", unit="epoch", disable=disable)
+        bar = tqdm(range(cfg.epochs), desc=f"fit {'+'.join(c.fuser for c in configs)}", unit="epoch", disable=disable)
         y_dev = {t.name: (torch.from_numpy(targets[t.name][0]), torch.from_numpy(targets[t.name][1])) for t in tasks}
         for epoch in bar:
-            model.train()
-            te, seen, total_loss = time.perf_counter(), 0, 0.0
+            for model in models:
+                model.train()
+            te, seen = time.perf_counter(), 0
             for idx, tokens in batches.iterate(splits.train, shuffle=True, epoch=epoch):
-                out = model([t.to(device, non_blocking=True) for t in tokens])
+                tokens = [t.to(device, non_blocking=True) for t in tokens]
                 sel = torch.from_numpy(idx)
-                loss = sum(t.loss(out[t.name], y_dev[t.name][0][sel].to(device), y_dev[t.name][1][sel].to(device)) for t in tasks)
-                if model.fuser.aux_loss is not None:
-                    loss = loss + model.fuser.aux_loss
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                batch_targets = {name: (y[sel].to(device), m[sel].to(device)) for name, (y, m) in y_dev.items()}
+                for member in members:
+                    member.step(tokens, batch_targets, tasks)
                 seen += len(idx)
-                total_loss += float(loss.detach()) * len(idx)
             rate = seen / (time.perf_counter() - te)
-            order, preds = predict_rows(model, tasks, batches, splits.val, device)
-            val = evaluate(tasks, order, preds, targets, extra)
-            score = _score(tasks[0], val)
-            if score > best or best_state is None:
-                best, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
-            row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": total_loss / seen, "samples_per_s": rate}
-            row.update({f"val_{t}_{k}": v for t, ms in val.items() for k, v in ms.items() if not isinstance(v, list)})
-            history.append(row)
-            bar.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{val.get(tasks[0].name, {}).get(tasks[0].primary, float('nan')):.4f}", sps=f"{rate:.0f}")
-        model.load_state_dict(best_state)
-        results, predictions = {}, []
+            order, preds = predict_rows(models, tasks, batches, splits.val, device)
+            for member, p in zip(members, preds):
+                member.end_epoch(epoch, seen, rate, evaluate(tasks, order, p, targets, extra), tasks[0])
+            first = members[0].history[-1]
+            bar.set_postfix(loss=f"{first['train_loss']:.4f}", val=f"{first.get(f'val_{tasks[0].name}_{tasks[0].primary}', float('nan')):.4f}", sps=f"{rate:.0f}")
+        for member in members:
+            member.model.load_state_dict(member.best_state)
+        results, predictions = [{} for _ in members], [[] for _ in members]
         for name, rows in splits.evaluate.items():
-            order, preds = predict_rows(model, tasks, batches, rows, device)
-            results[name] = evaluate(tasks, order, preds, targets, extra)
-            predictions.append((name, order, preds))
-        sample = [t[:1] for t in next(batches.iterate(splits.val[:1], shuffle=False))[1]]
-        cost = {
-            "fuser_params": count_parameters(model),
-            "fuser_flops": flops_per_sample(model, [t.to(device) for t in sample]),
-            "encoder_flops": sum(int(s["info"].get("flops_per_image") or 0) for s in priors.specs()),
-        }
-        metrics = {**results, "best_epoch": best_epoch, **cost, "splits": splits.counts(),
-                   "streamed": batches.streamed, "seconds": time.perf_counter() - t0}
-        run = _write_run(cfg, dataset, tasks, priors, model, metrics, history, predictions, targets)
+            order, preds = predict_rows(models, tasks, batches, rows, device)
+            for k, p in enumerate(preds):
+                results[k][name] = evaluate(tasks, order, p, targets, extra)
+                predictions[k].append((name, order, p))
+        test_rows = np.unique(np.concatenate(list(splits.tests.values()))) if splits.tests else splits.val
+        shares = attention_shares(models, batches, test_rows, priors.names, device)
+        sample = [t[:1].to(device) for t in next(batches.iterate(splits.val[:1], shuffle=False))[1]]
+        encoder_flops = sum(int(s["info"].get("flops_per_image") or 0) for s in priors.specs())
+        seconds = time.perf_counter() - t0
+        out = []
+        for member, result, prediction, share in zip(members, results, predictions, shares):
+            cost = {"fuser_params": count_parameters(member.model), "fuser_flops": flops_per_sample(member.model, sample), "encoder_flops": encoder_flops}
+            metrics = {**result, "best_epoch": member.best_epoch, **cost, "splits": splits.counts(),
+                       "streamed": batches.streamed, "seconds": seconds}
+            if share is not None:
+                metrics["attention_share"] = share
+            run = _write_run(member.cfg, dataset, tasks, priors, member.model, metrics, member.history, prediction, targets)
+            out.append(FitResult(member.cfg.out, metrics, run))
     finally:
         priors.close()
-    return FitResult(cfg.out, metrics, run)
+    return out
 
 
 # ---------------------------------------------------------------------------- run directory

@@ -200,7 +200,7 @@ def embed_dataset(run: str | Path, dataset: Dataset, cache_dir: Path, embed: Pat
         _check_priors(run, config, priors)
         rows = np.nonzero(priors.valid)[0]
         batches = Batches(priors, rows, default_memory_budget(), batch_size, seed=0)
-        order, preds = predict_rows(model.to(dev), verify, batches, rows, dev)
+        order, (preds,) = predict_rows([model.to(dev)], verify, batches, rows, dev)
     finally:
         priors.close()
     results = {}

@@ -1,0 +1,101 @@
+"""``etf ablate``: encoder-combination grids from the cache, with statistics and a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from etf.cli.fit import fuser_options, training_options
+from etf.cli.options import cache_option, data_options
+from etf.pipeline.ablate import BACKENDS, SUBSETS, Grid, load_toml, plan_grid, run_grid, status
+
+#: click parameter names that differ from the grid's setting names
+_SETTING = {"cache_dir": "cache", "data_spec": "data"}
+
+
+@click.command("ablate")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML experiment file (keys as these options); options given here override it.",
+)
+@cache_option
+@data_options
+@click.option(
+    "--encoders", help="Comma-separated priors, in order: the first encoder of a subset is its canonical prior."
+)
+@click.option("--task", "tasks", multiple=True, help="As for etf fit; repeat for multi-task.  [default: the dataset's]")
+@click.option("--subsets", default="all", show_default=True, help=SUBSETS.replace(" or ", ", ") + ".")
+@click.option(
+    "--fusers",
+    default="etfuser",
+    show_default=True,
+    help="Comma list. linear (the canonical prior alone) is every subset's baseline and always runs.",
+)
+@fuser_options
+@training_options
+@click.option("--seeds", default="0", show_default=True, help="Comma list of seeds.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Parallel fits (groups).")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="loky",
+    show_default=True,
+    help="joblib backend: local processes, or a Dask/Ray cluster (optional extras).",
+)
+@click.option(
+    "--scheduler", help="Dask scheduler (tcp://HOST:8786) or Ray address.  [default: a local cluster of --jobs workers]"
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Grid directory: runs/ and the report.")
+@click.option("--dry-run", is_flag=True, help="List the runs, grouped as they would train, and fit nothing.")
+@click.pass_context
+def command(ctx: click.Context, config_file: Path | None, dry_run: bool, **options) -> None:
+    """Fit every encoder subset x fuser x setting x seed from the cache (parallel, resumable) and report."""
+    given = {
+        k for k in options if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+    settings = {_SETTING.get(k, k): v for k, v in options.items() if k not in given and v is not None}
+    if config_file is not None:
+        settings.update(load_toml(config_file))
+    settings.update({_SETTING.get(k, k): options[k] for k in given})
+    plan = plan_grid(Grid.from_settings(settings, where=str(config_file) if config_file else None))
+    if dry_run:
+        for k, group in enumerate(plan.groups(), 1):
+            first = group[0].labels
+            click.echo(f"group {k}: {first['subset']} seed {first['seed']}")
+            for p in group:
+                settings = " ".join(f"{k}={v}" for k, v in p.labels.items() if k not in ("subset", "priors", "seed"))
+                click.echo(f"  {p.run_id}  {status(p):<8} {settings}")
+        return
+    outcome = run_grid(plan, click.echo)
+    click.echo(f"report: {outcome.report} (with results.csv, results.json and plots)")
+    if outcome.stopped:
+        click.echo(
+            f"the grid stopped: {outcome.stopped}; finished runs are kept, run the same command to resume", err=True
+        )
+        ctx.exit(1)
+    if outcome.failed:
+        click.echo(
+            f"{len(outcome.failed)} run(s) failed (errors in the report); run the same command again to retry them",
+            err=True,
+        )
+        ctx.exit(1)
+
+
+def _as_grid_options(cmd: click.Command) -> None:
+    """The shared fit options as a grid takes them: --data may come from --config, and
+    --attn and --mask take comma lists (each value a grid axis)."""
+    for param in cmd.params:
+        if param.name == "data_spec":
+            param.required = False
+        elif param.name in ("attn", "mask"):
+            param.type = click.STRING
+            param.help = f"{param.help or ''} Comma list: a grid axis.".strip()
+        elif param.name == "progress":
+            param.help = "Each fit's progress bar (for --jobs 1).  [default: off]"
+
+
+_as_grid_options(command)

@@ -1,0 +1,497 @@
+"""Stage 3: ablation grids from the cache, run in parallel, resumable, with a report.
+
+A grid is the encoder subsets of ``--encoders`` times every combination of its axes
+(fusers, attention and mask strategies, seeds, and any other fit setting given as a list in
+a TOML file). Subsets keep the order of ``--encoders``, so the first encoder of a subset is
+its canonical prior. The ``linear`` fuser reads only the canonical prior: it is the
+*baseline* of every subset that starts with that prior, run once per (prior, seed, data and
+optimisation settings) with the default fuser settings, whether or not ``--fusers`` names it.
+
+Each grid point is one fit in ``OUT/runs/<run id>``, the id a content hash of its resolved
+FitConfig (without paths), the dataset key and its stores' spec hashes. ``done.json`` is
+written last, once the run directory is complete: finished runs are skipped, a failed run
+gets ``failed.json`` (its error) and is retried by the next call, and an interrupted grid
+resumes. Points that differ only in model settings share the data and train together in one
+``fit_many`` pass: one parallel job per such group, on joblib's loky (local processes), Dask
+or Ray backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from etf.cache.features import PriorSet, parse_size
+from etf.data.base import Dataset, load_dataset
+from etf.errors import EtfError
+from etf.pipeline.fit import FitConfig, data_key, fit_many
+from etf.pipeline.fusers import FUSERS, FuserConfig
+from etf.pipeline.heads import parse_task, unique_names
+from etf.pipeline.report import Metric, Run, write_report
+from etf.utils import canonical_json, read_json, spec_hash, write_json_atomic
+
+BACKENDS = ("loky", "dask", "ray")
+SUBSETS = "all, singles, leave-one-out, k=K or k=A..B"
+BASELINE_FUSER = "linear"
+
+#: FitConfig and FuserConfig fields a grid may vary, with their defaults; the rest of
+#: FitConfig is fixed by the grid itself
+FIT_AXES = (
+    "fuser",
+    "seed",
+    "layers",
+    "tokens",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "train_fraction",
+    "shots",
+    "val_fraction",
+    "max_memory",
+    "device",
+)
+FUSER_AXES = tuple(f.name for f in fields(FuserConfig))
+AXES = {f.name: f.default for f in fields(FitConfig) if f.name in FIT_AXES} | {
+    f.name: f.default for f in fields(FuserConfig)
+}
+#: axes whose option has a plural name, and axes given as comma lists on the command line
+PLURAL = {"fuser": "fusers", "seed": "seeds"}
+COMMA_AXES = ("fuser", "seed", "attn", "mask")
+#: settings that are not axes, with their defaults
+OPTIONS = {
+    "data": None,
+    "crop": None,
+    "cache": "cache",
+    "out": None,
+    "encoders": None,
+    "tasks": [],
+    "subsets": "all",
+    "jobs": 1,
+    "backend": "loky",
+    "scheduler": None,
+    "progress": False,
+}
+
+
+def parse_subsets(spec: str, encoders: list[str]) -> list[tuple[str, ...]]:
+    """Subsets of ``encoders`` in their order (smaller first): ``all``, ``singles``,
+    ``leave-one-out`` (the full set and each set without one encoder), ``k=K`` or ``k=A..B``."""
+    n = len(encoders)
+    if spec == "singles":
+        sizes = [1]
+    elif spec == "all":
+        sizes = list(range(1, n + 1))
+    elif spec == "leave-one-out":
+        sizes = sorted({max(1, n - 1), n})
+    else:
+        lo, sep, hi = spec.removeprefix("k=").partition("..")
+        try:
+            sizes = list(range(int(lo), int(hi if sep else lo) + 1)) if spec.startswith("k=") else []
+        except ValueError:
+            sizes = []
+        if not sizes or not 1 <= sizes[0] <= sizes[-1] <= n:
+            raise EtfError(f"--subsets {spec!r}: use {SUBSETS}, with 1 <= A <= B <= {n} (the number of --encoders)")
+    return [c for k in sizes for c in itertools.combinations(encoders, k)]
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """An experiment file's settings; keys as the command's options (``batch_size`` or ``batch-size``)."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise EtfError(f"--config {path}: file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise EtfError(f"{path}: malformed TOML: {e}") from None
+    settings = {k.replace("-", "_"): v for k, v in raw.items()}
+    known = {*OPTIONS, *(PLURAL.get(k, k) for k in AXES)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise EtfError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    return settings
+
+
+def _listed(value: Any) -> list[Any]:
+    """A TOML list, or a comma-separated string from the command line, as a list."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [value]
+
+
+def _check_type(name: str, value: Any, hint: Any, where: str | None) -> Any:
+    """``value`` if it has the field's type (ints pass for floats; None only where allowed)."""
+    allowed = typing.get_args(hint) or (hint,)
+    if value is None and type(None) in allowed:
+        return value
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed if isinstance(t, type)):
+        return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise EtfError(f"{where + ': ' if where else ''}{name} = {value!r}: expected {names}")
+
+
+@dataclass
+class Grid:
+    """What ``etf ablate`` runs: the subsets of ``encoders`` times every combination of ``axes``."""
+
+    data: str
+    cache: Path
+    out: Path
+    encoders: list[str]
+    crop: str | None = None
+    tasks: list[str] = field(default_factory=list)
+    subsets: str = "all"
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    jobs: int = 1
+    backend: str = "loky"
+    scheduler: str | None = None
+    progress: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], where: str | None = None) -> Grid:
+        """Settings from the command line and/or a TOML file (``where``, named in errors).
+        Axis values come as lists (a list in TOML is an axis) or as comma-separated strings
+        (``fusers``, ``seeds``, ``attn``, ``mask``)."""
+        s = {**OPTIONS, **settings}
+        for key in ("data", "encoders", "out"):
+            if not s.get(key):
+                raise EtfError(f"--{key}: required (on the command line or in the --config file)")
+        if s["backend"] not in BACKENDS:
+            raise EtfError(f"--backend {s['backend']!r}: use one of {', '.join(BACKENDS)}")
+        if s["scheduler"] and s["backend"] == "loky":
+            raise EtfError("--scheduler: needs --backend dask or ray")
+        if not isinstance(s["jobs"], int) or s["jobs"] < 1:
+            raise EtfError(f"--jobs {s['jobs']!r}: must be a positive integer")
+        hints = {**typing.get_type_hints(FitConfig), **typing.get_type_hints(FuserConfig)}
+        axes: dict[str, list[Any]] = {}
+        for key, default in AXES.items():
+            option = PLURAL.get(key, key)
+            raw = s.get(option, default)
+            values = _listed(raw) if key in COMMA_AXES else raw if isinstance(raw, list) else [raw]
+            if key == "max_memory":
+                values = [parse_size(v) if isinstance(v, str) else v for v in values]
+            if key == "seed":
+                values = [_int(v, option) for v in values]
+            if not values:
+                raise EtfError(f"--{option.replace('_', '-')}: give at least one value")
+            axes[key] = list(dict.fromkeys(_check_type(key, v, hints[key], where) for v in values))
+        unknown = [f for f in axes["fuser"] if f not in FUSERS]
+        if unknown:
+            raise EtfError(f"--fusers {unknown[0]!r}: unknown fuser (choose from {', '.join(sorted(FUSERS))})")
+        tasks = s["tasks"]
+        return cls(
+            data=s["data"],
+            cache=Path(s["cache"]),
+            out=Path(s["out"]),
+            encoders=_listed(s["encoders"]),
+            crop=s["crop"],
+            tasks=[tasks] if isinstance(tasks, str) else list(tasks),
+            subsets=str(s["subsets"]),
+            axes=axes,
+            jobs=s["jobs"],
+            backend=s["backend"],
+            scheduler=s["scheduler"],
+            progress=bool(s["progress"]),
+        )
+
+
+def _int(value: Any, flag: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise EtfError(f"--{flag} {value!r}: expected integers") from None
+
+
+# ---------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the grid: its fit config, its labels in the report and its baseline's id."""
+
+    run_id: str
+    config: FitConfig
+    labels: dict[str, Any]
+    baseline: str
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.config.out)
+
+
+@dataclass
+class Plan:
+    """A grid resolved against the cache: every point with its run id, grouped for fit_many."""
+
+    grid: Grid
+    dataset: Dataset
+    points: list[Point]
+    metric: Metric
+
+    def groups(self) -> list[list[Point]]:
+        """Points that share the data (same subset, seed and data settings), seed-major so
+        an interrupted grid has complete seeds first."""
+        groups: dict[str, list[Point]] = {}
+        for p in self.points:
+            groups.setdefault(canonical_json(data_key(p.config)), []).append(p)
+        return sorted(groups.values(), key=lambda g: g[0].config.seed)
+
+
+def plan_grid(grid: Grid) -> Plan:
+    """Resolve ``grid``: open the dataset, check every store and task, expand and hash the points.
+
+    Everything a run would trip over in the same way for all runs (an unknown encoder, a
+    missing store, a bad task) is an error here, before anything runs.
+    """
+    if len(set(grid.encoders)) != len(grid.encoders):
+        raise EtfError(f"--encoders {','.join(grid.encoders)}: an encoder is named twice")
+    subsets = parse_subsets(grid.subsets, grid.encoders)
+    dataset = load_dataset(grid.data, crop=grid.crop)
+    try:
+        priors = PriorSet(grid.cache, dataset, grid.encoders)
+    except EtfError as e:
+        raise EtfError(f"--encoders: {e}") from None
+    stores = {s["name"]: s["spec_hash"] for s in priors.specs()}
+    priors.close()
+    task_specs = grid.tasks or dataset.tasks
+    if not task_specs:
+        raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
+    tasks = [parse_task(t, dataset) for t in task_specs]
+    unique_names(tasks)
+    split = (
+        "test"
+        if "test" in dataset.splits
+        else next((s for s in dict.fromkeys(dataset.splits) if s.startswith("test")), "val")
+    )
+    metric = Metric(tasks[0].name, tasks[0].kind, tasks[0].primary, split, tasks[0].higher_is_better)
+
+    names = list(grid.axes)
+    varied = [k for k in names if len(grid.axes[k]) > 1 and k not in ("fuser", "attn", "mask", "seed")]
+    points: dict[str, Point] = {}
+
+    def add(subset: tuple[str, ...], values: dict[str, Any]) -> str:
+        fuser_cfg = FuserConfig(**{k: values[k] for k in FUSER_AXES})
+        cfg = FitConfig(
+            cache_dir=grid.cache,
+            encoders=list(subset),
+            out=Path(),
+            tasks=list(task_specs),
+            fuser_config=fuser_cfg,
+            progress=grid.progress,
+            **{k: values[k] for k in FIT_AXES},
+        )
+        hashed = {k: v for k, v in cfg.to_json().items() if k not in ("out", "cache_dir", "progress")}
+        run_id = spec_hash({"fit": hashed, "dataset": dataset.key, "stores": [stores[e] for e in subset]})
+        if run_id not in points:
+            baseline = run_id if values["fuser"] == BASELINE_FUSER else add(subset[:1], _as_baseline(values))
+            labels = {
+                "subset": "+".join(subset),
+                "priors": len(subset),
+                "fuser": values["fuser"],
+                "attn": values["attn"],
+                "mask": values["mask"],
+                **{k: values[k] for k in varied},
+                "seed": values["seed"],
+            }
+            points[run_id] = Point(run_id, replace(cfg, out=grid.out / "runs" / run_id), labels, baseline)
+        return run_id
+
+    for subset in subsets:
+        for combo in itertools.product(*(grid.axes[k] for k in names)):
+            values = dict(zip(names, combo))
+            if values["fuser"] == BASELINE_FUSER:
+                add(subset[:1], _as_baseline(values))
+            else:
+                add(subset, values)
+    return Plan(grid, dataset, list(points.values()), metric)
+
+
+def _as_baseline(values: dict[str, Any]) -> dict[str, Any]:
+    """The baseline of a point: the linear fuser with default fuser settings (it reads none
+    of them), same data, optimisation and seed."""
+    return {**values, "fuser": BASELINE_FUSER, **{k: AXES[k] for k in FUSER_AXES}}
+
+
+# ---------------------------------------------------------------------------- records
+
+
+def status(point: Point) -> str:
+    """``done`` (complete run directory), ``failed`` (retried next time) or ``pending``."""
+    if (point.dir / "done.json").exists():
+        return "done"
+    return "failed" if (point.dir / "failed.json").exists() else "pending"
+
+
+def _record_done(point: Point, seconds: float, group: list[Point]) -> None:
+    (point.dir / "failed.json").unlink(missing_ok=True)
+    write_json_atomic(
+        point.dir / "done.json",
+        {"run_id": point.run_id, "labels": point.labels, "seconds": seconds, "trained_with": [p.run_id for p in group]},
+    )
+
+
+def _record_failure(point: Point, error: BaseException) -> str:
+    path = point.dir / "failed.json"
+    attempts = read_json(path).get("attempts", 0) + 1 if path.exists() else 1
+    message = f"{type(error).__name__}: {error}" if not isinstance(error, EtfError) else str(error)
+    write_json_atomic(
+        path,
+        {
+            "run_id": point.run_id,
+            "labels": point.labels,
+            "error": message,
+            "attempts": attempts,
+            "traceback": traceback.format_exception(error),
+        },
+    )
+    return message
+
+
+@contextmanager
+def limit_threads(threads: int) -> Iterator[None]:
+    """At most ``threads`` threads for torch and the BLAS/OpenMP pools, so parallel jobs do
+    not oversubscribe the cores; restored afterwards (in-process workers share them)."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(threads):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_group(dataset: Dataset, group: list[Point], threads: int) -> list[tuple[str, str, str]]:
+    """One parallel job: fit a group in one pass and record each run. Never raises for a run's
+    error: it returns (run id, ``done``/``failed``, message) per point."""
+    with limit_threads(threads):
+        return _fit_group(dataset, group)
+
+
+def _fit_group(dataset: Dataset, group: list[Point]) -> list[tuple[str, str, str]]:
+    try:
+        results = fit_many(dataset, [p.config for p in group])
+    except Exception as e:  # any run's error is recorded, the grid goes on
+        if len(group) > 1:  # one model's failure must not sink the others: fit them one by one
+            return [r for p in group for r in _fit_group(dataset, [p])]
+        return [(group[0].run_id, "failed", _record_failure(group[0], e))]
+    for p, r in zip(group, results):
+        _record_done(p, r.metrics["seconds"], group)
+    return [(p.run_id, "done", "") for p in group]
+
+
+# ---------------------------------------------------------------------------- execution
+
+
+@contextmanager
+def _backend(grid: Grid, threads: int) -> Iterator[dict[str, Any]]:
+    """joblib ``parallel_config`` arguments for ``--backend``, with its cluster client open."""
+    if grid.backend == "loky":
+        yield {"backend": "loky", "inner_max_num_threads": threads}
+    elif grid.backend == "dask":
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ImportError:
+            raise EtfError("--backend dask: dask is not installed; pip install 'etf[dask]'") from None
+        local = (
+            nullcontext(grid.scheduler) if grid.scheduler else LocalCluster(n_workers=grid.jobs, threads_per_worker=1)
+        )
+        with local as cluster, Client(cluster):
+            yield {"backend": "dask"}
+    else:
+        try:
+            import ray
+            from ray.util.joblib import register_ray
+        except ImportError:
+            raise EtfError("--backend ray: ray is not installed; pip install 'etf[ray]'") from None
+        register_ray()
+        if grid.scheduler:
+            ray.init(address=grid.scheduler)
+        else:
+            ray.init(num_cpus=grid.jobs)
+        try:
+            yield {"backend": "ray"}
+        finally:
+            ray.shutdown()
+
+
+@dataclass
+class Outcome:
+    """What one ``etf ablate`` call did; ``stopped`` says why the executor gave up, if it did."""
+
+    report: Path
+    runs: int
+    reused: int
+    groups: int
+    done: int = 0
+    failed: list[tuple[Point, str]] = field(default_factory=list)
+    stopped: str | None = None
+
+
+def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Outcome:
+    """Run every point not yet done (failed ones again), in groups, in parallel; then write the report."""
+    import joblib
+
+    grid = plan.grid
+    by_id = {p.run_id: p for p in plan.points}
+    todo = [[p for p in g if status(p) != "done"] for g in plan.groups()]
+    todo = [g for g in todo if g]
+    outcome = Outcome(grid.out / "report.md", len(plan.points), len(plan.points) - sum(map(len, todo)), len(todo))
+    threads = max(1, joblib.cpu_count() // grid.jobs)
+    echo(
+        f"grid: {outcome.runs} runs ({outcome.reused} already done), {sum(map(len, todo))} to fit in {len(todo)} "
+        f"group(s) on {grid.jobs} {grid.backend} worker(s) x {threads} thread(s); runs in {grid.out / 'runs'}"
+    )
+    if todo:
+        with _backend(grid, threads) as config, joblib.parallel_config(**config):
+            as_ = "list" if grid.backend == "ray" else "generator_unordered"
+            jobs = joblib.Parallel(n_jobs=grid.jobs, return_as=as_)(
+                joblib.delayed(run_group)(plan.dataset, g, threads) for g in todo
+            )
+            try:
+                for k, results in enumerate(jobs, 1):
+                    for run_id, state, message in results:
+                        outcome.done += state == "done"
+                        if state == "failed":
+                            labels = by_id[run_id].labels
+                            outcome.failed.append((by_id[run_id], message))
+                            echo(f"  failed: {labels['subset']} {labels['fuser']} seed {labels['seed']}: {message}")
+                    first = by_id[results[0][0]].labels
+                    ok = sum(s == "done" for _, s, _ in results)
+                    echo(f"[{k}/{len(todo)}] {first['subset']} seed {first['seed']}: {ok}/{len(results)} run(s) done")
+            except Exception as e:  # a worker died (out of memory, a signal): keep what finished
+                outcome.stopped = f"{type(e).__name__}: {e}"
+    write_report([_as_run(p) for p in plan.points], plan.metric, grid.out, title=_title(grid))
+    return outcome
+
+
+def _as_run(point: Point) -> Run:
+    state = status(point)
+    error = read_json(point.dir / "failed.json")["error"] if state == "failed" else None
+    return Run(point.run_id, point.labels, point.baseline, point.dir, state, error)
+
+
+def _title(grid: Grid) -> str:
+    return f"{grid.data}: {', '.join(grid.encoders)} ({grid.subsets})"

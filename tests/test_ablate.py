@@ -1,0 +1,277 @@
+"""etf ablate: grids over encoder subsets from a tiny synthetic cache; resume, failures,
+backends, the report and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from etf.cli import main
+from etf.errors import EtfError
+from etf.pipeline import ablate
+from etf.pipeline.ablate import Grid, load_toml, parse_subsets, plan_grid, run_grid
+from etf.pipeline.fusers import FUSERS, LinearProbe
+from tests.synthetic import xor_cache
+
+REPORT = ("report.md", "results.csv", "results.json", "priors.png", "heatmap.png", "attention.png")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def xor(tmp_path_factory):
+    return xor_cache(tmp_path_factory.mktemp("xor"), n=80)
+
+
+def _grid(xor, out, **settings) -> Grid:
+    _, spec, cache = xor
+    base = {
+        "data": spec,
+        "cache": cache,
+        "out": out,
+        "encoders": "A,B",
+        "tasks": ["classify:label"],
+        "fusers": "etfuser,concat",
+        "seeds": "0,1",
+        "epochs": 2,
+        "batch_size": 16,
+        "dim": 16,
+        "depth": 1,
+        "heads": 2,
+    }
+    return Grid.from_settings({**base, **settings})
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_encoder_two_seed_grid_reports_and_resumes(xor, tmp_path, monkeypatch):
+    plan = plan_grid(_grid(xor, tmp_path, jobs=2))
+    # subsets A, B, A+B; fusers etfuser, concat; plus the baselines A linear, B linear; two seeds
+    assert len(plan.points) == 16 and len(plan.groups()) == 6
+    first = run_grid(plan)
+    assert (first.runs, first.reused, first.done, first.failed) == (16, 0, 16, [])
+    for name in REPORT:
+        assert (tmp_path / name).stat().st_size > 0, name
+    rows = _csv(tmp_path / "results.csv")
+    assert len(rows) == 8 and all(r["seeds"] == "2" for r in rows)
+    by_name = {r["configuration"]: r for r in rows}
+    assert by_name["A linear"]["significant"] == "baseline"
+    assert by_name["A+B etfuser"]["baseline"] == "A linear" and by_name["B concat"]["baseline"] == "B linear"
+    assert by_name["A+B etfuser"]["significant"] in ("yes (better)", "yes (worse)", "no", "n/a")
+    assert float(by_name["A+B etfuser"]["share_A"]) + float(by_name["A+B etfuser"]["share_B"]) <= 1
+    assert (
+        json.loads((tmp_path / "results.json").read_text())["configurations"][0]["configuration"]
+        == rows[0]["configuration"]
+    )
+    assert "A+B etfuser" in (tmp_path / "report.md").read_text()
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a finished run was fitted again")
+
+    monkeypatch.setattr(ablate, "fit_many", no_fit)
+    again = run_grid(plan_grid(_grid(xor, tmp_path, jobs=1)))
+    assert (again.reused, again.done, again.groups) == (16, 0, 0)
+    monkeypatch.undo()
+
+    # an interrupted run (its directory written, done.json not yet) is fitted again, alone,
+    # with the same result it had in its group (same threads per job: same arithmetic)
+    point = next(p for p in plan.points if p.labels["subset"] == "A+B" and p.labels["fuser"] == "concat")
+    model = (point.dir / "model.safetensors").read_bytes()
+    (point.dir / "done.json").unlink()
+    resumed = run_grid(plan_grid(_grid(xor, tmp_path, jobs=2)))
+    assert (resumed.reused, resumed.done, resumed.groups) == (15, 1, 1)
+    assert (point.dir / "model.safetensors").read_bytes() == model
+
+
+class Explode(LinearProbe):
+    """A fuser that fails while ``armed``."""
+
+    armed = True
+
+    def fuse(self, tokens):
+        if Explode.armed:
+            raise RuntimeError("boom")
+        return super().fuse(tokens)
+
+
+def test_a_failed_run_is_recorded_the_rest_finish_and_it_is_retried(xor, tmp_path, monkeypatch):
+    monkeypatch.setitem(FUSERS, "explode", Explode)
+    monkeypatch.setattr(Explode, "armed", True)
+    grid = _grid(xor, tmp_path, fusers="etfuser,explode", seeds="0", subsets="k=2")
+    first = run_grid(plan_grid(grid))
+    assert first.done == 2  # A+B etfuser (trained alone after its group failed) and A linear
+    assert [(p.labels["fuser"], msg) for p, msg in first.failed] == [("explode", "RuntimeError: boom")]
+    failed = first.failed[0][0].dir / "failed.json"
+    assert json.loads(failed.read_text())["attempts"] == 1
+    assert "RuntimeError: boom" in (tmp_path / "report.md").read_text()
+
+    second = run_grid(plan_grid(grid))  # still failing: retried, attempt counted
+    assert (second.reused, second.done, len(second.failed)) == (2, 0, 1)
+    assert json.loads(failed.read_text())["attempts"] == 2
+
+    monkeypatch.setattr(Explode, "armed", False)
+    third = run_grid(plan_grid(grid))
+    assert (third.reused, third.done, third.failed) == (2, 1, [])
+    assert not failed.exists()
+    assert {r["seeds"] for r in _csv(tmp_path / "results.csv")} == {"1"}
+
+
+def test_a_dead_worker_stops_the_grid_but_keeps_what_finished(xor, tmp_path, monkeypatch):
+    calls = []
+
+    def dies_second(dataset, group, threads):
+        calls.append(group)
+        if len(calls) == 2:
+            raise RuntimeError("A worker process managed by the executor was unexpectedly terminated.")
+        return ablate._fit_group(dataset, group)
+
+    monkeypatch.setattr(ablate, "run_group", dies_second)
+    grid = _grid(xor, tmp_path, fusers="etfuser", seeds="0", subsets="k=2")
+    outcome = run_grid(plan_grid(grid))
+    assert outcome.stopped.startswith("RuntimeError: A worker process") and outcome.done == 1
+    assert "1 done, 0 failed, 1 not run" in (tmp_path / "report.md").read_text()
+    monkeypatch.undo()
+    assert run_grid(plan_grid(grid)).done == 1
+
+
+def test_dask_backend_runs_a_small_grid(xor, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        grid = _grid(
+            xor,
+            tmp_path,
+            fusers="etfuser",
+            seeds="0",
+            subsets="k=2",
+            backend="dask",
+            scheduler=cluster.scheduler_address,
+        )
+        outcome = run_grid(plan_grid(grid))
+    assert (outcome.done, outcome.failed) == (2, [])
+    assert (tmp_path / "report.md").exists()
+
+
+def test_ray_backend_without_ray_is_one_clear_error(xor, tmp_path):
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("ray is installed")
+    with pytest.raises(EtfError, match="pip install 'etf\\[ray\\]'"):
+        run_grid(plan_grid(_grid(xor, tmp_path, fusers="etfuser", seeds="0", subsets="k=2", backend="ray", jobs=2)))
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("singles", [("A",), ("B",), ("C",)]),
+        ("all", [("A",), ("B",), ("C",), ("A", "B"), ("A", "C"), ("B", "C"), ("A", "B", "C")]),
+        ("leave-one-out", [("A", "B"), ("A", "C"), ("B", "C"), ("A", "B", "C")]),
+        ("k=2", [("A", "B"), ("A", "C"), ("B", "C")]),
+        ("k=2..3", [("A", "B"), ("A", "C"), ("B", "C"), ("A", "B", "C")]),
+    ],
+)
+def test_subsets_keep_the_encoder_order(spec, expected):
+    assert parse_subsets(spec, ["A", "B", "C"]) == expected
+
+
+@pytest.mark.parametrize("spec", ["some", "k=0", "k=4", "k=3..2", "k=a"])
+def test_bad_subsets_are_refused(spec):
+    with pytest.raises(EtfError, match="--subsets"):
+        parse_subsets(spec, ["A", "B", "C"])
+
+
+def test_plan_canonical_prior_baselines_and_run_ids(xor, tmp_path):
+    plan = plan_grid(
+        _grid(xor, tmp_path / "x", encoders="B,A", fusers="etfuser,linear", seeds="0", attn="full,intra", subsets="k=2")
+    )
+    by = {(p.labels["subset"], p.labels["fuser"], p.labels["attn"]): p for p in plan.points}
+    assert set(by) == {("B+A", "etfuser", "full"), ("B+A", "etfuser", "intra"), ("B", "linear", "full")}
+    assert by["B+A", "etfuser", "intra"].baseline == by["B", "linear", "full"].run_id
+    # the run id is content: the same grid elsewhere has the same ids, another setting another id
+    moved = plan_grid(
+        _grid(xor, tmp_path / "y", encoders="B,A", fusers="etfuser", seeds="0", attn="full,intra", subsets="k=2")
+    )
+    assert {p.run_id for p in moved.points} == {p.run_id for p in plan.points}
+    other = plan_grid(_grid(xor, tmp_path / "y", encoders="B,A", fusers="etfuser", seeds="0", subsets="k=2", lr=0.01))
+    assert not {p.run_id for p in other.points} & {p.run_id for p in plan.points}
+
+
+def test_toml_grid_with_command_line_overrides(xor, tmp_path):
+    _, spec, cache = xor
+    toml = tmp_path / "grid.toml"
+    toml.write_text(
+        f'data = "{spec}"\nencoders = ["A", "B"]\nsubsets = "k=2"\nfusers = ["etfuser"]\nseeds = [0, 1]\n'
+        f'tasks = "classify:label"\nepochs = 1\nbatch_size = 16\ndim = 16\ndepth = 1\nheads = 2\n'
+        f"lr = [0.001, 0.002]\n"
+    )
+    result = CliRunner().invoke(
+        main, ["ablate", "--config", str(toml), "--cache", str(cache), "--seeds", "0", "--out", str(tmp_path / "grid")]
+    )
+    assert result.exit_code == 0, result.output
+    rows = _csv(tmp_path / "grid" / "results.csv")
+    # lr is an axis (a TOML list); the command line's --seeds 0 overrides the file's two seeds
+    assert sorted(r["configuration"] for r in rows) == [
+        "A linear lr=0.001",
+        "A linear lr=0.002",
+        "A+B etfuser lr=0.001",
+        "A+B etfuser lr=0.002",
+    ]
+    assert {r["seeds"] for r in rows} == {"1"}
+    assert f"report: {tmp_path / 'grid' / 'report.md'}" in result.output
+
+
+def _bad(args: list[str]) -> str:
+    result = CliRunner().invoke(main, ["ablate", *args])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_bad_input_is_one_clear_line(xor, tmp_path):
+    _, spec, cache = xor
+    common = ["--data", spec, "--cache", str(cache), "--out", str(tmp_path / "o"), "--task", "classify:label"]
+    assert "--encoders: encoder 'C': no store" in _bad([*common, "--encoders", "A,C"])
+    assert "--subsets 'pairs'" in _bad([*common, "--encoders", "A,B", "--subsets", "pairs"])
+    assert "--fusers 'nope': unknown fuser" in _bad([*common, "--encoders", "A,B", "--fusers", "etfuser,nope"])
+    assert "--mask 'half'" in _bad([*common, "--encoders", "A,B", "--mask", "none,half"])
+    assert "--encoders: required" in _bad(["--data", spec, "--cache", str(cache), "--out", str(tmp_path / "o")])
+    toml = tmp_path / "bad.toml"
+    toml.write_text('encoders = ["A", "B"]\nepochs = = 3\n')
+    assert f"{toml}: malformed TOML" in (line := _bad(["--config", str(toml), *common])) and "line 2" in line
+    toml.write_text('encoders = ["A", "B"]\nlearning_rate = 0.1\n')
+    assert f"{toml}: unknown key 'learning_rate'" in _bad(["--config", str(toml), *common])
+    toml.write_text('encoders = ["A", "B"]\nepochs = "many"\n')
+    assert f"{toml}: epochs = 'many': expected int" in _bad(["--config", str(toml), *common])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ablations").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_experiment_files_are_valid(path):
+    settings = {"data": "lfw-subset", "out": "unused", **load_toml(path)}
+    grid = Grid.from_settings(settings, where=str(path))
+    assert len(grid.encoders) >= 2 and grid.axes["seed"]
+
+
+def test_report_of_a_grid_where_nothing_finished(tmp_path):
+    from etf.pipeline.report import Metric, Run, write_report
+
+    labels = {"subset": "A+B", "priors": 2, "fuser": "etfuser", "attn": "full", "mask": "none", "seed": 0}
+    runs = [
+        Run("r1", labels, "r0", tmp_path / "r1", "failed", "RuntimeError: boom"),
+        Run("r0", {**labels, "subset": "A", "priors": 1, "fuser": "linear"}, "r0", tmp_path / "r0", "pending"),
+    ]
+    report = write_report(runs, Metric("label", "classify", "accuracy", "test", True), tmp_path, "nothing")
+    text = report.read_text()
+    assert "0 done, 1 failed, 1 not run" in text and "| A+B etfuser | 0 (1 failed) | n/a ± n/a" in text
+    assert not list(tmp_path.glob("*.png"))
+    assert json.loads((tmp_path / "results.json").read_text())["configurations"][0]["mean"] is None
