@@ -234,3 +234,19 @@ def test_block_stream_visits_each_row_once_in_full_batches(xor):
     assert seen != sorted(seen)  # shuffled
     assert [i.tolist() for i, _ in stream.epoch(1)] == [i.tolist() for i, _ in batches]  # seeded
     priors.close()
+
+
+@pytest.mark.parametrize("dataset, task, expected", [
+    ("celeba", "multilabel", "mean_accuracy"),  # the attribute protocol: mean accuracy, not the task's mean F1
+    ("au", "multilabel", "mean_f1"),
+    ("celeba", "classify", "accuracy"),
+    ("lfw-subset", "regress", "mae"),  # a metric the task does not report: its primary
+    ("csv", "classify", "accuracy"),
+])
+def test_selection_metric_follows_the_dataset_protocol(dataset, task, expected):
+    from types import SimpleNamespace
+
+    from etf.pipeline.heads import TASKS, selection_metric
+
+    t = TASKS[task]("t", ["a", "b"]) if task != "classify" else TASKS[task]("t", ["a"], ["x", "y"])
+    assert selection_metric(t, SimpleNamespace(name=dataset)) == expected

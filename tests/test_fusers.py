@@ -176,3 +176,24 @@ def test_qface_queries_move_to_the_stage_that_holds_their_task(tmp_path):
                      for mod in (untrained, model))
     assert abs(before["t1"][0] - 0.5) < 0.05 and abs(before["t2"][1] - 0.5) < 0.05
     assert after["t1"][0] > 0.75 and after["t2"][1] > 0.75, after
+
+
+@pytest.mark.parametrize("fuser", ["etfuser", "etfuser+qface", "qface", "fra"])
+def test_weight_decay_spares_tokens_embeddings_gates_norms_and_biases(fuser):
+    from etf.pipeline.fit import _optimizer
+
+    tasks = [Classify("label", ["label"], ["a", "b"])]
+    cfg = FuserConfig(dim=32, depth=1, heads=2, aux="recon:0.5" if "etfuser" in fuser else "none")
+    model = build_model(fuser, GROUPS, tasks, cfg, seed=0)
+    decay, no_decay = _optimizer(model, 1e-3, 0.05).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert spared | decayed == set(names.values()) and not spared & decayed
+    learned = {"etfuser": ["ensemble", "gate", "embed", "placeholder"], "etfuser+qface": ["ensemble", "queries", "embed"],
+               "qface": ["queries", "embed"], "fra": ["masks", "embed"]}[fuser]
+    for leaf in learned:
+        assert any(n.endswith("." + leaf) for n in spared) and not any(n.endswith("." + leaf) for n in decayed), leaf
+    assert all(n.endswith(("bias", "weight")) for n in decayed) and not any(n.endswith("bias") for n in decayed)
+    assert any("blocks" in n or "decoder" in n or "key" in n for n in decayed)  # attention/MLP weights still decay

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,3 +258,31 @@ def test_margin_flags_apply_to_verify_tasks_only():
     assert with_options(["verify:id?dim=4"], dim=8, margin=None, s=None, m=None) == ["verify:id?dim=4"]
     with pytest.raises(EtfError, match="apply to verify tasks; none in classify:x"):
         with_options(["classify:x"], dim=8)
+
+
+def test_ablate_compares_verify_runs_by_their_fold_accuracies(ids, tmp_path):
+    """etf ablate on a verify task: the metric is the 10-fold accuracy, and the pooled test pairs
+    the ten fold accuracies of each seed with the baseline's."""
+    from scipy import stats
+
+    from etf.pipeline.ablate import Grid, plan_grid, run_grid
+
+    dataset, cache, _ = ids
+    spec = f"csv:{cache.parent / 'ids' / 'data.csv'}"  # where identity_cache wrote it
+    grid = Grid.from_settings({"data": spec, "cache": cache, "out": tmp_path, "encoders": "A,B", "subsets": "all",
+                               "tasks": [TASK], "fusers": "etfuser", "seeds": "0,1", "epochs": 12, "batch_size": 64,
+                               "lr": 3e-3, "dim": 64, "depth": 2, "heads": 4})
+    plan = plan_grid(grid)
+    assert (plan.metric.name, plan.metric.kind) == ("accuracy_10fold", "verify")
+    assert run_grid(plan).failed == []
+    rows = {r["configuration"]: r for r in json.loads((tmp_path / "results.json").read_text())["configurations"]}
+    fused = rows["A+B etfuser"]
+    folds = {}
+    for r in json.loads((tmp_path / "results.json").read_text())["runs"]:
+        m = json.loads((Path(r["path"]) / "metrics.json").read_text())
+        folds[(r["labels"]["subset"], r["labels"]["fuser"], r["labels"]["seed"])] = m["test"]["identity"]["fold_accuracy"]
+    a = folds[("A+B", "etfuser", 0)] + folds[("A+B", "etfuser", 1)]
+    b = folds[("A", "linear", 0)] + folds[("A", "linear", 1)]  # the baseline: the canonical prior, linear
+    assert fused["test"] == "folds t-test"
+    assert fused["p_predictions"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert fused["delta"] > 0.05 and fused["p_holm"] < 0.05

@@ -39,7 +39,7 @@ from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
 from etf.pipeline.fit import FitConfig, data_key, fit_many
 from etf.pipeline.fusers import FUSERS, FuserConfig
-from etf.pipeline.heads import parse_task, unique_names
+from etf.pipeline.heads import parse_task, selection_metric, unique_names
 from etf.pipeline.report import Metric, Run, write_report
 from etf.utils import canonical_json, read_json, spec_hash, write_json_atomic
 
@@ -284,7 +284,7 @@ def plan_grid(grid: Grid) -> Plan:
         if "test" in dataset.splits
         else next((s for s in dict.fromkeys(dataset.splits) if s.startswith("test")), "val")
     )
-    metric = Metric(tasks[0].name, tasks[0].kind, tasks[0].primary, split, tasks[0].higher_is_better)
+    metric = Metric(tasks[0].name, tasks[0].kind, selection_metric(tasks[0], dataset), split, tasks[0].higher_is_better)
 
     names = list(grid.axes)
     varied = [k for k in names if len(grid.axes[k]) > 1 and k not in ("fuser", "attn", "mask", "seed")]

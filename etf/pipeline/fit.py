@@ -28,7 +28,7 @@ from etf.cache.features import BlockStream, PriorSet, default_memory_budget
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.fusers import FuserConfig, count_parameters, create_fuser, flops_per_sample
-from etf.pipeline.heads import Classify, Task, parse_task, unique_names
+from etf.pipeline.heads import Classify, Task, parse_task, selection_metric, unique_names
 from etf.pipeline.metrics import format_metrics
 from etf.utils import write_json_atomic
 
@@ -199,12 +199,18 @@ class Batches:
 
 
 def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW with no decay on norms, biases, gates and learned tokens/embeddings (1-D or
-    singleton parameters), the usual ViT recipe."""
+    """AdamW without decay on norms and biases (1-D parameters) and on the learned tokens,
+    embeddings and gates a module names in ``no_weight_decay`` (the usual ViT recipe):
+    decay would pull an ensemble token or a zero-initialised gate towards zero."""
+    skip = {
+        f"{prefix}.{name}".lstrip(".")
+        for prefix, module in model.named_modules()
+        for name in getattr(module, "no_weight_decay", ())
+    }
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and p.shape[0] > 1 and p.shape[-2:] != (1, 1) else no_decay).append(p)
+            (no_decay if p.dim() < 2 or name in skip else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
@@ -259,8 +265,8 @@ def evaluate(tasks: list[Task], order: np.ndarray, preds: dict[str, np.ndarray],
     return out
 
 
-def _score(task: Task, metrics: dict[str, dict[str, float]]) -> float:
-    value = metrics.get(task.name, {}).get(task.primary, float("nan"))
+def _score(task: Task, metric: str, metrics: dict[str, dict[str, float]]) -> float:
+    value = metrics.get(task.name, {}).get(metric, float("nan"))
     return value if task.higher_is_better else -value
 
 
@@ -317,8 +323,8 @@ class _Member:
             self.rng = self._rng_state()
         self.loss_sum += float(loss.detach()) * len(tokens[0])
 
-    def end_epoch(self, epoch: int, seen: int, rate: float, val: dict[str, dict[str, float]], first: Task) -> None:
-        score = _score(first, val)
+    def end_epoch(self, epoch: int, seen: int, rate: float, val: dict[str, dict[str, float]], first: Task, metric: str) -> None:
+        score = _score(first, metric, val)
         if score > self.best or self.best_state is None:
             self.best, self.best_epoch, self.best_state = score, epoch, copy.deepcopy(self.model.state_dict())
         row = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"], "train_loss": self.loss_sum / seen, "samples_per_s": rate}
@@ -372,6 +378,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
         budget = cfg.max_memory or default_memory_budget()
         batches = Batches(priors, all_rows, budget, cfg.batch_size, cfg.seed)
         steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
+        selection = selection_metric(tasks[0], dataset)
         members = [_Member(c, priors.groups, tasks, steps_per_epoch, device) for c in configs]
         models = [m.model for m in members]
         disable = None if cfg.progress is None else not cfg.progress
@@ -391,9 +398,9 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
             rate = seen / (time.perf_counter() - te)
             order, preds = predict_rows(models, tasks, batches, splits.val, device)
             for member, p in zip(members, preds):
-                member.end_epoch(epoch, seen, rate, evaluate(tasks, order, p, targets, extra), tasks[0])
+                member.end_epoch(epoch, seen, rate, evaluate(tasks, order, p, targets, extra), tasks[0], selection)
             first = members[0].history[-1]
-            bar.set_postfix(loss=f"{first['train_loss']:.4f}", val=f"{first.get(f'val_{tasks[0].name}_{tasks[0].primary}', float('nan')):.4f}", sps=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{first['train_loss']:.4f}", val=f"{first.get(f'val_{tasks[0].name}_{selection}', float('nan')):.4f}", sps=f"{rate:.0f}")
         for member in members:
             member.model.load_state_dict(member.best_state)
         results, predictions = [{} for _ in members], [[] for _ in members]
@@ -410,7 +417,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
         out = []
         for member, result, prediction, share in zip(members, results, predictions, shares):
             cost = {"fuser_params": count_parameters(member.model), "fuser_flops": flops_per_sample(member.model, sample), "encoder_flops": encoder_flops}
-            metrics = {**result, "best_epoch": member.best_epoch, **cost, "splits": splits.counts(),
+            metrics = {**result, "best_epoch": member.best_epoch, "selected_by": f"val {tasks[0].name} {selection}", **cost, "splits": splits.counts(),
                        "streamed": batches.streamed, "seconds": seconds}
             if share is not None:
                 metrics["attention_share"] = share
@@ -471,7 +478,7 @@ def _fmt(v: float) -> str:
 
 def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -> str:
     lines = [
-        f"run {cfg.out}: {cfg.fuser} over {', '.join(cfg.encoders)}; best epoch {metrics['best_epoch'] + 1}/{cfg.epochs}"
+        f"run {cfg.out}: {cfg.fuser} over {', '.join(cfg.encoders)}; best epoch {metrics['best_epoch'] + 1}/{cfg.epochs} by {metrics['selected_by']}"
         + (" (streamed from the stores)" if metrics["streamed"] else ""),
         "samples  " + "  ".join(f"{k} {v}" for k, v in metrics["splits"].items()),
     ]

@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -266,6 +266,9 @@ class PriorTokens(nn.Module):
     width) share their projection, and only the source embedding tells them apart: Q-Face's
     stage embedding (multi-stage feature fusion)."""
 
+    #: learned tokens, embeddings and gates: left out of weight decay (see ``fit._optimizer``)
+    no_weight_decay: ClassVar[tuple[str, ...]] = ("embed",)
+
     def __init__(self, groups: list[Group], dim: int, share_layers: bool = False) -> None:
         super().__init__()
         keys = [(g.prior, g.dim) if share_layers else i for i, g in enumerate(groups)]
@@ -293,6 +296,8 @@ class TokenReconstruction(nn.Module):
     squared error over hidden tokens.
     """
 
+    no_weight_decay: ClassVar[tuple[str, ...]] = ("placeholder",)
+
     def __init__(self, groups: list[Group], dim: int, ratio: float) -> None:
         super().__init__()
         self.groups, self.ratio = groups, ratio
@@ -318,6 +323,8 @@ class TokenReconstruction(nn.Module):
 @register_fuser("etfuser")
 class ETFuser(Fuser):
     """Learned ensemble token over all priors' tokens, gated into the canonical representation."""
+
+    no_weight_decay: ClassVar[tuple[str, ...]] = ("ensemble", "gate")
 
     aux_kinds = ("recon",)
 

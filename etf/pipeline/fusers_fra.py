@@ -16,7 +16,7 @@ regions cannot collapse onto one.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ def sinkhorn(scores: torch.Tensor, eps: float = SINKHORN_EPS, iters: int = SINKH
 @register_fuser("fra")
 class FRAFuser(Fuser):
     """Heatmaps of K facial-mask embeddings over the tokens; global + region embeddings."""
+
+    no_weight_decay: ClassVar[tuple[str, ...]] = ("masks",)
 
     aux_kinds = ("sinkhorn",)
 

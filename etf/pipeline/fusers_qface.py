@@ -14,7 +14,7 @@ single-prior baseline as ``etfuser`` does.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +25,8 @@ from etf.pipeline.fusers import Block, ETFuser, Fuser, FuserConfig, PriorTokens,
 
 class QueryDecoder(nn.Module):
     """Learnable label queries and the decoder blocks that let them read a memory."""
+
+    no_weight_decay: ClassVar[tuple[str, ...]] = ("queries",)
 
     def __init__(self, tasks: list[Any], cfg: FuserConfig) -> None:
         super().__init__()

@@ -329,3 +329,19 @@ def unique_names(tasks: list[Task]) -> None:
             t.name = f"{t.name}_{seen[t.name]}"
         else:
             seen[t.name] = 0
+
+
+#: the names dataset adapters give a protocol metric, as a task of that kind reports it
+_PROTOCOL_NAMES = {"multilabel": {"accuracy": "mean_accuracy", "f1": "mean_f1"}}
+
+
+def selection_metric(task: Task, dataset: Dataset) -> str:
+    """The metric of ``task`` that picks the best epoch and that ``etf ablate`` compares: the
+    dataset's protocol metric where the task reports it (CelebA attributes: mean accuracy),
+    else the task's primary (a ``csv:`` dataset, or a task the protocol does not cover)."""
+    from etf.data.base import get_adapter
+
+    names = _PROTOCOL_NAMES.get(task.kind, {})
+    wanted = get_adapter(dataset.name).metric
+    wanted = names.get(wanted, wanted)
+    return wanted if wanted == task.primary or wanted in names.values() else task.primary

@@ -55,12 +55,18 @@ class Run:
 class _Result:
     value: float
     shares: dict[str, float] | None
-    scores: dict[str, float]  # per sample id of the split: 1/0 correct (classify), else mean absolute error
+    # per sample id of the split: 1/0 correct (classify), else mean absolute error; for verify,
+    # per fold of the pair protocol: its accuracy
+    scores: dict[str, float]
 
 
 def _load(run: Run, metric: Metric) -> _Result:
     metrics = read_json(run.path / "metrics.json")
-    value = metrics.get(metric.split, {}).get(metric.task, {}).get(metric.name, math.nan)
+    task = metrics.get(metric.split, {}).get(metric.task, {})
+    value = task.get(metric.name, math.nan)
+    if metric.kind == "verify":  # embeddings are not predictions: pair the protocol's folds
+        folds = {f"fold{k}": float(v) for k, v in enumerate(task.get("fold_accuracy", []))}
+        return _Result(float(value), metrics.get("attention_share"), folds)
     scores = {}
     with open(run.path / "predictions.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -76,8 +82,9 @@ def _load(run: Run, metric: Metric) -> _Result:
 
 
 def _prediction_test(pairs: list[tuple[_Result, _Result]], metric: Metric) -> tuple[str, float]:
-    """McNemar (classification) or a paired bootstrap of per-sample errors, on the split's
-    samples of every seed pooled: (test name, p)."""
+    """McNemar (classification), a paired bootstrap of per-sample errors, or for verify a
+    paired t-test of the pair protocol's fold accuracies, on the split's samples (folds) of
+    every seed pooled: (test name, p)."""
     a, b = [], []
     for x, y in pairs:
         ids = sorted(x.scores.keys() & y.scores.keys())
@@ -87,6 +94,8 @@ def _prediction_test(pairs: list[tuple[_Result, _Result]], metric: Metric) -> tu
         return "n/a", math.nan
     if metric.kind == "classify":
         return "mcnemar", mcnemar(np.array(a) > 0.5, np.array(b) > 0.5).p
+    if metric.kind == "verify":
+        return "folds t-test", paired_seed_tests(a, b)[0]
     return "bootstrap", paired_bootstrap(np.array(a), np.array(b))
 
 
@@ -229,8 +238,8 @@ def _markdown(
         "",
         "Every configuration is compared with its baseline: its canonical (first) prior alone with the `linear` "
         "fuser, same seed and settings. Δ and the p-values of the paired t-test and the Wilcoxon signed-rank test "
-        "pair runs by seed; the prediction-level test (McNemar for classification, a paired bootstrap of per-sample "
-        f"errors otherwise) pools the {metric.split} predictions of all seeds. Holm's correction runs across the grid "
+        "pair runs by seed; the prediction-level test (McNemar for classification, a paired t-test of the pair "
+        "protocol's fold accuracies for verification, a paired bootstrap of per-sample errors otherwise) pools the {metric.split} predictions of all seeds. Holm's correction runs across the grid "
         f"on the prediction-level p; significant at {ALPHA}.",
         "",
         "| configuration | seeds | mean ± std | 95% CI | Δ vs baseline | p (t) | p (Wilcoxon) | p (predictions) | p (Holm) | significant |",
