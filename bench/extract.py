@@ -98,8 +98,12 @@ def bare_forward(encoder: Encoder, x: torch.Tensor, batch: int) -> np.ndarray:
     with torch.inference_mode():
         for b in range(0, len(x), batch):
             ((patches, prefix),) = encoder.model.forward_intermediates(
-                x[b : b + batch], indices=[encoder.num_layers - 1], norm=True, output_fmt="NLC",
-                intermediates_only=True, return_prefix_tokens=True,
+                x[b : b + batch],
+                indices=[encoder.num_layers - 1],
+                norm=True,
+                output_fmt="NLC",
+                intermediates_only=True,
+                return_prefix_tokens=True,
             )
             out.append(torch.cat([prefix, patches], 1).half().numpy())
     return np.concatenate(out)
@@ -113,7 +117,9 @@ def parse_settings(text: str) -> list[Setting]:
     out = []
     for item in text.split(","):
         workers, _, nice = item.partition("@")
-        out.append((None if workers == "default" else int(workers), int(nice) if nice else extract_mod.CPU_DECODE_NICENESS))
+        out.append(
+            (None if workers == "default" else int(workers), int(nice) if nice else extract_mod.CPU_DECODE_NICENESS)
+        )
     return out
 
 
@@ -133,7 +139,9 @@ def throughput(model: str, data: Path, batch: int, repeats: int, settings: list[
     def run(setting: Setting) -> None:
         workers, nice = setting
         with mock.patch.object(extract_mod, "CPU_DECODE_NICENESS", nice):
-            res = extract(dataset, encoder, next(caches), ExtractOptions(batch_size=batch, workers=workers, progress=False))
+            res = extract(
+                dataset, encoder, next(caches), ExtractOptions(batch_size=batch, workers=workers, progress=False)
+            )
         assert res.complete and res.samples_done == n
 
     tokens = bare_forward(encoder, x, batch)
@@ -160,7 +168,9 @@ def write_store(path: Path, tokens: np.ndarray, codec: str = "none", chunk_bytes
     way extraction does; ``chunk_bytes`` overrides the format's chunk size target."""
     n, t, d = tokens.shape
     spec = {"name": path.stem, "n": n, "dtype": "float16"}
-    zarr_bytes, h5_bytes = (chunk_bytes, chunk_bytes) if chunk_bytes else (store_mod.ZARR_CHUNK_BYTES, store_mod.HDF5_CHUNK_BYTES)
+    zarr_bytes, h5_bytes = (
+        (chunk_bytes, chunk_bytes) if chunk_bytes else (store_mod.ZARR_CHUNK_BYTES, store_mod.HDF5_CHUNK_BYTES)
+    )
 
     def write() -> None:
         writer = StoreWriter(path, spec, plan_arrays([1], [(t, d)]), {1: guess_layout(t, None)}, codec=codec)
@@ -202,14 +212,18 @@ def storage(tokens: np.ndarray, rows: int, chunk_mib: list[int], work: Path) -> 
         write_store(path, data, chunk_bytes=size * MiB)
     rates = read_rates([*codecs.values(), *sized.values()])
 
-    print(f"\nstore of {rows} x {data.shape[1]} x {data.shape[2]} float16 ({mb:.0f} MB) of last-block tokens; "
-          f"chunk targets: zarr {store_mod.ZARR_CHUNK_BYTES // MiB} MiB, hdf5 {store_mod.HDF5_CHUNK_BYTES // MiB} MiB")
+    print(
+        f"\nstore of {rows} x {data.shape[1]} x {data.shape[2]} float16 ({mb:.0f} MB) of last-block tokens; "
+        f"chunk targets: zarr {store_mod.ZARR_CHUNK_BYTES // MiB} MiB, hdf5 {store_mod.HDF5_CHUNK_BYTES // MiB} MiB"
+    )
     print(f"  {'zarr codec':<12} {'bytes/sample':>12} {'vs none':>8} {'write MB/s':>11} {'read GB/s':>10}  other load")
     raw = disk_bytes(codecs["none"]) / rows
     for codec, path in codecs.items():
         size = disk_bytes(path) / rows
         rate, run = rates[path]
-        print(f"  {codec:<12} {size:12,.0f} {size / raw:8.3f} {mb / writes[codec].seconds:11.0f} {rate:10.2f}  {run.others:5.0%}")
+        print(
+            f"  {codec:<12} {size:12,.0f} {size / raw:8.3f} {mb / writes[codec].seconds:11.0f} {rate:10.2f}  {run.others:5.0%}"
+        )
     print(f"  {'format':<6} {'chunk':>8} {'rows/chunk':>11} {'read GB/s':>10}  other load")
     for (fmt, size), path in sized.items():
         with TokenStore.open(path) as store:
@@ -219,21 +233,32 @@ def storage(tokens: np.ndarray, rows: int, chunk_mib: list[int], work: Path) -> 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="vit_tiny_patch16_224,vit_small_patch16_224",
-                   help="timm models, random init; the first also runs the --workers sweep, the last feeds the storage part")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--models",
+        default="vit_tiny_patch16_224,vit_small_patch16_224",
+        help="timm models, random init; the first also runs the --workers sweep, the last feeds the storage part",
+    )
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="interleaved runs; the fastest of each is reported")
-    p.add_argument("--workers", default="default,0,1@0,2", help="decode worker settings for the first model: counts, "
-                   "'default', and @N for a worker niceness other than etf's (e.g. 1@0: one worker at normal priority)")
+    p.add_argument(
+        "--workers",
+        default="default,0,1@0,2",
+        help="decode worker settings for the first model: counts, "
+        "'default', and @N for a worker niceness other than etf's (e.g. 1@0: one worker at normal priority)",
+    )
     p.add_argument("--store-rows", type=int, default=2048)
     p.add_argument("--chunk-mib", default="2,8,32")
     args = p.parse_args()
     models = args.models.split(",")
     sweep = parse_settings(args.workers)
-    print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
-          "'other load' is the share of the CPU other processes took during a run (above 5%: disturbed)")
+    print(
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+        "'other load' is the share of the CPU other processes took during a run (above 5%: disturbed)"
+    )
 
     def everything() -> None:
         with tempfile.TemporaryDirectory(prefix="etf-bench-") as tmp:
@@ -241,7 +266,9 @@ def main() -> None:
             data = make_faces(work / "faces", args.images)
             tokens = np.empty(0)
             for k, model in enumerate(models):
-                tokens = throughput(model, data, args.batch_size, args.repeats, sweep if k == 0 else parse_settings("default"), work)
+                tokens = throughput(
+                    model, data, args.batch_size, args.repeats, sweep if k == 0 else parse_settings("default"), work
+                )
             storage(tokens, args.store_rows, [int(s) for s in args.chunk_mib.split(",")], work)
 
     run = timed(everything)

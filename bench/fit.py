@@ -52,8 +52,17 @@ def make_store(tmp: Path, n: int, t: int, d: int) -> tuple[str, Path]:
 
 
 def timed_fit(spec: str, cache: Path, out: Path, prior: str, epochs: int, budget: int | None) -> dict:
-    cfg = FitConfig(cache_dir=cache, encoders=[prior], out=out, tasks=["classify:label"], epochs=epochs,
-                    batch_size=128, fuser_config=FuserConfig(dim=128, depth=1, heads=4), max_memory=budget, progress=False)
+    cfg = FitConfig(
+        cache_dir=cache,
+        encoders=[prior],
+        out=out,
+        tasks=["classify:label"],
+        epochs=epochs,
+        batch_size=128,
+        fuser_config=FuserConfig(dim=128, depth=1, heads=4),
+        max_memory=budget,
+        progress=False,
+    )
     t0 = time.perf_counter()
     m = fit(load_dataset(spec), cfg).metrics
     with open(out / "history.csv") as f:
@@ -114,8 +123,10 @@ def main() -> None:
         assert not mem["streamed"] and zarr_s["streamed"] and h5_s["streamed"]
         print(f"in memory   : {mem['sps']:8.0f} samples/s in training, {mem['seconds']:.1f} s in all (load included)")
         for name, r in (("zarr stream", zarr_s), ("hdf5 stream", h5_s)):
-            print(f"{name} : {r['sps']:8.0f} samples/s in training, {r['seconds']:.1f} s in all; "
-                  f"ratio to in-memory {r['sps'] / mem['sps']:.3f}")
+            print(
+                f"{name} : {r['sps']:8.0f} samples/s in training, {r['seconds']:.1f} s in all; "
+                f"ratio to in-memory {r['sps'] / mem['sps']:.3f}"
+            )
         budget = size // 4
         streamed = peak_growth(spec, cache, tmp / "c1", budget)
         # the same model and batch size on a store of 256 samples held in memory: what the
@@ -125,9 +136,11 @@ def main() -> None:
         assert streamed["streamed"] and not small["streamed"]
         model = small["grow"] - 256 * args.tokens * args.dim * 2
         data = streamed["grow"] - model
-        print(f"streamed fit, store {size / 2**20:.0f} MiB = 4x the budget of {budget / 2**20:.0f} MiB: peak RSS "
-              f"+{streamed['grow'] / 2**20:.0f} MiB; the model, activations and optimiser alone +{model / 2**20:.0f} MiB "
-              f"(same fit on a 256-sample store in memory); so data +{data / 2**20:.0f} MiB = {data / budget:.2f} of the budget")
+        print(
+            f"streamed fit, store {size / 2**20:.0f} MiB = 4x the budget of {budget / 2**20:.0f} MiB: peak RSS "
+            f"+{streamed['grow'] / 2**20:.0f} MiB; the model, activations and optimiser alone +{model / 2**20:.0f} MiB "
+            f"(same fit on a 256-sample store in memory); so data +{data / 2**20:.0f} MiB = {data / budget:.2f} of the budget"
+        )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def write_rafdb(root: Path, entries: Sequence[tuple[str, int]], original: bool =
     return root
 
 
-AFFECTNET_HEADER = "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal"
+AFFECTNET_HEADER = (
+    "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_landmarks,expression,valence,arousal"
+)
 
 
 def affectnet_row(k: int, expression: int, valence: float = 0.5, arousal: float = -0.25) -> str:
@@ -109,7 +111,9 @@ def write_celeba(root: Path, partition: Sequence[int], flat: bool = False, align
     marks = [f"{n} 5 6 11 6 8 9 6 12 10 12" for n in names]
     (anno / "list_landmarks_align_celeba.txt").write_text("\n".join([str(len(names)), header, *marks]) + "\n")
     boxes = [f"{n}    {k}   2   8   9" for k, n in enumerate(names)]
-    (anno / "list_bbox_celeba.txt").write_text("\n".join([str(len(names)), "image_id x_1 y_1 width height", *boxes]) + "\n")
+    (anno / "list_bbox_celeba.txt").write_text(
+        "\n".join([str(len(names)), "image_id x_1 y_1 width height", *boxes]) + "\n"
+    )
     for k, n in enumerate(names):
         _img(img / ("img_align_celeba" if aligned else "img_celeba") / n, k)
     return root
@@ -173,7 +177,9 @@ def write_pose(folder: Path, name: str, pitch: float, yaw: float, roll: float, p
     scipy.io.savemat(folder / f"{name}.mat", mat)
 
 
-def write_au(path: Path, rows: Sequence[tuple[str, str, dict[str, str]]], aus: Sequence[int], fold: bool = False) -> Path:
+def write_au(
+    path: Path, rows: Sequence[tuple[str, str, dict[str, str]]], aus: Sequence[int], fold: bool = False
+) -> Path:
     """The documented AU CSV: path, subject, AU columns (and optionally fold)."""
     cols = ["path", "subject", *[f"AU{n}" for n in aus], *(["fold"] if fold else [])]
     path.parent.mkdir(parents=True, exist_ok=True)

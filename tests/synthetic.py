@@ -26,7 +26,10 @@ def make_csv_dataset(root: Path, labels: dict[str, np.ndarray], splits: np.ndarr
     lines = ["path,split," + ",".join(labels)]
     for i in range(n):
         Image.fromarray(pixel + i % 255, "L").save(root / "img" / f"{i:04d}.png")
-        cells = ["" if np.isnan(v[i]) else (str(int(v[i])) if float(v[i]).is_integer() else f"{v[i]:.6f}") for v in labels.values()]
+        cells = [
+            "" if np.isnan(v[i]) else (str(int(v[i])) if float(v[i]).is_integer() else f"{v[i]:.6f}")
+            for v in labels.values()
+        ]
         lines.append(f"img/{i:04d}.png,{splits[i]}," + ",".join(cells))
     (root / "data.csv").write_text("\n".join(lines) + "\n")
     spec = f"csv:{root / 'data.csv'}"

@@ -140,8 +140,12 @@ def test_every_image_unreadable_is_an_error_even_with_skip(tmp_path):
     for i, kind in enumerate(["empty", "text"]):
         write_bad(root / f"a/{i}.jpg", kind)
     with pytest.raises(EtfError, match="every image of folder:.* is unreadable"):
-        extract(load_dataset(f"folder:{root}"), create_encoder(TINY_VIT, pretrained=False, img_size=IMG), tmp_path / "c",
-                ExtractOptions(on_error="skip", **OPTS))
+        extract(
+            load_dataset(f"folder:{root}"),
+            create_encoder(TINY_VIT, pretrained=False, img_size=IMG),
+            tmp_path / "c",
+            ExtractOptions(on_error="skip", **OPTS),
+        )
     assert not list((tmp_path / "c").glob("*/*.zarr*"))
 
 
@@ -184,8 +188,12 @@ def test_every_image_mode_becomes_8bit_rgb(tmp_path):
     assert px(pal) == (10, 20, 30) and px(pal_t) == (0, 0, 0)
     assert [px(deep, (x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
 
-    res = extract(load_dataset(f"folder:{tmp_path / 'modes'}"), create_encoder(TINY_VIT, pretrained=False, img_size=IMG),
-                  tmp_path / "c", ExtractOptions(**OPTS))
+    res = extract(
+        load_dataset(f"folder:{tmp_path / 'modes'}"),
+        create_encoder(TINY_VIT, pretrained=False, img_size=IMG),
+        tmp_path / "c",
+        ExtractOptions(**OPTS),
+    )
     assert res.complete and res.skipped == [] and res.samples_done == 6
 
 
@@ -211,12 +219,24 @@ def test_empty_dataset(tmp_path, layout):
 
 
 def test_unknown_encoder(folder_dataset, tmp_path):
-    line = error_line(etf("extract", "--data", f"folder:{folder_dataset}", "--encoder", "vit_nope", "--no-pretrained",
-                          "--cache", tmp_path))
+    line = error_line(
+        etf(
+            "extract",
+            "--data",
+            f"folder:{folder_dataset}",
+            "--encoder",
+            "vit_nope",
+            "--no-pretrained",
+            "--cache",
+            tmp_path,
+        )
+    )
     assert "--encoder 'vit_nope'" in line and "unknown encoder" in line
 
 
-@pytest.mark.parametrize("model,layers,want", [(TINY_VIT, "4,13", "has 12 blocks"), (TINY_CNN, "0", "has 5 feature stages")])
+@pytest.mark.parametrize(
+    "model,layers,want", [(TINY_VIT, "4,13", "has 12 blocks"), (TINY_CNN, "0", "has 5 feature stages")]
+)
 def test_layer_the_model_does_not_have(folder_dataset, tmp_path, model, layers, want):
     args = ["--encoder", model, "--no-pretrained", "--img-size", str(IMG), "--layers", layers]
     line = error_line(etf("extract", "--data", f"folder:{folder_dataset}", *args, "--cache", tmp_path))
@@ -241,14 +261,26 @@ def test_weights_for_another_architecture(folder_dataset, tmp_path, tiny_cnn):
 def test_weights_file_that_is_not_a_checkpoint(folder_dataset, tmp_path, suffix, content):
     ckpt = tmp_path / f"prior{suffix}"
     ckpt.write_bytes(content)
-    line = error_line(etf("extract", "--data", f"folder:{folder_dataset}", *TINY, "--weights", ckpt, "--cache", tmp_path / "c"))
+    line = error_line(
+        etf("extract", "--data", f"folder:{folder_dataset}", *TINY, "--weights", ckpt, "--cache", tmp_path / "c")
+    )
     assert f"--weights {ckpt}: cannot read checkpoint" in line
 
 
 def test_weights_without_tensors(folder_dataset, tmp_path):
     torch.save({"epoch": 3, "config": {"lr": 0.1}}, tmp_path / "prior.pth")
-    line = error_line(etf("extract", "--data", f"folder:{folder_dataset}", *TINY, "--weights", tmp_path / "prior.pth",
-                          "--cache", tmp_path / "c"))
+    line = error_line(
+        etf(
+            "extract",
+            "--data",
+            f"folder:{folder_dataset}",
+            *TINY,
+            "--weights",
+            tmp_path / "prior.pth",
+            "--cache",
+            tmp_path / "c",
+        )
+    )
     assert "no tensors found" in line
 
 
@@ -256,7 +288,9 @@ def test_pretrained_weights_offline_say_how_to_fix(folder_dataset, tmp_path, mon
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
-    line = error_line(etf("extract", "--data", f"folder:{folder_dataset}", "--encoder", "vit_t", "--cache", tmp_path / "c"))
+    line = error_line(
+        etf("extract", "--data", f"folder:{folder_dataset}", "--encoder", "vit_t", "--cache", tmp_path / "c")
+    )
     assert "cannot fetch pretrained weights" in line and "vit_tiny_patch16_224.augreg_in21k_ft_in1k" in line
     assert "--weights" in line and "--no-pretrained" in line and "HF_HOME" in line
 

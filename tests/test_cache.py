@@ -98,8 +98,18 @@ def test_import_refuses_ids_that_do_not_match(tmp_path, dataset, case, want):
     elif case in ("missing", "no-ids"):
         ids, rows = ids[:23], 23
     npy, _ = _tokens(tmp_path, (rows, 4, 8))
-    args = ["cache", "import", "--data", f"folder:{dataset.root}", "--name", "arcface", "--tokens", npy,
-            "--cache", tmp_path / "c"]
+    args = [
+        "cache",
+        "import",
+        "--data",
+        f"folder:{dataset.root}",
+        "--name",
+        "arcface",
+        "--tokens",
+        npy,
+        "--cache",
+        tmp_path / "c",
+    ]
     result = etf(*args) if case == "no-ids" else etf(*args, "--ids", _ids(tmp_path, ids))
     assert result.exit_code == 1
     assert want.format(*dataset.ids) in result.output
@@ -110,7 +120,9 @@ def test_import_refuses_non_finite_values_naming_the_sample(tmp_path, dataset):
     npy, arr = _tokens(tmp_path, (24, 4, 8))
     arr[7, 1, 2] = np.inf
     np.save(npy, arr)
-    result = etf("cache", "import", "--data", f"folder:{dataset.root}", "--name", "x", "--tokens", npy, "--cache", tmp_path)
+    result = etf(
+        "cache", "import", "--data", f"folder:{dataset.root}", "--name", "x", "--tokens", npy, "--cache", tmp_path
+    )
     assert result.exit_code == 1 and f"non-finite token values for sample(s) {dataset.ids[7]}" in result.output
     assert not list(tmp_path.glob("*/*.zarr"))
 

@@ -40,7 +40,7 @@ def test_torchvision_resnet50_with_moco_prefixes(tmp_path):
     x = _images(64)
     with torch.no_grad():
         expected = torch.nn.Sequential(*list(source.children())[:-2])(x)
-    (got, layout), = enc.tokens(x, [5])
+    ((got, layout),) = enc.tokens(x, [5])
     torch.testing.assert_close(got, expected.flatten(2).transpose(1, 2), rtol=0, atol=1e-5)
     report = enc.load_report
     assert report.loaded_fraction == 1.0 and not report.missing
@@ -50,7 +50,9 @@ def test_torchvision_resnet50_with_moco_prefixes(tmp_path):
 
 def test_query_encoder_wins_over_an_equally_fitting_momentum_encoder():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
-    state = {f"encoder_{e}.{k}": torch.full_like(v, i) for i, e in enumerate("kq") for k, v in model.state_dict().items()}
+    state = {
+        f"encoder_{e}.{k}": torch.full_like(v, i) for i, e in enumerate("kq") for k, v in model.state_dict().items()
+    }
     load_into(model, adapt_state_dict(state, model), Path("moco.pth"), allow_partial=False)
     assert model[0].weight.eq(1).all()
 
@@ -64,8 +66,11 @@ def _mae_checkpoint(model: torch.nn.Module) -> dict:
     """MAE/MIM layout: a ``model`` wrapper, the encoder under ``encoder.``, its final norm as
     fine-tuning's ``fc_norm``, and the pre-training decoder beside it."""
     enc = {("encoder." + k).replace("encoder.norm.", "encoder.fc_norm."): v for k, v in model.state_dict().items()}
-    decoder = {"mask_token": torch.zeros(1, 1, 96), "decoder_embed.weight": torch.randn(96, 192),
-               "decoder_pred.weight": torch.randn(768, 96)}
+    decoder = {
+        "mask_token": torch.zeros(1, 1, 96),
+        "decoder_embed.weight": torch.randn(96, 192),
+        "decoder_pred.weight": torch.randn(768, 96),
+    }
     return {"model": enc | decoder, "optimizer": {}, "epoch": 799}
 
 
@@ -76,7 +81,7 @@ def test_mae_vit_with_encoder_prefix_and_fc_norm(tmp_path):
     x = _images()
     with torch.no_grad():
         expected = source.forward_features(x)
-    (got, layout), = enc.tokens(x, [12])
+    ((got, layout),) = enc.tokens(x, [12])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert enc.load_report.loaded_fraction == 1.0 and not enc.load_report.missing
     # the decoder is reported unused (timm's converter drops ``mask_token`` itself)
@@ -97,10 +102,19 @@ def test_mae_pos_embed_of_another_grid_is_resampled():
 
 def to_openai_clip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm CLIP ViT names back to OpenAI-CLIP's (the inverse of timm's ``_convert_openai_clip``)."""
-    swaps = [(r"^patch_embed\.proj\.", "conv1."), (r"^pos_embed$", "positional_embedding"), (r"^cls_token$", "class_embedding"),
-             (r"^norm_pre\.", "ln_pre."), (r"^norm\.", "ln_post."), (r"^blocks\.", "transformer.resblocks."),
-             (r"\.norm([12])\.", r".ln_\1."), (r"\.attn\.qkv\.", ".attn.in_proj_"), (r"\.attn\.proj\.", ".attn.out_proj."),
-             (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj.")]
+    swaps = [
+        (r"^patch_embed\.proj\.", "conv1."),
+        (r"^pos_embed$", "positional_embedding"),
+        (r"^cls_token$", "class_embedding"),
+        (r"^norm_pre\.", "ln_pre."),
+        (r"^norm\.", "ln_post."),
+        (r"^blocks\.", "transformer.resblocks."),
+        (r"\.norm([12])\.", r".ln_\1."),
+        (r"\.attn\.qkv\.", ".attn.in_proj_"),
+        (r"\.attn\.proj\.", ".attn.out_proj."),
+        (r"\.mlp\.fc1\.", ".mlp.c_fc."),
+        (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+    ]
     out = {}
     for k, v in state.items():
         if k == "head.bias":
@@ -121,10 +135,20 @@ def test_openai_clip_layout_vit_b16_as_farl_ships_it():
     torch.manual_seed(2)
     source = timm.create_model("vit_base_patch16_clip_224", pretrained=False, img_size=IMG, num_classes=512).eval()
     state = to_openai_clip(source.state_dict())
-    assert {"visual.conv1.weight", "visual.class_embedding", "visual.ln_pre.weight", "visual.ln_post.weight", "visual.proj",
-            "visual.transformer.resblocks.11.attn.in_proj_weight"} <= set(state)
-    state |= {"transformer.resblocks.0.attn.in_proj_weight": torch.randn(12, 4), "positional_embedding": torch.randn(77, 4),
-              "token_embedding.weight": torch.randn(10, 4), "logit_scale": torch.ones(())}
+    assert {
+        "visual.conv1.weight",
+        "visual.class_embedding",
+        "visual.ln_pre.weight",
+        "visual.ln_post.weight",
+        "visual.proj",
+        "visual.transformer.resblocks.11.attn.in_proj_weight",
+    } <= set(state)
+    state |= {
+        "transformer.resblocks.0.attn.in_proj_weight": torch.randn(12, 4),
+        "positional_embedding": torch.randn(77, 4),
+        "token_embedding.weight": torch.randn(10, 4),
+        "logit_scale": torch.ones(()),
+    }
     target = copy.deepcopy(source)  # the same architecture, as create_encoder makes it: no head, other weights
     target.reset_classifier(0)
     for p in target.parameters():

@@ -16,7 +16,16 @@ from tests import dataset_fixtures as fx
 
 @pytest.mark.parametrize(
     ("given", "canonical"),
-    [("none", "none"), ("", "none"), ("bbox", "bbox"), ("bbox:0", "bbox"), ("bbox:0.10", "bbox:0.1"), ("align5", "align5"), ("align5:112", "align5"), ("align5:224", "align5:224")],
+    [
+        ("none", "none"),
+        ("", "none"),
+        ("bbox", "bbox"),
+        ("bbox:0", "bbox"),
+        ("bbox:0.10", "bbox:0.1"),
+        ("align5", "align5"),
+        ("align5:112", "align5"),
+        ("align5:224", "align5:224"),
+    ],
 )
 def test_parse_crop_canonical(given, canonical):
     assert parse_crop(given) == canonical
@@ -74,7 +83,9 @@ def test_landmark_labels_follow_the_crop(tmp_path):
     aligned = load_dataset(f"300w:{root}", crop="align5")
     s = aligned.samples[0]
     for i, want in zip((36, 45, 30, 48, 54), ARCFACE_112):
-        assert (s.labels[f"lm{i}_x"], s.labels[f"lm{i}_y"]) == pytest.approx(tuple(want), abs=0.02)  # .pts keeps 3 decimals
+        assert (s.labels[f"lm{i}_x"], s.labels[f"lm{i}_y"]) == pytest.approx(
+            tuple(want), abs=0.02
+        )  # .pts keeps 3 decimals
     assert s.labels["nme_norm"] == pytest.approx(plain.samples[0].labels["nme_norm"] * 10, rel=1e-3)
     assert aligned.options["crop"] == "align5" and aligned.key != plain.key
     assert aligned.samples[0].meta == plain.samples[0].meta  # meta stays in source pixels
@@ -90,4 +101,6 @@ def test_crop_without_boxes_is_a_clear_error(folder_dataset):
     with pytest.raises(EtfError) as e:
         load_dataset(f"folder:{folder_dataset}", crop="bbox")
     msg = str(e.value)
-    assert "needs a face box" in msg and "'train/a/00.png' has none (24 of 24 samples lack it)" in msg and "\n" not in msg
+    assert (
+        "needs a face box" in msg and "'train/a/00.png' has none (24 of 24 samples lack it)" in msg and "\n" not in msg
+    )

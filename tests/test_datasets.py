@@ -183,7 +183,9 @@ def test_celeba_attributes_partition_and_landmarks(tmp_path):
     assert set(ds.column("Young")) == {0, 1}
     task = parse_task(ds.tasks[0])
     assert task.kind == "multilabel" and len(task.names) == 40
-    assert ds.samples[0].meta == {"landmarks5": [[5, 6], [11, 6], [8, 9], [6, 12], [10, 12]]}  # no box: it is for img_celeba
+    assert ds.samples[0].meta == {
+        "landmarks5": [[5, 6], [11, 6], [8, 9], [6, 12], [10, 12]]
+    }  # no box: it is for img_celeba
 
 
 def test_celeba_flat_layout_and_in_the_wild_boxes(tmp_path):
@@ -262,11 +264,19 @@ def test_300w_malformed_pts(tmp_path):
 
 
 def test_wflw_subset_flags_repeated_images_and_normaliser(tmp_path):
-    train = [fx.wflw_line(0, "51--Dancing/a.jpg", [0, 0, 0, 0, 0, 0]), fx.wflw_line(1, "51--Dancing/a.jpg", [1, 0, 0, 0, 0, 0])]
+    train = [
+        fx.wflw_line(0, "51--Dancing/a.jpg", [0, 0, 0, 0, 0, 0]),
+        fx.wflw_line(1, "51--Dancing/a.jpg", [1, 0, 0, 0, 0, 0]),
+    ]
     test = [fx.wflw_line(2, "2--Demo/b.jpg", [1, 0, 0, 0, 1, 1]), fx.wflw_line(3, "2--Demo/c.jpg", [0, 1, 0, 0, 0, 0])]
     root = fx.write_wflw(tmp_path / "WFLW", train, test)
     ds = load_dataset(f"wflw:{root}")
-    assert ds.ids == ["WFLW_images/51--Dancing/a.jpg#0", "WFLW_images/51--Dancing/a.jpg#1", "WFLW_images/2--Demo/b.jpg#0", "WFLW_images/2--Demo/c.jpg#0"]
+    assert ds.ids == [
+        "WFLW_images/51--Dancing/a.jpg#0",
+        "WFLW_images/51--Dancing/a.jpg#1",
+        "WFLW_images/2--Demo/b.jpg#0",
+        "WFLW_images/2--Demo/c.jpg#0",
+    ]
     assert ds.splits == ["train", "train", "test", "test"]
     assert ds.column("subset_pose") == [0, 1, 1, 0] and ds.column("subset_blur") == [0, 0, 1, 0]
     pts = fx.face_points(98, 2).round(6)
@@ -274,7 +284,9 @@ def test_wflw_subset_flags_repeated_images_and_normaliser(tmp_path):
     assert math.isclose(s.labels["nme_norm"], float(np.linalg.norm(pts[60] - pts[72])), rel_tol=1e-9)
     assert s.meta["box"] == [1, 2, 13, 14] and s.meta["landmarks5"][0] == [round(pts[96, 0], 3), round(pts[96, 1], 3)]
     bad = tmp_path / "bad"
-    fx.write_wflw(bad, [fx.wflw_line(0, "x/a.jpg", [0] * 6)], [" ".join(fx.wflw_line(1, "x/b.jpg", [0] * 6).split()[1:])])
+    fx.write_wflw(
+        bad, [fx.wflw_line(0, "x/a.jpg", [0] * 6)], [" ".join(fx.wflw_line(1, "x/b.jpg", [0] * 6).split()[1:])]
+    )
     one_line_error(f"wflw:{bad}", "list_98pt_rect_attr_test.txt: line 1:", "expected 207 fields")
 
 
@@ -296,7 +308,11 @@ def test_aflw2000_protocol_degrees_and_filter(tmp_path):
     assert by_split(ds) == {"train": 8, "test": 1}
     test = ds.samples[-1]
     assert test.id == "AFLW2000/image00002.jpg"
-    assert test.labels["yaw"] == pytest.approx(-45) and test.labels["pitch"] == pytest.approx(10) and test.labels["roll"] == pytest.approx(5)
+    assert (
+        test.labels["yaw"] == pytest.approx(-45)
+        and test.labels["pitch"] == pytest.approx(10)
+        and test.labels["roll"] == pytest.approx(5)
+    )
     assert test.meta["box"] == [2, 3, 10, 12]
     assert ds.tasks == ["regress:yaw,pitch,roll"] and get_adapter("aflw2000").metric == "mae"
     task = parse_task(ds.tasks[0])
@@ -342,7 +358,10 @@ def test_au_folds_are_subject_disjoint_and_cover_everyone(tmp_path):
 
 def test_au_disfa_intensity_rule_and_given_folds(tmp_path):
     aus = (1, 2, 4, 6, 9, 12, 25, 26)
-    rows = [(f"SN00{k}/{k}.png", f"SN00{k}", {**{f"AU{n}": str(k % 6) for n in aus}, "fold": str(k % 3 + 1)}) for k in range(6)]
+    rows = [
+        (f"SN00{k}/{k}.png", f"SN00{k}", {**{f"AU{n}": str(k % 6) for n in aus}, "fold": str(k % 3 + 1)})
+        for k in range(6)
+    ]
     path = fx.write_au(tmp_path / "disfa.csv", rows, aus, fold=True)
     ds = load_dataset(f"au:{path}?dataset=disfa&fold=2")
     assert ds.column("AU1") == [0, 0, 1, 1, 1, 1]  # intensity >= 2
@@ -362,7 +381,20 @@ def test_au_disfa_intensity_rule_and_given_folds(tmp_path):
 
 def test_data_list_shows_every_face_format():
     out = CliRunner().invoke(main, ["data", "list"]).output
-    for name in ("rafdb", "affectnet", "fer2013", "ferplus", "celeba", "utkface", "agedb", "300w", "wflw", "aflw2000", "300w-lp", "au"):
+    for name in (
+        "rafdb",
+        "affectnet",
+        "fer2013",
+        "ferplus",
+        "celeba",
+        "utkface",
+        "agedb",
+        "300w",
+        "wflw",
+        "aflw2000",
+        "300w-lp",
+        "au",
+    ):
         assert f"\n{name} " in f"\n{out}"
     assert "multilabel:5_o_Clock_Shadow,...,Young (40 columns)" in out
 

@@ -23,12 +23,51 @@ def runs(tmp_path_factory):
                 make_image(root / split / cls / f"{i}.png", seed=100 * k + 10 * (cls == "b") + i)
     args = ["--data", f"folder:{root}", "--cache", str(tmp / "cache")]
     r = CliRunner()
-    res = r.invoke(main, ["extract", *args, "--encoder", TINY_VIT, "--encoder", TINY_CNN, "--layers", "4,5", "--no-pretrained",
-                          "--img-size", str(IMG), "--workers", "0", "--no-progress"])
+    res = r.invoke(
+        main,
+        [
+            "extract",
+            *args,
+            "--encoder",
+            TINY_VIT,
+            "--encoder",
+            TINY_CNN,
+            "--layers",
+            "4,5",
+            "--no-pretrained",
+            "--img-size",
+            str(IMG),
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     for fuser, aux in (("etfuser+qface", "recon:0.5"), ("fra", "sinkhorn:0.1")):
-        res = r.invoke(main, ["fit", *args, "--encoders", f"{TINY_VIT},{TINY_CNN}", "--fuser", fuser, "--layers", "all", "--aux", aux,
-                              "--out", str(tmp / fuser), "--epochs", "2", "--dim", "32", "--regions", "3", "--no-progress"])
+        res = r.invoke(
+            main,
+            [
+                "fit",
+                *args,
+                "--encoders",
+                f"{TINY_VIT},{TINY_CNN}",
+                "--fuser",
+                fuser,
+                "--layers",
+                "all",
+                "--aux",
+                aux,
+                "--out",
+                str(tmp / fuser),
+                "--epochs",
+                "2",
+                "--dim",
+                "32",
+                "--regions",
+                "3",
+                "--no-progress",
+            ],
+        )
         assert res.exit_code == 0, res.output
         config = json.loads((tmp / fuser / "config.json").read_text())
         assert config["fuser_config"]["aux"] == aux and config["fuser_config"]["regions"] == 3
@@ -47,7 +86,9 @@ def _valid_png(path) -> tuple[int, int]:
 def test_overlays_for_images(runs, fuser, rows):
     tmp, root = runs
     images = [str(p) for p in sorted(root.glob("test/*/*.png"))[:2]]
-    res = CliRunner().invoke(main, ["explain", "--run", str(tmp / fuser), *images, "--out", str(tmp / f"x_{fuser}"), "--device", "cpu"])
+    res = CliRunner().invoke(
+        main, ["explain", "--run", str(tmp / fuser), *images, "--out", str(tmp / f"x_{fuser}"), "--device", "cpu"]
+    )
     assert res.exit_code == 0, res.output
     written = res.output.split()
     assert len(written) == 2
@@ -56,11 +97,15 @@ def test_overlays_for_images(runs, fuser, rows):
         assert w > h  # one column per group with a patch grid (4 of them), one row per map
 
 
-@pytest.mark.parametrize("fuser,maps", [("etfuser+qface", ["ensemble", "label"]), ("fra", ["region1", "region2", "region3"])])
+@pytest.mark.parametrize(
+    "fuser,maps", [("etfuser+qface", ["ensemble", "label"]), ("fra", ["region1", "region2", "region3"])]
+)
 def test_attention_shares_over_a_split(runs, fuser, maps):
     tmp, _ = runs
     out = tmp / f"s_{fuser}"
-    res = CliRunner().invoke(main, ["explain", "--run", str(tmp / fuser), "--split", "test", "--out", str(out), "--device", "cpu"])
+    res = CliRunner().invoke(
+        main, ["explain", "--run", str(tmp / fuser), "--split", "test", "--out", str(out), "--device", "cpu"]
+    )
     assert res.exit_code == 0, res.output
     _valid_png(out / "shares_test.png")
     shares = json.loads((out / "shares_test.json").read_text())

@@ -29,7 +29,9 @@ def _direct_tokens(dataset, encoder, layers):
     idx = [layer - 1 for layer in layers]
     m = encoder.model
     if encoder.is_vit:
-        out = m.forward_intermediates(x, indices=idx, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True)
+        out = m.forward_intermediates(
+            x, indices=idx, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
         return [torch.cat([p, t], 1).numpy() for t, p in out]
     out = m.forward_intermediates(x, indices=idx, norm=True, intermediates_only=True)
     return [f.flatten(2).transpose(1, 2).numpy() for f in out]
@@ -63,7 +65,11 @@ def test_token_selections_and_dtypes(folder_dataset, tmp_path, tiny_vit):
     full = extract(dataset, tiny_vit, tmp_path, ExtractOptions(dtype="float32", **OPTS))
     with TokenStore.open(full.path) as s:
         ref = s.read(12)
-    for mode, want in (("cls", ref[:, :1]), ("patch", ref[:, 1:]), ("pool:1", np.concatenate([ref[:, :1], ref[:, 1:].mean(1, keepdims=True)], 1))):
+    for mode, want in (
+        ("cls", ref[:, :1]),
+        ("patch", ref[:, 1:]),
+        ("pool:1", np.concatenate([ref[:, :1], ref[:, 1:].mean(1, keepdims=True)], 1)),
+    ):
         res = extract(dataset, tiny_vit, tmp_path, ExtractOptions(tokens=mode, dtype="float32", **OPTS))
         with TokenStore.open(res.path) as s:
             np.testing.assert_allclose(s.read(12), want, rtol=1e-5, atol=1e-5)
@@ -111,14 +117,31 @@ def _read_all(path: Path) -> np.ndarray:
 
 
 def test_resume_after_sigkill_gives_identical_arrays(tmp_path):
-    args = ["extract", "--data", "lfw-subset", "--encoder", TINY_VIT, "--no-pretrained", "--img-size", "64",
-            "--chunk-rows", "8", "--batch-size", "4", "--workers", "0", "--no-progress"]
+    args = [
+        "extract",
+        "--data",
+        "lfw-subset",
+        "--encoder",
+        TINY_VIT,
+        "--no-pretrained",
+        "--img-size",
+        "64",
+        "--chunk-rows",
+        "8",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(_etf(*args, "--cache", str(tmp_path / "ref")), check=True, env=env, capture_output=True)
     ref_path = next((tmp_path / "ref").glob("*/*.zarr"))
 
     cache = tmp_path / "killed"
-    proc = subprocess.Popen(_etf(*args, "--cache", str(cache)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _etf(*args, "--cache", str(cache)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and len(list(cache.glob("*/*.partial/done/*.json"))) < 3:
         time.sleep(0.01)
@@ -139,12 +162,34 @@ def test_resume_after_sigkill_gives_identical_arrays(tmp_path):
 
 
 def test_two_shards_give_the_same_store_as_one_process(tmp_path):
-    args = ["extract", "--data", "lfw-subset", "--encoder", TINY_VIT, "--no-pretrained", "--img-size", "32",
-            "--chunk-rows", "16", "--batch-size", "8", "--workers", "0", "--no-progress"]
+    args = [
+        "extract",
+        "--data",
+        "lfw-subset",
+        "--encoder",
+        TINY_VIT,
+        "--no-pretrained",
+        "--img-size",
+        "32",
+        "--chunk-rows",
+        "16",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(_etf(*args, "--cache", str(tmp_path / "one")), check=True, env=env, capture_output=True)
-    procs = [subprocess.Popen(_etf(*args, "--cache", str(tmp_path / "two"), "--shard", f"{i}/2"), env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _etf(*args, "--cache", str(tmp_path / "two"), "--shard", f"{i}/2"),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(2)
+    ]
     for p in procs:
         assert p.wait() == 0, p.stderr.read().decode()
     one, two = next((tmp_path / "one").glob("*/*.zarr")), next((tmp_path / "two").glob("*/*.zarr"))

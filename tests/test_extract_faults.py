@@ -117,7 +117,9 @@ def test_more_shards_than_chunks(dataset, tiny_vit, tmp_path, reference, monkeyp
     """6 chunks over 8 shards: chunk c goes to shard c * 8 // 6, so shards 3 and 7 have
     nothing to do and report the store as not yet complete."""
     calls = _count_batches(monkeypatch)
-    results = {i: extract(dataset, tiny_vit, tmp_path, ExtractOptions(shard=(i, 8), **OPTS)) for i in (3, 0, 1, 2, 4, 5, 7, 6)}
+    results = {
+        i: extract(dataset, tiny_vit, tmp_path, ExtractOptions(shard=(i, 8), **OPTS)) for i in (3, 0, 1, 2, 4, 5, 7, 6)
+    }
     assert len(calls) == 6, "every chunk computed exactly once"
     assert [i for i, r in results.items() if r.samples_done == 0] == [3, 7]
     assert [i for i, r in results.items() if r.complete] == [6], "the shard finishing the last chunk publishes"

@@ -18,8 +18,18 @@ SMALL = FuserConfig(dim=64, depth=2, heads=4)
 
 def _fit(dataset, cache, out, encoders, fuser="etfuser", epochs=40, **kw):
     kw.setdefault("tasks", ["classify:label"])
-    cfg = FitConfig(cache_dir=cache, encoders=encoders, out=out, fuser=fuser, epochs=epochs, batch_size=32, lr=2e-3,
-                    fuser_config=kw.pop("fuser_config", SMALL), progress=False, **kw)
+    cfg = FitConfig(
+        cache_dir=cache,
+        encoders=encoders,
+        out=out,
+        fuser=fuser,
+        epochs=epochs,
+        batch_size=32,
+        lr=2e-3,
+        fuser_config=kw.pop("fuser_config", SMALL),
+        progress=False,
+        **kw,
+    )
     return fit(dataset, cfg).metrics
 
 
@@ -62,7 +72,15 @@ def test_run_directory_and_metrics_agree_with_sklearn(xor, tmp_path):
 
     dataset, _, cache = xor
     m = _fit(dataset, cache, tmp_path / "run", ["A", "B"], epochs=5)
-    for name in ("config.json", "stores.json", "metrics.json", "model.safetensors", "history.csv", "predictions.csv", "summary.txt"):
+    for name in (
+        "config.json",
+        "stores.json",
+        "metrics.json",
+        "model.safetensors",
+        "history.csv",
+        "predictions.csv",
+        "summary.txt",
+    ):
         assert (tmp_path / "run" / name).exists(), name
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "predictions.csv")) if r["split"] == "test"]
     truth = {sid: label for sid, label in zip(dataset.ids, dataset.column("label"))}
@@ -236,13 +254,16 @@ def test_block_stream_visits_each_row_once_in_full_batches(xor):
     priors.close()
 
 
-@pytest.mark.parametrize("dataset, task, expected", [
-    ("celeba", "multilabel", "mean_accuracy"),  # the attribute protocol: mean accuracy, not the task's mean F1
-    ("au", "multilabel", "mean_f1"),
-    ("celeba", "classify", "accuracy"),
-    ("lfw-subset", "regress", "mae"),  # a metric the task does not report: its primary
-    ("csv", "classify", "accuracy"),
-])
+@pytest.mark.parametrize(
+    "dataset, task, expected",
+    [
+        ("celeba", "multilabel", "mean_accuracy"),  # the attribute protocol: mean accuracy, not the task's mean F1
+        ("au", "multilabel", "mean_f1"),
+        ("celeba", "classify", "accuracy"),
+        ("lfw-subset", "regress", "mae"),  # a metric the task does not report: its primary
+        ("csv", "classify", "accuracy"),
+    ],
+)
 def test_selection_metric_follows_the_dataset_protocol(dataset, task, expected):
     from types import SimpleNamespace
 

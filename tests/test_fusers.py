@@ -35,7 +35,10 @@ def xor_runs(tmp_path_factory):
     runs = {}
     for fuser, aux in FITTED.items():
         cfg = FuserConfig(dim=64, depth=2, heads=4, aux=aux)
-        runs[fuser] = (tmp / fuser, _fit(dataset, cache, tmp / fuser, ["A", "B"], fuser=fuser, epochs=8, fuser_config=cfg))
+        runs[fuser] = (
+            tmp / fuser,
+            _fit(dataset, cache, tmp / fuser, ["A", "B"], fuser=fuser, epochs=8, fuser_config=cfg),
+        )
     return dataset, cache, runs
 
 
@@ -112,8 +115,18 @@ def test_fusers_without_attention_say_so():
         create_fuser("linear", GROUPS, [Classify("label", ["label"], ["a", "b"])], SMALL).attention_maps(_tokens())
 
 
-@pytest.mark.parametrize("kw", [{"aux": "recon"}, {"aux": "recon:0"}, {"aux": "blur:1"}, {"queries": "all"},
-                                {"regions": 0}, {"temperature": 0.0}, {"recon_ratio": 1.0}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"aux": "recon"},
+        {"aux": "recon:0"},
+        {"aux": "blur:1"},
+        {"queries": "all"},
+        {"regions": 0},
+        {"temperature": 0.0},
+        {"recon_ratio": 1.0},
+    ],
+)
 def test_bad_fuser_options_are_refused(kw):
     with pytest.raises(EtfError):
         FuserConfig(**kw)
@@ -131,7 +144,9 @@ def test_label_queries_per_label_or_per_task(fuser):
         out = model(_tokens())
         assert out["attrs"].shape == (6, 3) and out["expr"].shape == (6, 3)
         names = [n for n in f.attention_maps(_tokens()) if n != "ensemble"]
-        assert names == (["attrs:smile", "attrs:glasses", "attrs:beard", "expr"] if queries == "label" else ["attrs", "expr"])
+        assert names == (
+            ["attrs:smile", "attrs:glasses", "attrs:beard", "expr"] if queries == "label" else ["attrs", "expr"]
+        )
 
 
 def test_etfuser_qface_starts_at_the_single_prior_baseline():
@@ -159,10 +174,14 @@ def test_qface_queries_move_to_the_stage_that_holds_their_task(tmp_path):
     direction /= np.linalg.norm(direction)
     layer = lambda s: rng.normal(size=(n, T, D)) + 1.5 * s[:, None, None] * direction  # noqa: E731
     cache = tmp_path / "cache"
-    import_prior(cache, dataset, "P", np.stack([layer(s1), layer(s2)], axis=1).astype(np.float32), tmp_path)  # (N, L, T, D)
+    import_prior(
+        cache, dataset, "P", np.stack([layer(s1), layer(s2)], axis=1).astype(np.float32), tmp_path
+    )  # (N, L, T, D)
     tasks = ["classify:t1", "classify:t2"]
     cfg = FuserConfig(dim=64, depth=1, heads=1)
-    m = _fit(dataset, cache, tmp_path / "q", ["P"], fuser="qface", layers="all", tasks=tasks, epochs=15, fuser_config=cfg)
+    m = _fit(
+        dataset, cache, tmp_path / "q", ["P"], fuser="qface", layers="all", tasks=tasks, epochs=15, fuser_config=cfg
+    )
     assert acc(m, "t1") > 0.9 and acc(m, "t2") > 0.9
     assert acc(_fit(dataset, cache, tmp_path / "lin", ["P"], fuser="linear", tasks=tasks, epochs=5), "t1") < 0.65
 
@@ -172,8 +191,10 @@ def test_qface_queries_move_to_the_stage_that_holds_their_task(tmp_path):
     tokens = [t.float() for t in priors.load(np.nonzero(np.array(dataset.splits) == "test")[0])]
     priors.close()
     untrained = build_model("qface", groups, task_objs, cfg, config["seed"]).eval()
-    before, after = ({k: group_shares(w, groups).mean(dim=0) for k, w in mod.fuser.attention_maps(tokens).items()}
-                     for mod in (untrained, model))
+    before, after = (
+        {k: group_shares(w, groups).mean(dim=0) for k, w in mod.fuser.attention_maps(tokens).items()}
+        for mod in (untrained, model)
+    )
     assert abs(before["t1"][0] - 0.5) < 0.05 and abs(before["t2"][1] - 0.5) < 0.05
     assert after["t1"][0] > 0.75 and after["t2"][1] > 0.75, after
 
@@ -191,8 +212,12 @@ def test_weight_decay_spares_tokens_embeddings_gates_norms_and_biases(fuser):
     decayed = {names[id(p)] for p in decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert spared | decayed == set(names.values()) and not spared & decayed
-    learned = {"etfuser": ["ensemble", "gate", "embed", "placeholder"], "etfuser+qface": ["ensemble", "queries", "embed"],
-               "qface": ["queries", "embed"], "fra": ["masks", "embed"]}[fuser]
+    learned = {
+        "etfuser": ["ensemble", "gate", "embed", "placeholder"],
+        "etfuser+qface": ["ensemble", "queries", "embed"],
+        "qface": ["queries", "embed"],
+        "fra": ["masks", "embed"],
+    }[fuser]
     for leaf in learned:
         assert any(n.endswith("." + leaf) for n in spared) and not any(n.endswith("." + leaf) for n in decayed), leaf
     assert all(n.endswith(("bias", "weight")) for n in decayed) and not any(n.endswith("bias") for n in decayed)

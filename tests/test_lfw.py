@@ -52,7 +52,10 @@ def test_lfw_view_2_reads_the_official_layout(tmp_path):
     assert pairs["b"][:2] == ["lfw/Ann_A/Ann_A_0002.jpg", "lfw/Cy_C/Cy_C_0001.jpg"]
     split = dict(zip(d.ids, d.splits))
     assert sorted(s for s, v in split.items() if v == "train") == [
-        "lfw/Eve_E/Eve_E_0001.jpg", "lfw/Eve_E/Eve_E_0002.jpg", "lfw/Fay_F/Fay_F_0001.jpg"]
+        "lfw/Eve_E/Eve_E_0001.jpg",
+        "lfw/Eve_E/Eve_E_0002.jpg",
+        "lfw/Fay_F/Fay_F_0001.jpg",
+    ]
     assert {split[s] for s in pairs["a"] + pairs["b"]} == {"test"}
     assert "lfw/Bob_B/Bob_B_0002.jpg" in split  # named by a mismatched pair
     assert d.classes["identity"] == sorted({**PAIRED, **UNPAIRED})
@@ -87,8 +90,13 @@ def test_lfw_view_1_uses_the_people_lists(tmp_path):
     assert d.pairs is None  # no pairsDevTest.txt: verification draws pairs from the identities
     (root / "pairsDevTest.txt").write_text("1\nDee_D\t1\t2\nCy_C\t1\tEve_E\t2\n")
     d = load_dataset(f"lfw:{root}?view=1")
-    assert d.pairs == {"test": {"a": ["lfw/Dee_D/Dee_D_0001.jpg", "lfw/Cy_C/Cy_C_0001.jpg"],
-                                "b": ["lfw/Dee_D/Dee_D_0002.jpg", "lfw/Eve_E/Eve_E_0002.jpg"], "same": [1, 0]}}
+    assert d.pairs == {
+        "test": {
+            "a": ["lfw/Dee_D/Dee_D_0001.jpg", "lfw/Cy_C/Cy_C_0001.jpg"],
+            "b": ["lfw/Dee_D/Dee_D_0002.jpg", "lfw/Eve_E/Eve_E_0002.jpg"],
+            "same": [1, 0],
+        }
+    }
     (root / "peopleDevTest.txt").write_text("3\nCy_C\t1\nDee_D\t2\nAnn_A\t2\n")
     _refused(f"lfw:{root}?view=1", r"peopleDevTest.txt: line 4: Ann_A is also in peopleDevTrain.txt")
     (root / "peopleDevTest.txt").write_text("4\nCy_C\t1\nDee_D\t2\nEve_E\t2\n")
@@ -100,7 +108,10 @@ def test_lfw_view_1_uses_the_people_lists(tmp_path):
     [
         (lambda fold: ["Ann_A\t1\t3", fold[1]], r"pairs.txt: line 2: image lfw/Ann_A/Ann_A_0003.jpg not found"),
         (lambda fold: [fold[0], "Ann_A\t1\tNobody\t1"], r"line 3: image lfw/Nobody/Nobody_0001.jpg not found"),
-        (lambda fold: [fold[0], "Bob_B\t1\t2", fold[1]], r"pairs.txt: line 3: expected a mismatched pair \(name1 n1 name2 n2\), pair 1 of fold 1"),
+        (
+            lambda fold: [fold[0], "Bob_B\t1\t2", fold[1]],
+            r"pairs.txt: line 3: expected a mismatched pair \(name1 n1 name2 n2\), pair 1 of fold 1",
+        ),
         (lambda fold: fold[1:], r"pairs.txt: line 2: expected a matched pair \(name n1 n2\), pair 1 of fold 1"),
         (lambda fold: [fold[0], "Ann_A\tone\tCy_C\t1"], r"pairs.txt: line 3: 'one' is not an integer"),
     ],
@@ -113,7 +124,10 @@ def test_bad_pairs_files_name_the_line(tmp_path, edit, message):
 
 def test_pairs_file_shorter_than_its_header_is_refused(tmp_path):
     write_lfw(tmp_path, pairs=["10\t1", *(line for k in range(9) for line in _fold(k))])
-    _refused(f"lfw:{tmp_path}", r"pairs.txt: the header says 10 folds of 1 matched \+ 1 mismatched pairs \(20 lines\) but the file has 18")
+    _refused(
+        f"lfw:{tmp_path}",
+        r"pairs.txt: the header says 10 folds of 1 matched \+ 1 mismatched pairs \(20 lines\) but the file has 18",
+    )
 
 
 def test_missing_protocol_files_are_named(tmp_path):

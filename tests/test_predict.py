@@ -24,11 +24,42 @@ def run(tmp_path_factory):
                 make_image(root / split / cls / f"{i}.png", seed=hash((split, cls, i)) % 1000)
     r = CliRunner()
     args = ["--data", f"folder:{root}", "--cache", str(tmp / "cache")]
-    res = r.invoke(main, ["extract", *args, "--encoder", TINY_VIT, "--encoder", "resnet18", "--no-pretrained",
-                          "--img-size", str(IMG), "--workers", "0", "--no-progress"])
+    res = r.invoke(
+        main,
+        [
+            "extract",
+            *args,
+            "--encoder",
+            TINY_VIT,
+            "--encoder",
+            "resnet18",
+            "--no-pretrained",
+            "--img-size",
+            str(IMG),
+            "--workers",
+            "0",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
-    res = r.invoke(main, ["fit", *args, "--encoders", f"{TINY_VIT},resnet18", "--out", str(tmp / "run"), "--epochs", "3",
-                          "--dim", "32", "--tokens", "pool:1", "--no-progress"])
+    res = r.invoke(
+        main,
+        [
+            "fit",
+            *args,
+            "--encoders",
+            f"{TINY_VIT},resnet18",
+            "--out",
+            str(tmp / "run"),
+            "--epochs",
+            "3",
+            "--dim",
+            "32",
+            "--tokens",
+            "pool:1",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "MFLOPs/sample" in res.output
     return tmp, root
@@ -38,7 +69,9 @@ def test_predict_reproduces_the_runs_own_predictions(run):
     tmp, root = run
     rows = [r for r in csv.DictReader(open(tmp / "run" / "predictions.csv")) if r["split"] == "test"]
     images = [str(root / r["id"]) for r in rows]
-    out = CliRunner().invoke(main, ["predict", "--run", str(tmp / "run"), *images, "--json", str(tmp / "p.json"), "--device", "cpu"])
+    out = CliRunner().invoke(
+        main, ["predict", "--run", str(tmp / "run"), *images, "--json", str(tmp / "p.json"), "--device", "cpu"]
+    )
     assert out.exit_code == 0, out.output
     got = json.loads((tmp / "p.json").read_text())
     classes = json.loads((tmp / "run" / "config.json").read_text())["tasks"][0]["classes"]

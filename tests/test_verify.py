@@ -46,8 +46,19 @@ def identity_cache(tmp, n_ids: int = 100, noise: float = 0.6, seed: int = 0):
 
 
 def _fit(dataset, cache, out, encoders=("A", "B"), fuser="etfuser", epochs=20, tasks=(TASK,), **kw):
-    cfg = FitConfig(cache_dir=cache, encoders=list(encoders), out=out, fuser=fuser, epochs=epochs, batch_size=64, lr=3e-3,
-                    fuser_config=FuserConfig(dim=64, depth=2, heads=4), progress=False, tasks=list(tasks), **kw)
+    cfg = FitConfig(
+        cache_dir=cache,
+        encoders=list(encoders),
+        out=out,
+        fuser=fuser,
+        epochs=epochs,
+        batch_size=64,
+        lr=3e-3,
+        fuser_config=FuserConfig(dim=64, depth=2, heads=4),
+        progress=False,
+        tasks=list(tasks),
+        **kw,
+    )
     return fit(dataset, cfg).metrics
 
 
@@ -147,7 +158,14 @@ def test_ensemble_token_joins_identity_halves_from_two_priors(ids, tmp_path):
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
     assert open(run / "predictions.csv").readline().strip() == "id,split,identity:true:identity"
     task = json.loads((run / "config.json").read_text())["tasks"][0]
-    assert (task["kind"], task["dim"], task["margin"], task["s"], task["m"], task["identities"]) == ("verify", 32, "arcface", 30.0, 0.3, 60)
+    assert (task["kind"], task["dim"], task["margin"], task["s"], task["m"], task["identities"]) == (
+        "verify",
+        32,
+        "arcface",
+        30.0,
+        0.3,
+        60,
+    )
     assert "accuracy_10fold" in (run / "summary.txt").read_text()
 
 
@@ -159,8 +177,11 @@ def test_protocol_pairs_drive_the_test_and_predict_reproduces_them(ids, tmp_path
     rng = np.random.default_rng(1)
     a, b = rng.choice(test, 400), rng.choice(test, 400)
     labels = dataset.column("identity")
-    pairs = {"a": [dataset.ids[i] for i in a], "b": [dataset.ids[i] for i in b],
-             "same": [int(labels[i] == labels[j]) for i, j in zip(a, b)]}
+    pairs = {
+        "a": [dataset.ids[i] for i in a],
+        "b": [dataset.ids[i] for i in b],
+        "same": [int(labels[i] == labels[j]) for i, j in zip(a, b)],
+    }
     pairs["same"][:20] = [1] * 20
     pairs["b"][:20] = pairs["a"][:20]  # identical images: matched for sure, and at least ten of them
     with_pairs = dataclasses.replace(dataset, pairs={"test": pairs})
@@ -220,7 +241,11 @@ def test_single_image_identities_only_is_refused(tmp_path):
 def test_split_too_small_for_ten_folds_is_refused(tmp_path):
     identity = np.r_[np.arange(80) // 4, 20 + np.arange(6) // 3]
     splits = np.r_[["train"] * 80, ["val"] * 6]
-    _refused(_tiny(tmp_path, identity, splits), tmp_path, "val split: 4 matched and 4 mismatched pairs; the 10-fold protocol needs at least 10")
+    _refused(
+        _tiny(tmp_path, identity, splits),
+        tmp_path,
+        "val split: 4 matched and 4 mismatched pairs; the 10-fold protocol needs at least 10",
+    )
 
 
 def test_protocol_pair_without_a_usable_sample_is_refused(tmp_path):
@@ -230,12 +255,21 @@ def test_protocol_pair_without_a_usable_sample_is_refused(tmp_path):
     pairs = {"test": {"a": ids[120:140], "b": ids[140:160], "same": [0, 1] * 10, "fold": list(range(10)) * 2}}
     identity[125] = np.nan  # an unlabelled sample that the protocol needs
     data = _tiny(tmp_path, identity, splits, pairs)
-    _refused(data, tmp_path, r"test split: pair 6 of its protocol names 'img/0125.png', which .* has no 'identity' label")
+    _refused(
+        data, tmp_path, r"test split: pair 6 of its protocol names 'img/0125.png', which .* has no 'identity' label"
+    )
 
 
 def test_pair_naming_a_sample_outside_its_split_is_refused(tmp_path):
-    with pytest.raises(EtfError, match=r"pairs of split 'test': pair 1 names 'img/0000.png', which is not a test sample"):
-        _tiny(tmp_path, np.arange(20) // 2, identity_splits(3)[:20], {"test": {"a": ["img/0000.png"], "b": ["img/0019.png"], "same": [0]}})
+    with pytest.raises(
+        EtfError, match=r"pairs of split 'test': pair 1 names 'img/0000.png', which is not a test sample"
+    ):
+        _tiny(
+            tmp_path,
+            np.arange(20) // 2,
+            identity_splits(3)[:20],
+            {"test": {"a": ["img/0000.png"], "b": ["img/0019.png"], "same": [0]}},
+        )
 
 
 @pytest.mark.parametrize(
@@ -254,7 +288,9 @@ def test_bad_task_options_are_refused(tmp_path, task, message):
 
 def test_margin_flags_apply_to_verify_tasks_only():
     assert with_options(["verify:id", "classify:x"], dim=8, margin="cosface", s=None, m=None) == [
-        "verify:id?dim=8&margin=cosface", "classify:x"]
+        "verify:id?dim=8&margin=cosface",
+        "classify:x",
+    ]
     assert with_options(["verify:id?dim=4"], dim=8, margin=None, s=None, m=None) == ["verify:id?dim=4"]
     with pytest.raises(EtfError, match="apply to verify tasks; none in classify:x"):
         with_options(["classify:x"], dim=8)
@@ -269,9 +305,24 @@ def test_ablate_compares_verify_runs_by_their_fold_accuracies(ids, tmp_path):
 
     dataset, cache, _ = ids
     spec = f"csv:{cache.parent / 'ids' / 'data.csv'}"  # where identity_cache wrote it
-    grid = Grid.from_settings({"data": spec, "cache": cache, "out": tmp_path, "encoders": "A,B", "subsets": "all",
-                               "tasks": [TASK], "fusers": "etfuser", "seeds": "0,1", "epochs": 12, "batch_size": 64,
-                               "lr": 3e-3, "dim": 64, "depth": 2, "heads": 4})
+    grid = Grid.from_settings(
+        {
+            "data": spec,
+            "cache": cache,
+            "out": tmp_path,
+            "encoders": "A,B",
+            "subsets": "all",
+            "tasks": [TASK],
+            "fusers": "etfuser",
+            "seeds": "0,1",
+            "epochs": 12,
+            "batch_size": 64,
+            "lr": 3e-3,
+            "dim": 64,
+            "depth": 2,
+            "heads": 4,
+        }
+    )
     plan = plan_grid(grid)
     assert (plan.metric.name, plan.metric.kind) == ("accuracy_10fold", "verify")
     assert run_grid(plan).failed == []
@@ -280,7 +331,9 @@ def test_ablate_compares_verify_runs_by_their_fold_accuracies(ids, tmp_path):
     folds = {}
     for r in json.loads((tmp_path / "results.json").read_text())["runs"]:
         m = json.loads((Path(r["path"]) / "metrics.json").read_text())
-        folds[(r["labels"]["subset"], r["labels"]["fuser"], r["labels"]["seed"])] = m["test"]["identity"]["fold_accuracy"]
+        folds[(r["labels"]["subset"], r["labels"]["fuser"], r["labels"]["seed"])] = m["test"]["identity"][
+            "fold_accuracy"
+        ]
     a = folds[("A+B", "etfuser", 0)] + folds[("A+B", "etfuser", 1)]
     b = folds[("A", "linear", 0)] + folds[("A", "linear", 1)]  # the baseline: the canonical prior, linear
     assert fused["test"] == "folds t-test"

@@ -30,11 +30,49 @@ def run(tmp_path_factory):
     lfw = write_lfw(tmp / "lfw")
     cache = ["--cache", str(tmp / "cache")]
     for data in (f"folder:{faces}", f"lfw:{lfw}"):
-        _ok(["extract", "--data", data, *cache, "--encoder", TINY_VIT, "--no-pretrained", "--img-size", str(IMG),
-             "--workers", "0", "--no-progress"])
-    out = _ok(["fit", "--data", f"folder:{faces}", *cache, "--encoders", TINY_VIT, "--task", "verify:label",
-               "--margin", "cosface", "--embed-dim", "8", "--epochs", "2", "--val-fraction", "0.3", "--dim", "32",
-               "--tokens", "pool:1", "--out", str(tmp / "run"), "--no-progress"])
+        _ok(
+            [
+                "extract",
+                "--data",
+                data,
+                *cache,
+                "--encoder",
+                TINY_VIT,
+                "--no-pretrained",
+                "--img-size",
+                str(IMG),
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+    out = _ok(
+        [
+            "fit",
+            "--data",
+            f"folder:{faces}",
+            *cache,
+            "--encoders",
+            TINY_VIT,
+            "--task",
+            "verify:label",
+            "--margin",
+            "cosface",
+            "--embed-dim",
+            "8",
+            "--epochs",
+            "2",
+            "--val-fraction",
+            "0.3",
+            "--dim",
+            "32",
+            "--tokens",
+            "pool:1",
+            "--out",
+            str(tmp / "run"),
+            "--no-progress",
+        ]
+    )
     assert "val      label        accuracy_10fold" in out
     return tmp, lfw, cache
 
@@ -75,8 +113,28 @@ def test_predict_without_embed_on_a_verify_run_says_what_to_do(run):
 def test_stores_extracted_differently_from_the_runs_are_refused(run, tmp_path):
     tmp, lfw, _ = run
     other = ["--cache", str(tmp_path / "cache")]
-    _ok(["extract", "--data", f"lfw:{lfw}", *other, "--encoder", TINY_VIT, "--no-pretrained", "--img-size", "48",
-         "--workers", "0", "--no-progress"])
-    res = CliRunner().invoke(main, ["predict", "--run", str(tmp / "run"), "--data", f"lfw:{lfw}", *other, "--embed", str(tmp_path / "e")])
+    _ok(
+        [
+            "extract",
+            "--data",
+            f"lfw:{lfw}",
+            *other,
+            "--encoder",
+            TINY_VIT,
+            "--no-pretrained",
+            "--img-size",
+            "48",
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
+    res = CliRunner().invoke(
+        main, ["predict", "--run", str(tmp / "run"), "--data", f"lfw:{lfw}", *other, "--embed", str(tmp_path / "e")]
+    )
     assert res.exit_code == 1
-    assert f"prior '{TINY_VIT}'" in res.output and "was extracted differently" in res.output and "data_config" in res.output
+    assert (
+        f"prior '{TINY_VIT}'" in res.output
+        and "was extracted differently" in res.output
+        and "data_config" in res.output
+    )

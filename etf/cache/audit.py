@@ -43,9 +43,9 @@ def store_info(path: Path) -> dict[str, Any]:
             "skipped": len(store.skipped),
             "source": spec.get("source"),
             "model": spec.get("model"),
-            "weights": spec.get("pretrained") or spec.get("weights_file") or (
-                f"random init, seed {spec['init_seed']}" if spec.get("init_seed") is not None else None
-            ),
+            "weights": spec.get("pretrained")
+            or spec.get("weights_file")
+            or (f"random init, seed {spec['init_seed']}" if spec.get("init_seed") is not None else None),
             "layers": store.layers,
             "tokens": spec["tokens"],
             "arrays": {a.name: [store.n, *a.shape] for a in store.array_specs},
@@ -90,7 +90,9 @@ def verify_store(path: Path, cache_dir: Path | None = None) -> list[str]:
                 problems.append(f"{a.name}: shape {tuple(arr.shape)}, expected {(store.n, *a.shape)}")
                 continue
             if isinstance(arr, zarr.Array) and arr.nchunks_initialized != arr.nchunks:
-                problems.append(f"{a.name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing on disk")
+                problems.append(
+                    f"{a.name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing on disk"
+                )
             problems += _scan_values(store, a, ids, skipped)
     return problems
 
@@ -120,8 +122,11 @@ def _scan_values(store: TokenStore, a: ArraySpec, ids: list[str], skipped: set[s
         finite = np.isfinite(per_layer.reshape(*per_layer.shape[:2], -1)).all(axis=2)
         for k, layer in enumerate(a.layers):
             bad[layer] += [ids[start + i] for i in np.nonzero(~finite[:, k])[0] if ids[start + i] not in skipped]
-    problems += [f"layer {layer}: non-finite values for {', '.join(b[:5])}" + (f" (+{len(b) - 5} more)" if len(b) > 5 else "")
-                 for layer, b in bad.items() if b]
+    problems += [
+        f"layer {layer}: non-finite values for {', '.join(b[:5])}" + (f" (+{len(b) - 5} more)" if len(b) > 5 else "")
+        for layer, b in bad.items()
+        if b
+    ]
     return problems
 
 

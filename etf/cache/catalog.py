@@ -57,7 +57,13 @@ class StoreEntry:
 def list_stores(cache_dir: Path, dataset_key: str | None = None) -> list[StoreEntry]:
     """Every store (complete or partial) under ``cache_dir``, optionally for one dataset."""
     root = Path(cache_dir)
-    dirs = [root / dataset_key] if dataset_key else sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    dirs = (
+        [root / dataset_key]
+        if dataset_key
+        else sorted(p for p in root.iterdir() if p.is_dir())
+        if root.is_dir()
+        else []
+    )
     out = []
     for d in dirs:
         for p in sorted(d.iterdir()) if d.is_dir() else []:
@@ -84,7 +90,9 @@ def find_store(cache_dir: Path, dataset_key: str, name: str) -> Path:
             f"({', '.join(e.label for e in done)}); name one as NAME-HASHPREFIX"
         )
     if matches:
-        raise EtfError(f"encoder {name!r}: the store is incomplete ({matches[0].path.name}); re-run etf extract to finish it")
+        raise EtfError(
+            f"encoder {name!r}: the store is incomplete ({matches[0].path.name}); re-run etf extract to finish it"
+        )
     raise EtfError(
         f"encoder {name!r}: no store for this dataset in {cache_dir} (dataset key {dataset_key}); run etf extract first"
     )

@@ -63,7 +63,13 @@ class Group:
         return self.layout.count
 
     def to_json(self) -> dict[str, Any]:
-        return {"prior": self.prior, "name": self.name, "layer": self.layer, "layout": self.layout.to_json(), "dim": self.dim}
+        return {
+            "prior": self.prior,
+            "name": self.name,
+            "layer": self.layer,
+            "layout": self.layout.to_json(),
+            "dim": self.dim,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Group:
@@ -75,17 +81,28 @@ def _check_manifest(cache_dir: Path, dataset: Dataset) -> None:
     try:
         manifest = read_manifest(cache_dir, dataset.key)
     except EtfError:
-        raise EtfError(f"--data {dataset.describe()}: no manifest for dataset key {dataset.key} in {cache_dir}; run etf extract first") from None
+        raise EtfError(
+            f"--data {dataset.describe()}: no manifest for dataset key {dataset.key} in {cache_dir}; run etf extract first"
+        ) from None
     spec = dataset.spec()
     differs = [k for k in spec if canonical_json(manifest.get(k)) != canonical_json(spec[k])]
     if differs:
-        raise EtfError(f"{cache_dir}/{dataset.key}/manifest.json differs from --data {dataset.describe()} in {', '.join(differs)}")
+        raise EtfError(
+            f"{cache_dir}/{dataset.key}/manifest.json differs from --data {dataset.describe()} in {', '.join(differs)}"
+        )
 
 
 class PriorSet:
     """The token groups of several priors, aligned to the dataset's sample order."""
 
-    def __init__(self, cache_dir: str | Path, dataset: Dataset, priors: list[str], layers: str = "last", tokens: str | None = None) -> None:
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        dataset: Dataset,
+        priors: list[str],
+        layers: str = "last",
+        tokens: str | None = None,
+    ) -> None:
         if not priors:
             raise EtfError("--encoders: name at least one prior")
         if len(set(priors)) != len(priors):
@@ -135,7 +152,9 @@ class PriorSet:
             raise EtfError(f"--layers {layers!r}: use last, all, or comma-separated layer numbers") from None
         missing = [w for w in wanted if w not in store.layers]
         if missing:
-            raise EtfError(f"--layers {layers}: prior {name} has layers {','.join(map(str, store.layers))}, not {missing[0]}")
+            raise EtfError(
+                f"--layers {layers}: prior {name} has layers {','.join(map(str, store.layers))}, not {missing[0]}"
+            )
         return wanted
 
     def close(self) -> None:
@@ -145,8 +164,14 @@ class PriorSet:
     def specs(self) -> list[dict[str, Any]]:
         """What a run records about its inputs: name, path, spec hash and spec of each store."""
         return [
-            {"name": n, "path": str(s.path), "spec_hash": s.attrs["spec_hash"], "spec": s.spec,
-             "layouts": s.attrs["layouts"], "info": s.attrs.get("info", {})}
+            {
+                "name": n,
+                "path": str(s.path),
+                "spec_hash": s.attrs["spec_hash"],
+                "spec": s.spec,
+                "layouts": s.attrs["layouts"],
+                "info": s.attrs.get("info", {}),
+            }
             for n, s in zip(self.names, self.stores)
         ]
 
@@ -177,7 +202,10 @@ class PriorSet:
         """The selected tokens of ``rows`` (sorted sample indices) in memory, read block-wise
         into preallocated tensors: peak memory is the result plus one block."""
         step = block_rows or self.block_rows * max(1, (64 << 20) // max(1, self.row_bytes() * self.block_rows))
-        out = [torch.empty((len(rows), g.tokens, g.dim), dtype=_TORCH_DTYPE[self.stores[g.prior].spec["dtype"]]) for g in self.groups]
+        out = [
+            torch.empty((len(rows), g.tokens, g.dim), dtype=_TORCH_DTYPE[self.stores[g.prior].spec["dtype"]])
+            for g in self.groups
+        ]
         filled = 0
         for start in range(0, len(self.dataset), step):
             stop = min(len(self.dataset), start + step)
@@ -236,7 +264,9 @@ class BlockStream:
     whatever N is.
     """
 
-    def __init__(self, priors: PriorSet, rows: np.ndarray, batch_size: int, block_rows: int, shuffle: bool, seed: int) -> None:
+    def __init__(
+        self, priors: PriorSet, rows: np.ndarray, batch_size: int, block_rows: int, shuffle: bool, seed: int
+    ) -> None:
         self.priors, self.rows, self.batch_size = priors, np.sort(rows), batch_size
         self.shuffle, self.seed = shuffle, seed
         n = len(priors.dataset)

@@ -324,11 +324,15 @@ class TokenStore:
     def open(cls, path: str | os.PathLike) -> TokenStore:
         path = Path(path)
         if path.name.endswith(".partial"):
-            raise EtfError(f"{path}: incomplete store (extraction still under way or interrupted); re-run the same etf extract to resume")
+            raise EtfError(
+                f"{path}: incomplete store (extraction still under way or interrupted); re-run the same etf extract to resume"
+            )
         if not path.exists():
             partial = path.with_name(path.name + ".partial")
             if partial.exists():
-                raise EtfError(f"{path}: incomplete store (extraction still under way or interrupted); re-run the same etf extract to resume")
+                raise EtfError(
+                    f"{path}: incomplete store (extraction still under way or interrupted); re-run the same etf extract to resume"
+                )
             raise EtfError(f"{path}: no such store")
         if path.suffix == ".h5":
             import h5py
@@ -386,7 +390,6 @@ class TokenStore:
     def skipped(self) -> list[str]:
         return list(self.attrs.get("skipped", []))
 
-
     def shape(self, layer: int) -> tuple[int, int]:
         """(T, D) of one layer."""
         a, _ = self._locate(layer)
@@ -430,5 +433,3 @@ class TokenStore:
     def chunk_bytes(self) -> int:
         row = sum(int(np.prod(a.shape)) for a in self.array_specs) * physical_dtype(self.spec["dtype"]).itemsize
         return row * self.chunk_rows
-
-

@@ -25,18 +25,25 @@ def _size(n: int) -> str:
 def describe_store(path: Path) -> None:
     info = store_info(path)
     click.echo(f"{path}")
-    echo_kv([
-        ("encoder", f"{info['name']} ({info['model'] or info['source']}; {info['weights'] or 'imported'})"),
-        ("samples", f"{info['samples']}" + (f" ({info['skipped']} skipped)" if info["skipped"] else "")),
-        ("arrays", ", ".join(f"{k} {tuple(v)}" for k, v in info["arrays"].items())),
-        ("layers", ",".join(map(str, info["layers"]))),
-        ("tokens", f"{info['tokens']}; " + ", ".join(
-            f"layer {k}: {v['prefix']} prefix + {'x'.join(map(str, v['grid'])) if v['grid'] else 'no'} grid"
-            for k, v in info["layouts"].items())),
-        ("dtype", f"{info['dtype']} (computed in {info['precision'] or 'n/a'}), input {info['input_size']}"),
-        ("on disk", f"{_size(info['bytes'])}, {info['chunk_rows']} samples per chunk, codec {info['codec']}"),
-        ("GFLOPs/img", f"{info['flops_per_image'] / 1e9:.2f}" if info["flops_per_image"] else "n/a"),
-    ])
+    echo_kv(
+        [
+            ("encoder", f"{info['name']} ({info['model'] or info['source']}; {info['weights'] or 'imported'})"),
+            ("samples", f"{info['samples']}" + (f" ({info['skipped']} skipped)" if info["skipped"] else "")),
+            ("arrays", ", ".join(f"{k} {tuple(v)}" for k, v in info["arrays"].items())),
+            ("layers", ",".join(map(str, info["layers"]))),
+            (
+                "tokens",
+                f"{info['tokens']}; "
+                + ", ".join(
+                    f"layer {k}: {v['prefix']} prefix + {'x'.join(map(str, v['grid'])) if v['grid'] else 'no'} grid"
+                    for k, v in info["layouts"].items()
+                ),
+            ),
+            ("dtype", f"{info['dtype']} (computed in {info['precision'] or 'n/a'}), input {info['input_size']}"),
+            ("on disk", f"{_size(info['bytes'])}, {info['chunk_rows']} samples per chunk, codec {info['codec']}"),
+            ("GFLOPs/img", f"{info['flops_per_image'] / 1e9:.2f}" if info["flops_per_image"] else "n/a"),
+        ]
+    )
 
 
 @click.group("cache")
@@ -86,10 +93,19 @@ def verify(store: Path) -> None:
 @cache_option
 @data_options
 @click.option("--name", required=True, help="Name of the prior (used as --encoders NAME by etf fit).")
-@click.option("--tokens", "tokens_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help=".npy of shape (N,T,D) or (N,L,T,D).")
-@click.option("--ids", "ids_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Sample id of each row, one per line.  [default: manifest order]")
+@click.option(
+    "--tokens",
+    "tokens_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=".npy of shape (N,T,D) or (N,L,T,D).",
+)
+@click.option(
+    "--ids",
+    "ids_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Sample id of each row, one per line.  [default: manifest order]",
+)
 @click.option("--prefix", type=int, help="Leading non-patch tokens.  [default: 0 or 1, whichever leaves a square grid]")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
 @click.option("--store", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)

@@ -14,8 +14,15 @@ from etf.pipeline.explain import explain_images, explain_split
 @click.option("--run", "run", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--split", help="Instead of images: mean attention share per prior/stage over this split of the cache.")
-@click.option("--data", "data_spec", metavar="SPEC", help="With --split: the dataset.  [default: as the run recorded it]")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="With --split: the cache.  [default: the run's]")
+@click.option(
+    "--data", "data_spec", metavar="SPEC", help="With --split: the dataset.  [default: as the run recorded it]"
+)
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --split: the cache.  [default: the run's]",
+)
 @click.option("--weights", multiple=True, callback=_weights, help="PRIOR=FILE for priors extracted with --weights.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the PNGs.")

@@ -34,43 +34,127 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int] | None:
 
 @click.command("extract")
 @data_options
-@click.option("--encoder", "encoders", multiple=True, required=True, help="Alias (vit_b, dinov2_s, ...) or timm model name; repeat for several.")
+@click.option(
+    "--encoder",
+    "encoders",
+    multiple=True,
+    required=True,
+    help="Alias (vit_b, dinov2_s, ...) or timm model name; repeat for several.",
+)
 @cache_option
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), help="Local checkpoint (.pth/.pt/.bin/.safetensors) for the encoder.")
+@click.option(
+    "--weights",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Local checkpoint (.pth/.pt/.bin/.safetensors) for the encoder.",
+)
 @click.option("--allow-partial", is_flag=True, help="Accept a --weights file that leaves most of the model random.")
-@click.option("--pretrained/--no-pretrained", default=True, show_default=True, help="timm pretrained weights, or a random init from --seed.")
+@click.option(
+    "--pretrained/--no-pretrained",
+    default=True,
+    show_default=True,
+    help="timm pretrained weights, or a random init from --seed.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of a --no-pretrained random init.")
-@click.option("--layers", callback=_int_list, help="1-based blocks/stages, e.g. 4,8,12; negatives count from the end.  [default: last]")
+@click.option(
+    "--layers",
+    callback=_int_list,
+    help="1-based blocks/stages, e.g. 4,8,12; negatives count from the end.  [default: last]",
+)
 @click.option("--tokens", default="all", show_default=True, help="all | cls | patch | pool:G")
-@click.option("--norm/--no-norm", default=True, show_default=True, help="Apply the model's final norm to the returned layers.")
+@click.option(
+    "--norm/--no-norm", default=True, show_default=True, help="Apply the model's final norm to the returned layers."
+)
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True, help="Storage dtype.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="Autocast precision (auto: bf16/fp16 on GPU, fp32 on CPU).")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="Autocast precision (auto: bf16/fp16 on GPU, fp32 on CPU).",
+)
 @click.option("--img-size", type=int, help="Input resolution (ViT position embeddings are resized).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), help="Decode worker processes (0: decode in the main process).  "
-              "[default: on a GPU cores - 1, at most 8; on the CPU one per 8 cores, at low priority]")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    help="Decode worker processes (0: decode in the main process).  "
+    "[default: on a GPU cores - 1, at most 8; on the CPU one per 8 cores, at low priority]",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--store", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-@click.option("--codec", type=click.Choice(CODECS), default="none", show_default=True, help="Zarr compression (activations compress poorly; see bench/README.md).")
-@click.option("--chunk-rows", type=click.IntRange(min=1), help="Samples per chunk (the resume unit).  [default: about 8 MiB]")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="Unreadable images: stop, or record them as skipped.")
-@click.option("--shard", callback=_shard, help="Fill only part I of N of the store (0-based); set automatically under torchrun.")
+@click.option(
+    "--codec",
+    type=click.Choice(CODECS),
+    default="none",
+    show_default=True,
+    help="Zarr compression (activations compress poorly; see bench/README.md).",
+)
+@click.option(
+    "--chunk-rows", type=click.IntRange(min=1), help="Samples per chunk (the resume unit).  [default: about 8 MiB]"
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(["fail", "skip"]),
+    default="fail",
+    show_default=True,
+    help="Unreadable images: stop, or record them as skipped.",
+)
+@click.option(
+    "--shard", callback=_shard, help="Fill only part I of N of the store (0-based); set automatically under torchrun."
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar.  [default: when on a terminal]")
-def command(data_spec, crop, encoders, cache_dir, weights, allow_partial, pretrained, seed, layers, tokens, norm, dtype,
-            precision, img_size, batch_size, workers, device, store_format, codec, chunk_rows, on_error, shard, progress) -> None:
+def command(
+    data_spec,
+    crop,
+    encoders,
+    cache_dir,
+    weights,
+    allow_partial,
+    pretrained,
+    seed,
+    layers,
+    tokens,
+    norm,
+    dtype,
+    precision,
+    img_size,
+    batch_size,
+    workers,
+    device,
+    store_format,
+    codec,
+    chunk_rows,
+    on_error,
+    shard,
+    progress,
+) -> None:
     """Run each frozen --encoder once over --data and cache its tokens (resumable)."""
     if weights is not None and len(encoders) > 1:
-        raise click.BadParameter("--weights applies to one encoder; run one extract per checkpoint", param_hint="--weights")
+        raise click.BadParameter(
+            "--weights applies to one encoder; run one extract per checkpoint", param_hint="--weights"
+        )
     dataset = open_dataset(data_spec, crop)
     opts = ExtractOptions(
-        layers=layers, tokens=tokens, norm=norm, dtype=dtype, precision=precision, batch_size=batch_size,
-        workers=workers, device=device, store=store_format, codec=codec, chunk_rows=chunk_rows, on_error=on_error, shard=shard,
+        layers=layers,
+        tokens=tokens,
+        norm=norm,
+        dtype=dtype,
+        precision=precision,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        store=store_format,
+        codec=codec,
+        chunk_rows=chunk_rows,
+        on_error=on_error,
+        shard=shard,
         progress=progress,
     )
     click.echo(f"dataset {dataset.describe()}: {len(dataset)} samples, key {dataset.key}")
     for name in encoders:
-        encoder = create_encoder(name, pretrained=pretrained, weights=weights, seed=seed, img_size=img_size,
-                                 allow_partial=allow_partial)
+        encoder = create_encoder(
+            name, pretrained=pretrained, weights=weights, seed=seed, img_size=img_size, allow_partial=allow_partial
+        )
         if encoder.load_report is not None:
             click.echo(f"{name}: {encoder.load_report.summary()}")
         result = extract(dataset, encoder, cache_dir, opts)
@@ -79,7 +163,9 @@ def command(data_spec, crop, encoders, cache_dir, weights, allow_partial, pretra
         elif result.complete:
             click.echo(f"{name}: {result.samples_done} images in {result.seconds:.1f}s ({result.rate:.1f} img/s)")
         else:
-            click.echo(f"{name}: this shard is done ({result.samples_done} images); the store completes when all shards finish")
+            click.echo(
+                f"{name}: this shard is done ({result.samples_done} images); the store completes when all shards finish"
+            )
         if result.skipped:
             click.echo(f"{name}: skipped {len(result.skipped)} unreadable image(s), recorded in the manifest")
         if result.complete:

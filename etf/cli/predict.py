@@ -26,16 +26,25 @@ def _weights(ctx, param, values: tuple[str, ...]) -> dict[str, Path]:
 @click.command("predict")
 @click.option("--run", "run", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
-@click.option("--embed", type=click.Path(file_okay=False, path_type=Path),
-              help="Write each verify task's embeddings to DIR/embeddings-<task>.npy (+ .txt: the ids, one a line).")
-@click.option("--data", "data_spec", metavar="SPEC",
-              help="Embed a cached dataset's samples instead of IMAGES (needs --embed; tokens from --cache) and evaluate its pair protocols.")
+@click.option(
+    "--embed",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write each verify task's embeddings to DIR/embeddings-<task>.npy (+ .txt: the ids, one a line).",
+)
+@click.option(
+    "--data",
+    "data_spec",
+    metavar="SPEC",
+    help="Embed a cached dataset's samples instead of IMAGES (needs --embed; tokens from --cache) and evaluate its pair protocols.",
+)
 @cache_option
 @click.option("--crop", default=None, help="The --crop the dataset was extracted with.")
 @click.option("--weights", multiple=True, callback=_weights, help="PRIOR=FILE for priors extracted with --weights.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the predictions as JSON.")
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the predictions as JSON."
+)
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the predictions as CSV.")
 def command(run, images, embed, data_spec, cache_dir, crop, weights, device, batch_size, json_out, csv_out) -> None:
     """Predict every task of --run for IMAGE... (encoders, fuser and heads end to end)."""

@@ -89,7 +89,9 @@ class Dataset:
                 raise EtfError(f"{where}: need non-empty lists {', '.join(keys)} of equal length")
             for k, sid in enumerate(p["a"] + p["b"]):
                 if split_of.get(sid) != split:
-                    raise EtfError(f"{where}: pair {k % len(p['a']) + 1} names {sid!r}, which is not a {split} sample of the dataset")
+                    raise EtfError(
+                        f"{where}: pair {k % len(p['a']) + 1} names {sid!r}, which is not a {split} sample of the dataset"
+                    )
             if not set(p["same"]) <= {0, 1}:
                 raise EtfError(f"{where}: 'same' must hold 1 (match) or 0 (mismatch)")
 

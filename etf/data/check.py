@@ -59,7 +59,9 @@ def check_dataset(dataset: Dataset, images: bool = True, workers: int = 8) -> Ch
         report.lines.append("options  " + ", ".join(f"{k}={v}" for k, v in dataset.options.items()))
     if dataset.skipped:
         first = dataset.skipped[0]
-        report.lines.append(f"skipped  {len(dataset.skipped)} by the adapter (first: {first['id']}: {first.get('reason', '')})")
+        report.lines.append(
+            f"skipped  {len(dataset.skipped)} by the adapter (first: {first['id']}: {first.get('reason', '')})"
+        )
     _check_tasks(dataset, report)
     _check_labels(dataset, order, report)
     if images:
@@ -130,7 +132,9 @@ def _class_table(dataset: Dataset, col: str, order: list[str], report: CheckRepo
             continue
         counts[sample.split][int(v)] += 1
     if bad:
-        report.problems.append(f"label column {col!r}: {len(bad)} value(s) outside the {len(names)} classes (first: sample {bad[0][0]!r} has {bad[0][1]})")
+        report.problems.append(
+            f"label column {col!r}: {len(bad)} value(s) outside the {len(names)} classes (first: sample {bad[0][0]!r} has {bad[0][1]})"
+        )
     width = max(len(n) for n in names)
     report.lines.append(f"  {col}  {'class':<{width}}  " + "  ".join(f"{s:>7}" for s in order))
     for i, name in enumerate(names):
@@ -152,4 +156,6 @@ def _check_images(dataset: Dataset, report: CheckReport, workers: int) -> None:
     if missing:
         report.problems.append(f"{len(missing)} image file(s) missing (first: {missing[0].path})")
     if unreadable:
-        report.problems.append(f"{len(unreadable)} image file(s) unreadable (first: {unreadable[0][0].path}: {unreadable[0][1]})")
+        report.problems.append(
+            f"{len(unreadable)} image file(s) unreadable (first: {unreadable[0][0].path}: {unreadable[0][1]})"
+        )

@@ -95,7 +95,9 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, allo
     total = sum(t.numel() for t in own.values() if t.is_floating_point()) or 1
     report.loaded_fraction = sum(own[k].numel() for k in usable if own[k].is_floating_point()) / total
     if not allow_partial and (report.mismatched or report.loaded_fraction < 0.5):
-        raise EtfError(f"--weights {path}: does not fit {type(model).__name__}: {report.summary()} (use --allow-partial to load anyway)")
+        raise EtfError(
+            f"--weights {path}: does not fit {type(model).__name__}: {report.summary()} (use --allow-partial to load anyway)"
+        )
     model.load_state_dict(usable, strict=False)
     return report
 
@@ -105,7 +107,9 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path, allo
 PREFERRED_PREFIXES = ("", "encoder.", "backbone.", "encoder_q.", "module.encoder_q.", "online_encoder.", "student.")
 
 
-def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module, path: Path | None = None) -> dict[str, torch.Tensor]:
+def adapt_state_dict(
+    state: dict[str, torch.Tensor], model: nn.Module, path: Path | None = None
+) -> dict[str, torch.Tensor]:
     """Rename a foreign checkpoint's keys to the model's layout (identity for timm's own).
 
     Recognised: OpenAI-CLIP visual towers (``visual.conv1``, ``visual.transformer.resblocks``:
@@ -161,11 +165,14 @@ def _swap_final_norm(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor
     has it as ``norm``, or the reverse: use the checkpoint's under the model's name."""
     for have, want in (("fc_norm.", "norm."), ("norm.", "fc_norm.")):
         present = {k[len(have) :] for k in state if k.startswith(have)}
-        if present and not any(k.startswith(want) for k in state) and all(want + k in own for k in present) \
-                and not any(have + k in own for k in present):
+        if (
+            present
+            and not any(k.startswith(want) for k in state)
+            and all(want + k in own for k in present)
+            and not any(have + k in own for k in present)
+        ):
             return {(want + k[len(have) :] if k.startswith(have) else k): v for k, v in state.items()}
     return state
-
 
 
 def _timm_convert(state: dict[str, torch.Tensor], model: nn.Module, path: Path | None) -> dict[str, torch.Tensor]:
@@ -177,4 +184,6 @@ def _timm_convert(state: dict[str, torch.Tensor], model: nn.Module, path: Path |
     try:
         return convert(state, model)
     except Exception as e:  # converters index and reshape freely; any failure means a foreign layout
-        raise EtfError(f"--weights {path or 'checkpoint'}: cannot convert it for {type(model).__name__} ({type(e).__name__}: {e})") from None
+        raise EtfError(
+            f"--weights {path or 'checkpoint'}: cannot convert it for {type(model).__name__} ({type(e).__name__}: {e})"
+        ) from None

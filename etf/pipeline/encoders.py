@@ -113,7 +113,13 @@ class Encoder:
         idx = [layer - 1 for layer in layers]
         if self.is_vit:
             feats = self.model.forward_intermediates(
-                x, indices=idx, norm=norm, stop_early=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+                x,
+                indices=idx,
+                norm=norm,
+                stop_early=True,
+                output_fmt="NLC",
+                intermediates_only=True,
+                return_prefix_tokens=True,
             )
             grid = tuple(self.model.patch_embed.dynamic_feat_size(x.shape[-2:]))
             out = []

@@ -53,8 +53,9 @@ def _encoder_view(p: Predictor, prior: int, image: Path) -> np.ndarray:
     return (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def explain_images(run: Path, images: list[Path], out: Path, weights: dict[str, Path] | None = None,
-                   device: str = "auto") -> list[Path]:
+def explain_images(
+    run: Path, images: list[Path], out: Path, weights: dict[str, Path] | None = None, device: str = "auto"
+) -> list[Path]:
     """One PNG per image: a row per attention map, a column per group with a patch grid."""
     import matplotlib
 
@@ -67,7 +68,9 @@ def explain_images(run: Path, images: list[Path], out: Path, weights: dict[str, 
     p = load_predictor(run, weights, device)
     spatial = [i for i, g in enumerate(p.groups) if g.layout.grid]
     if not spatial:
-        raise EtfError(f"--run {run}: its tokens have no patch grid (fitted with --tokens cls?); use --split for attention shares")
+        raise EtfError(
+            f"--run {run}: its tokens have no patch grid (fitted with --tokens cls?); use --split for attention shares"
+        )
     with torch.no_grad():
         maps = p.model.fuser.eval().attention_maps(prior_tokens(p, images))
     out.mkdir(parents=True, exist_ok=True)
@@ -81,8 +84,13 @@ def explain_images(run: Path, images: list[Path], out: Path, weights: dict[str, 
             for col, i in enumerate(spatial):
                 ax, view = axes[row, col], views[p.groups[i].prior]
                 ax.imshow(view)
-                ax.imshow(grids[i], cmap="inferno", alpha=0.55, interpolation="bilinear",
-                          extent=(0, view.shape[1], view.shape[0], 0))
+                ax.imshow(
+                    grids[i],
+                    cmap="inferno",
+                    alpha=0.55,
+                    interpolation="bilinear",
+                    extent=(0, view.shape[1], view.shape[0], 0),
+                )
                 ax.set_title(f"{name} · {group_label(p.groups[i], p.groups)} ({shares[i]:.0%})", fontsize=8)
                 ax.axis("off")
         fig.tight_layout()
@@ -104,21 +112,33 @@ def run_dataset(config: dict[str, Any], data_spec: str | None) -> Dataset:
     else:
         dataset = load_dataset(data_spec)
     if dataset.key != recorded["key"]:
-        raise EtfError(f"--data {data_spec}: not the data the run was fitted on (dataset key {dataset.key}, the run's {recorded['key']}); pass --data SPEC")
+        raise EtfError(
+            f"--data {data_spec}: not the data the run was fitted on (dataset key {dataset.key}, the run's {recorded['key']}); pass --data SPEC"
+        )
     return dataset
 
 
-def split_shares(run: Path, split: str, data_spec: str | None = None, cache_dir: Path | None = None,
-                 device: str = "auto", batch_size: int = 256) -> tuple[list[str], dict[str, list[float]], int]:
+def split_shares(
+    run: Path,
+    split: str,
+    data_spec: str | None = None,
+    cache_dir: Path | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+) -> tuple[list[str], dict[str, list[float]], int]:
     """Group labels, each map's mean share per group over ``split``, and the sample count."""
     config, _, groups, model = load_model(run)
     dataset = run_dataset(config, data_spec)
     rows = np.nonzero(np.array(dataset.splits) == split)[0]
     if not len(rows):
-        raise EtfError(f"--split {split}: {dataset.describe()} has no such split (splits: {', '.join(dict.fromkeys(dataset.splits))})")
+        raise EtfError(
+            f"--split {split}: {dataset.describe()} has no such split (splits: {', '.join(dict.fromkeys(dataset.splits))})"
+        )
     dev = resolve_device(device)
     fuser = model.fuser.to(dev).eval()
-    priors = PriorSet(cache_dir or Path(config["cache_dir"]), dataset, config["encoders"], config["layers"], config["tokens"])
+    priors = PriorSet(
+        cache_dir or Path(config["cache_dir"]), dataset, config["encoders"], config["layers"], config["tokens"]
+    )
     try:
         if priors.groups != groups:
             raise EtfError(f"--run {run}: the cache's token groups differ from the run's (re-extracted stores?)")
@@ -133,8 +153,9 @@ def split_shares(run: Path, split: str, data_spec: str | None = None, cache_dir:
     return [group_label(g, groups) for g in groups], means, len(rows)
 
 
-def explain_split(run: Path, split: str, out: Path, data_spec: str | None = None, cache_dir: Path | None = None,
-                  device: str = "auto") -> list[Path]:
+def explain_split(
+    run: Path, split: str, out: Path, data_spec: str | None = None, cache_dir: Path | None = None, device: str = "auto"
+) -> list[Path]:
     """A bar chart of each map's mean share per group over ``split``, and the numbers as JSON."""
     import matplotlib
 

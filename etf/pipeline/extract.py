@@ -109,7 +109,9 @@ def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
     return shard
 
 
-def store_spec(dataset: Dataset, encoder: Encoder, layers: list[int], opts: ExtractOptions, precision: str) -> dict[str, Any]:
+def store_spec(
+    dataset: Dataset, encoder: Encoder, layers: list[int], opts: ExtractOptions, precision: str
+) -> dict[str, Any]:
     """What determines the stored tokens; its hash names the store."""
     return {
         "name": encoder.name,
@@ -165,12 +167,17 @@ def autocast_for(precision: str, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST else nullcontext()
 
 
-def compute_tokens(encoder: Encoder, x: torch.Tensor, layers: list[int], opts: ExtractOptions, ids: list[str], autocast: Any) -> dict[int, np.ndarray]:
+def compute_tokens(
+    encoder: Encoder, x: torch.Tensor, layers: list[int], opts: ExtractOptions, ids: list[str], autocast: Any
+) -> dict[int, np.ndarray]:
     """Stored form of the tokens of a preprocessed batch, per layer: what extraction writes
     and what ``etf predict`` recomputes for new images."""
     with autocast:
         outs = encoder.tokens(x, layers, opts.norm)
-    return {layer: encode_tokens(select_tokens(t, lay, opts.tokens)[0], opts.dtype, ids) for layer, (t, lay) in zip(layers, outs)}
+    return {
+        layer: encode_tokens(select_tokens(t, lay, opts.tokens)[0], opts.dtype, ids)
+        for layer, (t, lay) in zip(layers, outs)
+    }
 
 
 def _bad_list(bad: list[tuple[str, str]]) -> str:
@@ -230,7 +237,9 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
             "(nothing written for them; fix or remove them, or pass --on-error skip)"
         )
     if len(bad) == len(dataset):
-        raise EtfError(f"every image of {dataset.describe()} is unreadable ({listed}); check the dataset path and format")
+        raise EtfError(
+            f"every image of {dataset.describe()} is unreadable ({listed}); check the dataset path and format"
+        )
     done_rows = _run(dataset, encoder, writer, todo, set(bad), layers, opts, device, autocast)
     complete = writer.finalize()
     skipped = []
@@ -290,7 +299,10 @@ def _run(
     pending: list[Future] = []
     total = sum(len(b) for b in sampler.batches)
     disable = None if opts.progress is None else not opts.progress
-    with ThreadPoolExecutor(max_workers=1) as io, tqdm(total=total, unit="img", desc=encoder.name, disable=disable) as bar:
+    with (
+        ThreadPoolExecutor(max_workers=1) as io,
+        tqdm(total=total, unit="img", desc=encoder.name, disable=disable) as bar,
+    ):
 
         def flush(buf: _ChunkBuffer) -> None:
             pending.append(io.submit(writer.write_chunk, buf.c, buf.data, sorted(buf.skipped)))
@@ -318,7 +330,9 @@ def _run(
             if keep:
                 ok = [idx[k] for k in keep]
                 x = x[keep] if failed else x
-                per_layer = compute_tokens(encoder, x.to(device, non_blocking=True), layers, opts, [dataset.ids[i] for i in ok], autocast)
+                per_layer = compute_tokens(
+                    encoder, x.to(device, non_blocking=True), layers, opts, [dataset.ids[i] for i in ok], autocast
+                )
                 buf.put(ok, {a.name: _stack(a, per_layer) for a in writer.arrays})
             buf.skipped.extend(dataset.ids[i] for i in failed)
             buf.missing -= len(failed)
@@ -335,7 +349,9 @@ def _stack(a: ArraySpec, per_layer: dict[int, np.ndarray]) -> np.ndarray:
     return np.stack([per_layer[la] for la in a.layers], axis=1) if a.name == "tokens" else per_layer[a.layers[0]]
 
 
-def _loader(dataset: Dataset, encoder: Encoder, sampler: _ChunkBatches, workers: int, device: torch.device) -> DataLoader:
+def _loader(
+    dataset: Dataset, encoder: Encoder, sampler: _ChunkBatches, workers: int, device: torch.device
+) -> DataLoader:
     return DataLoader(
         _Images(dataset, encoder.transform(), tuple(encoder.data_config["input_size"])),
         batch_sampler=sampler,

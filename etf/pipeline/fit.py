@@ -182,7 +182,9 @@ class Batches:
             self.rows = np.sort(rows)
             self.tokens = priors.load(self.rows)
 
-    def iterate(self, rows: np.ndarray, shuffle: bool, epoch: int = 0) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
+    def iterate(
+        self, rows: np.ndarray, shuffle: bool, epoch: int = 0
+    ) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
         if self.streamed:
             yield from BlockStream(self.priors, rows, self.batch_size, self.block_rows, shuffle, self.seed).epoch(epoch)
             return
@@ -211,7 +213,9 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.dim() < 2 or name in skip else decay).append(p)
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
 
 
 def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -224,7 +228,9 @@ def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.opti
 
 
 @torch.no_grad()
-def predict_rows(models: list[FusionModel], tasks: list[Task], batches: Batches, rows: np.ndarray, device: torch.device) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+def predict_rows(
+    models: list[FusionModel], tasks: list[Task], batches: Batches, rows: np.ndarray, device: torch.device
+) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
     """Row order and, per model and task, decoded predictions for ``rows``: one read for all models."""
     for model in models:
         model.eval()
@@ -240,7 +246,9 @@ def predict_rows(models: list[FusionModel], tasks: list[Task], batches: Batches,
 
 
 @torch.no_grad()
-def attention_shares(models: list[FusionModel], batches: Batches, rows: np.ndarray, names: list[str], device: torch.device) -> list[dict[str, float] | None]:
+def attention_shares(
+    models: list[FusionModel], batches: Batches, rows: np.ndarray, names: list[str], device: torch.device
+) -> list[dict[str, float] | None]:
     """Per model, the mean share of the ensemble token's attention each prior gets on ``rows``
     (which prior the token listens to); None for fusers without ``attention_shares``."""
     which = [k for k, m in enumerate(models) if hasattr(m.fuser, "attention_shares")]
@@ -252,10 +260,18 @@ def attention_shares(models: list[FusionModel], batches: Batches, rows: np.ndarr
         for k in which:
             models[k].eval()
             sums[k] = sums[k] + models[k].fuser.attention_shares(tokens).sum(dim=0)
-    return [{n: float(v) for n, v in zip(names, sums[k] / len(rows))} if k in sums else None for k in range(len(models))]
+    return [
+        {n: float(v) for n, v in zip(names, sums[k] / len(rows))} if k in sums else None for k in range(len(models))
+    ]
 
 
-def evaluate(tasks: list[Task], order: np.ndarray, preds: dict[str, np.ndarray], targets: dict[str, tuple[np.ndarray, np.ndarray]], extra: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+def evaluate(
+    tasks: list[Task],
+    order: np.ndarray,
+    preds: dict[str, np.ndarray],
+    targets: dict[str, tuple[np.ndarray, np.ndarray]],
+    extra: dict[str, np.ndarray],
+) -> dict[str, dict[str, float]]:
     out = {}
     for t in tasks:
         y, m = targets[t.name]
@@ -292,7 +308,9 @@ class _Member:
     """One model of a :func:`fit_many` group: its own optimiser, schedule, history, best
     state and torch RNG stream (continued from its seeded init, as in a separate fit)."""
 
-    def __init__(self, cfg: FitConfig, groups: list, tasks: list[Task], steps_per_epoch: int, device: torch.device) -> None:
+    def __init__(
+        self, cfg: FitConfig, groups: list, tasks: list[Task], steps_per_epoch: int, device: torch.device
+    ) -> None:
         self.cfg = cfg
         self.model = build_model(cfg.fuser, groups, tasks, cfg.fuser_config, cfg.seed).to(device)
         self.cuda = [device] if device.type == "cuda" else []
@@ -306,7 +324,9 @@ class _Member:
     def _rng_state(self) -> list[torch.Tensor]:
         return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in self.cuda)]
 
-    def step(self, tokens: list[torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor]], tasks: list[Task]) -> None:
+    def step(
+        self, tokens: list[torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor]], tasks: list[Task]
+    ) -> None:
         """One optimisation step on a batch, drawing random numbers from this model's stream only."""
         with torch.random.fork_rng(devices=self.cuda):
             torch.set_rng_state(self.rng[0])
@@ -323,11 +343,18 @@ class _Member:
             self.rng = self._rng_state()
         self.loss_sum += float(loss.detach()) * len(tokens[0])
 
-    def end_epoch(self, epoch: int, seen: int, rate: float, val: dict[str, dict[str, float]], first: Task, metric: str) -> None:
+    def end_epoch(
+        self, epoch: int, seen: int, rate: float, val: dict[str, dict[str, float]], first: Task, metric: str
+    ) -> None:
         score = _score(first, metric, val)
         if score > self.best or self.best_state is None:
             self.best, self.best_epoch, self.best_state = score, epoch, copy.deepcopy(self.model.state_dict())
-        row = {"epoch": epoch, "lr": self.opt.param_groups[0]["lr"], "train_loss": self.loss_sum / seen, "samples_per_s": rate}
+        row = {
+            "epoch": epoch,
+            "lr": self.opt.param_groups[0]["lr"],
+            "train_loss": self.loss_sum / seen,
+            "samples_per_s": rate,
+        }
         row.update({f"val_{t}_{k}": v for t, ms in val.items() for k, v in ms.items() if not isinstance(v, list)})
         self.history.append(row)
         self.loss_sum = 0.0
@@ -353,7 +380,9 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
     for other in configs[1:]:
         differs = [k for k, v in data_key(other).items() if shared[k] != v]
         if differs:
-            raise EtfError(f"fit_many: {other.out} differs from {cfg.out} in {', '.join(differs)}, not only in model settings")
+            raise EtfError(
+                f"fit_many: {other.out} differs from {cfg.out} in {', '.join(differs)}, not only in model settings"
+            )
     specs = cfg.tasks or dataset.tasks
     if not specs:
         raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
@@ -373,7 +402,15 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
             if not m[splits.train].any():
                 raise EtfError(f"--task {t.spec}: no training sample has this label")
             t.fit_stats(y[splits.train], m[splits.train])
-        extra = {"nme_norm": np.array([v if v is not None else np.nan for v in dataset.column("nme_norm")], dtype=np.float64)} if "nme_norm" in dataset.label_columns else {}
+        extra = (
+            {
+                "nme_norm": np.array(
+                    [v if v is not None else np.nan for v in dataset.column("nme_norm")], dtype=np.float64
+                )
+            }
+            if "nme_norm" in dataset.label_columns
+            else {}
+        )
         all_rows = np.unique(np.concatenate([splits.train, *splits.evaluate.values()]))
         budget = cfg.max_memory or default_memory_budget()
         batches = Batches(priors, all_rows, budget, cfg.batch_size, cfg.seed)
@@ -400,7 +437,11 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
             for member, p in zip(members, preds):
                 member.end_epoch(epoch, seen, rate, evaluate(tasks, order, p, targets, extra), tasks[0], selection)
             first = members[0].history[-1]
-            bar.set_postfix(loss=f"{first['train_loss']:.4f}", val=f"{first.get(f'val_{tasks[0].name}_{selection}', float('nan')):.4f}", sps=f"{rate:.0f}")
+            bar.set_postfix(
+                loss=f"{first['train_loss']:.4f}",
+                val=f"{first.get(f'val_{tasks[0].name}_{selection}', float('nan')):.4f}",
+                sps=f"{rate:.0f}",
+            )
         for member in members:
             member.model.load_state_dict(member.best_state)
         results, predictions = [{} for _ in members], [[] for _ in members]
@@ -416,12 +457,25 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
         seconds = time.perf_counter() - t0
         out = []
         for member, result, prediction, share in zip(members, results, predictions, shares):
-            cost = {"fuser_params": count_parameters(member.model), "fuser_flops": flops_per_sample(member.model, sample), "encoder_flops": encoder_flops}
-            metrics = {**result, "best_epoch": member.best_epoch, "selected_by": f"val {tasks[0].name} {selection}", **cost, "splits": splits.counts(),
-                       "streamed": batches.streamed, "seconds": seconds}
+            cost = {
+                "fuser_params": count_parameters(member.model),
+                "fuser_flops": flops_per_sample(member.model, sample),
+                "encoder_flops": encoder_flops,
+            }
+            metrics = {
+                **result,
+                "best_epoch": member.best_epoch,
+                "selected_by": f"val {tasks[0].name} {selection}",
+                **cost,
+                "splits": splits.counts(),
+                "streamed": batches.streamed,
+                "seconds": seconds,
+            }
             if share is not None:
                 metrics["attention_share"] = share
-            run = _write_run(member.cfg, dataset, tasks, priors, member.model, metrics, member.history, prediction, targets)
+            run = _write_run(
+                member.cfg, dataset, tasks, priors, member.model, metrics, member.history, prediction, targets
+            )
             out.append(FitResult(member.cfg.out, metrics, run))
     finally:
         priors.close()
@@ -489,7 +543,9 @@ def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -
                 lines.append(f"{split:<8} {t.name:<12} " + format_metrics(ms))
     f, e = metrics["fuser_flops"], metrics["encoder_flops"]
     share = f" ({100 * f / e:.2f}% of the encoders' {e / 1e9:.2f} GFLOPs)" if e else ""
-    lines.append(f"cost     {metrics['fuser_params'] / 1e6:.3f} M trainable parameters, {f / 1e6:.2f} MFLOPs/sample{share}")
+    lines.append(
+        f"cost     {metrics['fuser_params'] / 1e6:.3f} M trainable parameters, {f / 1e6:.2f} MFLOPs/sample{share}"
+    )
     return "\n".join(lines)
 
 

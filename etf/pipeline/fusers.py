@@ -71,7 +71,9 @@ class FuserConfig:
         if self.queries not in ("label", "task"):
             raise EtfError(f"--queries {self.queries!r}: use label or task")
         if self.regions < 1 or self.temperature <= 0:
-            raise EtfError(f"--regions {self.regions} / --temperature {self.temperature}: need at least one region and a positive temperature")
+            raise EtfError(
+                f"--regions {self.regions} / --temperature {self.temperature}: need at least one region and a positive temperature"
+            )
         if not 0 < self.recon_ratio < 1:
             raise EtfError(f"--recon-ratio {self.recon_ratio}: must be in (0, 1)")
 
@@ -168,7 +170,9 @@ class Fuser(nn.Module):
     def attention_maps(self, tokens: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named (B, S) weights over the groups' concatenated tokens: where the fuser looks
         (what ``etf explain`` draws). Call in eval mode."""
-        raise EtfError(f"the {self.fuser_name} fuser has no attention maps (etfuser, etfuser+qface, qface and fra have)")
+        raise EtfError(
+            f"the {self.fuser_name} fuser has no attention maps (etfuser, etfuser+qface, qface and fra have)"
+        )
 
     def _drop(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
         b = tokens[0].shape[0]
@@ -183,7 +187,9 @@ def group_shares(weights: torch.Tensor, groups: list[Group]) -> torch.Tensor:
     return torch.stack([w.sum(dim=-1) for w in weights.split([g.tokens for g in groups], dim=-1)], dim=-1)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, keep: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled dot-product attention over (B, H, S, dh) tensors, and its weights when ``keep``
     (the fused kernel, used otherwise, never materialises them)."""
     if not keep:
@@ -247,8 +253,13 @@ class Block(nn.Module):
         self.attention: torch.Tensor | None = None
         self.keep_attention = False
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, memory: torch.Tensor | None = None,
-                memory_allowed: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        allowed: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        memory_allowed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``allowed`` (B, 1, S, S): True where a query may attend to a key."""
         b, s, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
@@ -312,8 +323,12 @@ class TokenReconstruction(nn.Module):
     def loss(self, out: torch.Tensor, tokens: list[torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         """``out`` (B, S, dim): the fused sequence at the prior positions."""
         errors = []
-        for pred, o, t, h in zip(self.pred, out.split([g.tokens for g in self.groups], dim=1), tokens,
-                                 hidden.split([g.tokens for g in self.groups], dim=1)):
+        for pred, o, t, h in zip(
+            self.pred,
+            out.split([g.tokens for g in self.groups], dim=1),
+            tokens,
+            hidden.split([g.tokens for g in self.groups], dim=1),
+        ):
             target = F.layer_norm(t[h], t.shape[-1:])
             errors.append((pred(o[h]) - target).pow(2).mean(dim=-1))
         errors = torch.cat(errors)
@@ -356,7 +371,9 @@ class ETFuser(Fuser):
         same[0, :] = True  # the ensemble token sees every prior
         return same
 
-    def encode(self, tokens: list[torch.Tensor], hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(
+        self, tokens: list[torch.Tensor], hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The normalised output sequence (B, 1 + S, dim), ensemble token first, and the
         (B, 1 + S) mask of positions that were attended to. ``hidden`` (B, S) replaces those
         prior tokens by reconstruction placeholders."""

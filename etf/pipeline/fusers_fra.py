@@ -57,8 +57,13 @@ class FRAFuser(Fuser):
         self.key = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))  # FRA's per-pixel projection
         self.masks = nn.Parameter(torch.randn(k, d))
         hidden = int(d * cfg.mlp_ratio)
-        self.mix = nn.Sequential(nn.LayerNorm((k + 1) * d), nn.Linear((k + 1) * d, hidden), nn.GELU(),
-                                 nn.Dropout(cfg.dropout), nn.Linear(hidden, d))
+        self.mix = nn.Sequential(
+            nn.LayerNorm((k + 1) * d),
+            nn.Linear((k + 1) * d, hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(hidden, d),
+        )
 
     @property
     def out_dim(self) -> int:

@@ -40,10 +40,14 @@ class QueryDecoder(nn.Module):
             self.labels += names
         self.queries = nn.Parameter(torch.zeros(1, len(self.labels), cfg.dim))
         nn.init.trunc_normal_(self.queries, std=0.02)
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, cross=True) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, cross=True) for _ in range(cfg.depth)
+        )
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, memory: torch.Tensor, present: torch.Tensor, extra: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, memory: torch.Tensor, present: torch.Tensor, extra: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Per task, (B, dim) for a single query or (B, Q, dim) for per-label queries.
 
         ``memory`` (B, S, dim) normalised tokens, ``present`` (B, S) their mask; ``extra``
@@ -54,7 +58,9 @@ class QueryDecoder(nn.Module):
         if extra is not None:
             q = torch.cat([q, extra[:, None]], dim=1)
         every = torch.ones(1, 1, q.shape[1], q.shape[1], dtype=torch.bool, device=q.device)
-        readable = (present | ~present.any(dim=1, keepdim=True))[:, None, None]  # a sample with no tokens reads them all
+        readable = (present | ~present.any(dim=1, keepdim=True))[
+            :, None, None
+        ]  # a sample with no tokens reads them all
         for blk in self.blocks:
             q = blk(q, every, memory, readable)
         q = self.norm(q)

@@ -136,7 +136,9 @@ def _numeric(dataset: Dataset, col: str, task: str) -> np.ndarray:
         if not isinstance(v, (int, float)):
             raise EtfError(f"--task {task}: column {col!r} holds {v!r} for sample {dataset.ids[i]!r}, not a number")
         if v != v:
-            raise EtfError(f"--task {task}: column {col!r} is NaN for sample {dataset.ids[i]!r}; leave it empty for missing")
+            raise EtfError(
+                f"--task {task}: column {col!r} is NaN for sample {dataset.ids[i]!r}; leave it empty for missing"
+            )
         out[i] = float(v)
     return out
 
@@ -166,7 +168,9 @@ class Classify(Task):
         bad = present & ((y < 0) | (y >= len(self.classes)))
         if bad.any():
             i = int(np.argmax(bad))
-            raise EtfError(f"--task {self.spec}: sample {dataset.ids[i]!r} has label {y[i]:g}, outside 0..{len(self.classes) - 1}")
+            raise EtfError(
+                f"--task {self.spec}: sample {dataset.ids[i]!r} has label {y[i]:g}, outside 0..{len(self.classes) - 1}"
+            )
         if len(self.classes) < 2:
             raise EtfError(f"--task {self.spec}: column {col!r} has fewer than two classes")
         return np.nan_to_num(y, nan=0).astype(np.float32)[:, None], present[:, None]
@@ -237,7 +241,9 @@ class Regress(Task):
     def targets(self, dataset):
         for c in self.columns:
             if c in dataset.classes:
-                raise EtfError(f"--task {self.spec}: column {c!r} is categorical ({', '.join(dataset.classes[c][:4])}, ...); use classify:{c}")
+                raise EtfError(
+                    f"--task {self.spec}: column {c!r} is categorical ({', '.join(dataset.classes[c][:4])}, ...); use classify:{c}"
+                )
         y = np.stack([_numeric(dataset, c, self.spec) for c in self.columns], axis=1)
         present = ~np.isnan(y)
         return np.nan_to_num(y, nan=0).astype(np.float32), present
@@ -305,7 +311,9 @@ def _task_options(cls: type[Task], query: str, spec: str) -> dict[str, Any]:
         try:
             out[key] = cls.options[key](value)
         except ValueError:
-            raise EtfError(f"--task {spec!r}: option {key}={value!r} is not a valid {cls.options[key].__name__}") from None
+            raise EtfError(
+                f"--task {spec!r}: option {key}={value!r} is not a valid {cls.options[key].__name__}"
+            ) from None
     return out
 
 

@@ -90,7 +90,9 @@ def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, far: float) -> float:
     return float(tpr[fpr <= far].max())
 
 
-def verification_metrics(scores: np.ndarray, same: np.ndarray, folds: np.ndarray, fars: tuple[float, ...] = (1e-3, 1e-4)) -> dict[str, Any]:
+def verification_metrics(
+    scores: np.ndarray, same: np.ndarray, folds: np.ndarray, fars: tuple[float, ...] = (1e-3, 1e-4)
+) -> dict[str, Any]:
     """The LFW k-fold protocol plus ROC summaries over pair similarity ``scores``.
 
     For each fold the threshold that maximises accuracy on the other folds classifies the
@@ -122,4 +124,6 @@ def verification_metrics(scores: np.ndarray, same: np.ndarray, folds: np.ndarray
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     """One task's metrics as ``name value`` pairs for a summary line; lists (per-fold values) left out."""
-    return "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if not isinstance(v, list))
+    return "  ".join(
+        f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items() if not isinstance(v, list)
+    )

@@ -63,9 +63,13 @@ def load_model(run: Path) -> tuple[dict[str, Any], list[Task], list[Group], Fusi
 def _encoder_for(spec: dict[str, Any], weights: dict[str, Path], device: torch.device) -> Encoder:
     name = spec["name"]
     if spec.get("source") == "import":
-        raise EtfError(f"prior {name!r} was imported with etf cache import; predict cannot compute its tokens for new images")
+        raise EtfError(
+            f"prior {name!r} was imported with etf cache import; predict cannot compute its tokens for new images"
+        )
     if spec.get("weights_file") and name not in weights:
-        raise EtfError(f"prior {name!r} was extracted with --weights {spec['weights_file']}; pass --weights {name}=FILE")
+        raise EtfError(
+            f"prior {name!r} was extracted with --weights {spec['weights_file']}; pass --weights {name}=FILE"
+        )
     encoder = create_encoder(
         spec["model"],
         pretrained=spec.get("pretrained") is not None,
@@ -106,7 +110,11 @@ def prior_tokens(p: Predictor, images: list[Path]) -> list[torch.Tensor]:
         opts = ExtractOptions(tokens=spec["tokens"], norm=spec["norm"], dtype=spec["dtype"])
         tf = encoder.transform()
         x = torch.stack([tf(load_rgb(path)) for path in images]).to(p.device)
-        stored.append(compute_tokens(encoder, x, spec["layers"], opts, [str(i) for i in images], autocast_for(spec["precision"], p.device)))
+        stored.append(
+            compute_tokens(
+                encoder, x, spec["layers"], opts, [str(i) for i in images], autocast_for(spec["precision"], p.device)
+            )
+        )
     out = []
     for g in p.groups:
         entry = p.stores[g.prior]
@@ -182,13 +190,19 @@ def _check_priors(run: Path, config: dict[str, Any], priors: PriorSet) -> None:
         a, b = ({k: v for k, v in s["spec"].items() if k not in DATASET_FIELDS} for s in (old, new))
         if a != b:
             differs = ", ".join(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
-            raise EtfError(f"prior {old['name']!r}: {new['path']} was extracted differently from the run's {old['path']} ({differs})")
+            raise EtfError(
+                f"prior {old['name']!r}: {new['path']} was extracted differently from the run's {old['path']} ({differs})"
+            )
     if [g.to_json() for g in priors.groups] != config["groups"]:
-        raise EtfError(f"--data {priors.dataset.describe()}: the stores' token groups differ from those {run} was trained on")
+        raise EtfError(
+            f"--data {priors.dataset.describe()}: the stores' token groups differ from those {run} was trained on"
+        )
 
 
 @torch.no_grad()
-def embed_dataset(run: str | Path, dataset: Dataset, cache_dir: Path, embed: Path, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+def embed_dataset(
+    run: str | Path, dataset: Dataset, cache_dir: Path, embed: Path, batch_size: int = 256, device: str = "auto"
+) -> dict[str, Any]:
     """Each verify task's embeddings of ``dataset``'s cached samples, written to ``embed``, and
     the dataset's pair protocols evaluated on them (also written, as ``embed/metrics.json``)."""
     run = Path(run)

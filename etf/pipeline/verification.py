@@ -268,7 +268,14 @@ class Verify(Task):
         write_embeddings(out, self.name, ids, pred)
 
     def state(self) -> dict[str, Any]:
-        return {**super().state(), "dim": self.dim, "margin": self.margin, "s": self.s, "m": self.m, "identities": self.identities}
+        return {
+            **super().state(),
+            "dim": self.dim,
+            "margin": self.margin,
+            "s": self.s,
+            "m": self.m,
+            "identities": self.identities,
+        }
 
 
 def write_embeddings(directory: Path, task: str, ids: list[str], embeddings: np.ndarray) -> Path:
@@ -293,7 +300,9 @@ def pair_metrics(dataset: Dataset, embeddings: np.ndarray, valid: np.ndarray) ->
         if bad.any():
             k = int(np.argmax(bad))
             sid = dataset.ids[pairs.a[k] if not valid[pairs.a[k]] else pairs.b[k]]
-            raise EtfError(f"{dataset.describe()}: pair {k + 1} of split {split!r} names {sid!r}, which has no embedding (skipped at extraction)")
+            raise EtfError(
+                f"{dataset.describe()}: pair {k + 1} of split {split!r} names {sid!r}, which has no embedding (skipped at extraction)"
+            )
         out[split] = pairs.metrics(embeddings)
     return out
 
@@ -316,7 +325,9 @@ def with_options(specs: list[str], **options: Any) -> list[str]:
     if not given:
         return specs
     if not any(s.startswith("verify:") for s in specs):
-        raise EtfError(f"--embed-dim, --margin, --margin-scale and --margin-m apply to verify tasks; none in {', '.join(specs) or 'the tasks'}")
+        raise EtfError(
+            f"--embed-dim, --margin, --margin-scale and --margin-m apply to verify tasks; none in {', '.join(specs) or 'the tasks'}"
+        )
     out = []
     for spec in specs:
         if spec.startswith("verify:"):

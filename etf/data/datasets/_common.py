@@ -103,7 +103,9 @@ def hold_out(samples: list[Sample], val: float, seed: int, where: str) -> list[S
 def points_array(values: Sequence[float], path: Path, line: int, count: int) -> np.ndarray:
     """``count`` points from a flat x, y, x, y, ... list."""
     if len(values) != 2 * count:
-        raise annotation_error(path, line, f"expected {count} points ({2 * count} coordinates), got {len(values)} values")
+        raise annotation_error(
+            path, line, f"expected {count} points ({2 * count} coordinates), got {len(values)} values"
+        )
     return np.asarray(values, dtype=np.float64).reshape(count, 2)
 
 
@@ -152,5 +154,8 @@ def labels_from_names(
             skipped.append({"id": rel, "path": str(path), "reason": str(e)})
     report_skipped(fmt, root, skipped)
     if not parsed:
-        raise EtfError(f"{fmt}:{root}: no image with a well-formed name found" + (f" ({len(skipped)} malformed)" if skipped else ""))
+        raise EtfError(
+            f"{fmt}:{root}: no image with a well-formed name found"
+            + (f" ({len(skipped)} malformed)" if skipped else "")
+        )
     return parsed, skipped

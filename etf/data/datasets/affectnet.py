@@ -33,7 +33,17 @@ from etf.data.datasets._common import (
 from etf.errors import EtfError
 
 CLASSES = ["Neutral", "Happy", "Sad", "Surprise", "Fear", "Disgust", "Anger", "Contempt"]
-COLUMNS = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks", "expression", "valence", "arousal"]
+COLUMNS = [
+    "subDirectory_filePath",
+    "face_x",
+    "face_y",
+    "face_width",
+    "face_height",
+    "facial_landmarks",
+    "expression",
+    "valence",
+    "arousal",
+]
 INVALID = -2.0
 
 
@@ -48,7 +58,9 @@ def load_affectnet(root: Path, classes: int = 7, val: float = 0.0, seed: int = 0
     if classes not in (7, 8):
         raise EtfError(f"affectnet:{root}: classes={classes}; use 7 or 8 (8 adds contempt)")
     lists = ["", "Manually_Annotated_file_lists/"]
-    images = find(root, ["Manually_Annotated_Images", "Manually_Annotated/Manually_Annotated_Images"], "image folder", "affectnet")
+    images = find(
+        root, ["Manually_Annotated_Images", "Manually_Annotated/Manually_Annotated_Images"], "image folder", "affectnet"
+    )
     samples = []
     for name, split in (("training.csv", "train"), ("validation.csv", "test")):
         samples += _read(find(root, [p + name for p in lists], name, "affectnet"), images, split, classes)

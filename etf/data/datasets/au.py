@@ -68,7 +68,9 @@ def load_au(file: Path, dataset: str = "bp4d", fold: int = 1) -> Dataset:
     columns = [f"AU{n}" for n in AUS[dataset]]
     missing = [c for c in ("path", "subject", *columns) if c not in header]
     if missing:
-        raise annotation_error(file, 1, f"no column {missing[0]!r} ({dataset} needs path, subject, {', '.join(columns)})")
+        raise annotation_error(
+            file, 1, f"no column {missing[0]!r} ({dataset} needs path, subject, {', '.join(columns)})"
+        )
     ragged = next((n for n, r in enumerate(rows, start=2) if None in r or None in r.values()), None)
     if ragged:  # csv.DictReader marks too many fields with a None key, too few with None values
         raise annotation_error(file, ragged, f"expected {len(header)} columns ({','.join(header)})")
@@ -79,7 +81,9 @@ def load_au(file: Path, dataset: str = "bp4d", fold: int = 1) -> Dataset:
         for c in columns:
             v = r[c].strip()
             if v not in VALID[dataset] | UNKNOWN[dataset]:
-                raise annotation_error(file, line, f"{c} = {v!r} (expected {' or '.join(sorted(VALID[dataset]))}, or empty for unknown)")
+                raise annotation_error(
+                    file, line, f"{c} = {v!r} (expected {' or '.join(sorted(VALID[dataset]))}, or empty for unknown)"
+                )
             labels[c] = None if v in UNKNOWN[dataset] else int(int(v) >= (2 if dataset == "disfa" else 1))
         split = "test" if folds[r["subject"]] == fold else "train"
         samples.append(Sample(r["path"], file.parent / r["path"], split, labels))
@@ -93,5 +97,7 @@ def _given_folds(file: Path, rows: list[dict[str, str]]) -> dict[str, int]:
         if value not in {str(k) for k in range(1, FOLDS + 1)}:
             raise annotation_error(file, line, f"fold {value!r} is not 1, 2 or 3")
         if folds.setdefault(r["subject"], int(value)) != int(value):
-            raise annotation_error(file, line, f"subject {r['subject']!r} is in fold {folds[r['subject']]} and fold {value}")
+            raise annotation_error(
+                file, line, f"subject {r['subject']!r} is in fold {folds[r['subject']]} and fold {value}"
+            )
     return folds

@@ -73,7 +73,12 @@ def load_celeba(root: Path, aligned: bool = True) -> Dataset:
             raise annotation_error(partition_file, line, f"expected 'NAME 0|1|2', got {' '.join(fields)!r}")
         partition[fields[0]] = PARTITION[split[0]]
     folder = "img_align_celeba" if aligned else "img_celeba"
-    images = find(root, [f"Img/{folder}", folder], f"image folder {folder}/ (unpack {folder}.zip if that is what you have)", "celeba")
+    images = find(
+        root,
+        [f"Img/{folder}", folder],
+        f"image folder {folder}/ (unpack {folder}.zip if that is what you have)",
+        "celeba",
+    )
     meta = _meta(root, aligned)
     samples = []
     for name, values in attrs.items():

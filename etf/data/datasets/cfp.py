@@ -36,7 +36,9 @@ def read_pair_list(root: Path, kind: str) -> dict[int, str]:
     return out
 
 
-def read_fold_file(path: Path, lists: tuple[dict[int, str], dict[int, str]], names: tuple[str, str]) -> list[tuple[str, str]]:
+def read_fold_file(
+    path: Path, lists: tuple[dict[int, str], dict[int, str]], names: tuple[str, str]
+) -> list[tuple[str, str]]:
     """``same.txt`` / ``diff.txt``: ``i,j`` lines, ``i`` from the first list, ``j`` from the second."""
     pairs = []
     for line, fields in read_rows(path):
@@ -72,7 +74,9 @@ def load_cfp(root: Path, protocol: str = "FP") -> Dataset:
             pairs = read_fold_file(path, lists, names)
             expected = expected or (path, len(pairs))
             if len(pairs) != expected[1]:
-                raise EtfError(f"{path}: {len(pairs)} pairs, but {expected[0]} has {expected[1]}; every fold's same.txt and diff.txt hold as many")
+                raise EtfError(
+                    f"{path}: {len(pairs)} pairs, but {expected[0]} has {expected[1]}; every fold's same.txt and diff.txt hold as many"
+                )
             a += [p[0] for p in pairs]
             b += [p[1] for p in pairs]
             same += [match] * len(pairs)

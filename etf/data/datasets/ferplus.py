@@ -59,7 +59,9 @@ def load_ferplus(root: Path, vote: str = "majority") -> Dataset:
         raise annotation_error(votes_file, 1, f"expected header {','.join(HEADER)}")
     fer = read_fer2013(pixels_file)
     if len(rows) - 1 != len(fer):
-        raise EtfError(f"ferplus:{root}: {votes_file.name} has {len(rows) - 1} rows but {pixels_file.name} has {len(fer)}; they must match row for row")
+        raise EtfError(
+            f"ferplus:{root}: {votes_file.name} has {len(rows) - 1} rows but {pixels_file.name} has {len(fer)}; they must match row for row"
+        )
     folder = pixel_images(pixels_file, fer)
     samples = []
     for line, row in enumerate(rows[1:], start=2):
@@ -67,7 +69,9 @@ def load_ferplus(root: Path, vote: str = "majority") -> Dataset:
             raise annotation_error(votes_file, line, f"expected {len(HEADER)} columns, got {len(row)}")
         usage, name = row[0], row[1].strip()
         if USAGE.get(usage) != fer[line - 2][1]:
-            raise annotation_error(votes_file, line, f"Usage {usage!r} disagrees with line {line} of {pixels_file.name}")
+            raise annotation_error(
+                votes_file, line, f"Usage {usage!r} disagrees with line {line} of {pixels_file.name}"
+            )
         if not name:
             continue
         votes = numbers(row[2:], votes_file, line, int)

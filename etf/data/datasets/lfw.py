@@ -49,7 +49,9 @@ class LfwLayout:
         self.base = root / "lfw_home" if (root / "lfw_home").is_dir() else root
         found = [self.base / d for d in IMAGE_DIRS if (self.base / d).is_dir()]
         if len(found) > 1:
-            raise EtfError(f"lfw:{root}: several image folders ({', '.join(p.name for p in found)}); pass ROOT/<one of them> with its protocol files")
+            raise EtfError(
+                f"lfw:{root}: several image folders ({', '.join(p.name for p in found)}); pass ROOT/<one of them> with its protocol files"
+            )
         self.images = found[0] if found else self.base
 
     def file(self, name: str) -> Path | None:
@@ -73,7 +75,9 @@ class LfwLayout:
 
     def person(self, name: str) -> list[str]:
         folder = self.images / name
-        return sorted(p.relative_to(self.base).as_posix() for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return sorted(
+            p.relative_to(self.base).as_posix() for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        )
 
     def people(self) -> list[str]:
         return sorted(d.name for d in self.images.iterdir() if d.is_dir())
@@ -84,7 +88,9 @@ def read_pairs(path: Path, layout: LfwLayout) -> list[Pair]:
     matched and ``PER`` mismatched pairs, each naming existing images."""
     rows = read_rows(path)
     if not rows or len(rows[0][1]) not in (1, 2):
-        raise annotation_error(path, rows[0][0] if rows else 1, "expected a header 'FOLDS<tab>PAIRS' (e.g. 10 300) or 'PAIRS'")
+        raise annotation_error(
+            path, rows[0][0] if rows else 1, "expected a header 'FOLDS<tab>PAIRS' (e.g. 10 300) or 'PAIRS'"
+        )
     head = [integer(f, path, rows[0][0]) for f in rows[0][1]]
     folds, per = head if len(head) == 2 else (1, head[0])
     body, expected = rows[1:], 2 * folds * per
@@ -94,14 +100,20 @@ def read_pairs(path: Path, layout: LfwLayout) -> list[Pair]:
         matched = r < per
         if len(fields) != (3 if matched else 4):
             shape = "matched pair (name n1 n2)" if matched else "mismatched pair (name1 n1 name2 n2)"
-            raise annotation_error(path, line, f"expected a {shape}, pair {r % per + 1} of fold {fold + 1}; the header says "
-                                     f"{folds} folds of {per} matched then {per} mismatched pairs")
+            raise annotation_error(
+                path,
+                line,
+                f"expected a {shape}, pair {r % per + 1} of fold {fold + 1}; the header says "
+                f"{folds} folds of {per} matched then {per} mismatched pairs",
+            )
         second = [fields[0], fields[2]] if matched else fields[2:]
         a, b = (layout.image(n, integer(i, path, line), path, line) for n, i in (fields[:2], second))
         pairs.append(Pair(a, b, int(matched), fold, line))
     if len(body) != expected:
-        raise EtfError(f"{path}: the header says {folds} folds of {per} matched + {per} mismatched pairs "
-                       f"({expected} lines) but the file has {len(body)} pair lines")
+        raise EtfError(
+            f"{path}: the header says {folds} folds of {per} matched + {per} mismatched pairs "
+            f"({expected} lines) but the file has {len(body)} pair lines"
+        )
     return pairs
 
 
@@ -146,7 +158,9 @@ def _dev_view(root: Path, layout: LfwLayout) -> Dataset:
     train_people = {name for _, name, _ in train}
     for line, name, _ in test:
         if name in train_people:
-            raise annotation_error(test_file, line, f"{name} is also in {train_file.name}; the dev view's people are disjoint")
+            raise annotation_error(
+                test_file, line, f"{name} is also in {train_file.name}; the dev view's people are disjoint"
+            )
     split_of = {s: split for split, people in (("train", train), ("test", test)) for _, _, ids in people for s in ids}
     pairs_file = layout.file("pairsDevTest.txt")
     pairs = read_pairs(pairs_file, layout) if pairs_file else None

@@ -67,7 +67,9 @@ def pose_samples(root: Path, folder: Path, split: str) -> list[Sample]:
         angles, box = read_pose(mat)
         if max(abs(a) for a in angles.values()) <= MAX_ANGLE:
             image = mat.with_suffix(".jpg")
-            samples.append(Sample(image.relative_to(root).as_posix(), image, split, angles, {"box": box} if box else {}))
+            samples.append(
+                Sample(image.relative_to(root).as_posix(), image, split, angles, {"box": box} if box else {})
+            )
     return samples
 
 
@@ -88,7 +90,9 @@ def lp_samples(root: Path, base: Path) -> list[Sample]:
 def load_aflw2000(root: Path, train: bool = True, val: float = 0.0, seed: int = 0) -> Dataset:
     test_dir = root / "AFLW2000" if (root / "AFLW2000").is_dir() or train else root
     if train and not (root / "300W_LP").is_dir():
-        raise EtfError(f"aflw2000:{root}: no 300W_LP/ folder (the training set); add it, or use ?train=false for AFLW2000 alone")
+        raise EtfError(
+            f"aflw2000:{root}: no 300W_LP/ folder (the training set); add it, or use ?train=false for AFLW2000 alone"
+        )
     samples = lp_samples(root, root / "300W_LP") if train else []
     samples += pose_samples(root, test_dir, "test")
     return Dataset("aflw2000", root, hold_out(samples, val, seed, f"aflw2000:{root}"))

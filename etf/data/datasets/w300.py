@@ -52,7 +52,9 @@ def read_pts(path: Path) -> np.ndarray:
     rows = read_rows(path)
     head = [" ".join(f) for _, f in rows[:3]]
     if len(rows) < 4 or not head[0].startswith("version:") or not head[1].startswith("n_points:") or head[2] != "{":
-        raise annotation_error(path, rows[0][0] if rows else 1, "expected 'version: 1', 'n_points: N', '{' header lines")
+        raise annotation_error(
+            path, rows[0][0] if rows else 1, "expected 'version: 1', 'n_points: N', '{' header lines"
+        )
     (count,) = numbers([head[1].partition(":")[2].strip()], path, rows[1][0], int)
     body = rows[3:]
     if len(body) != count + 1 or body[-1][1] != ["}"]:

@@ -58,7 +58,11 @@ def load_wflw(root: Path, val: float = 0.0, seed: int = 0) -> Dataset:
         path = find(root, [LISTS.format(split)], f"{split} annotation list", "wflw")
         for line, fields in read_rows(path):
             if len(fields) != FIELDS:
-                raise annotation_error(path, line, f"expected {FIELDS} fields (196 coordinates, 4 box, 6 flags, image path), got {len(fields)}")
+                raise annotation_error(
+                    path,
+                    line,
+                    f"expected {FIELDS} fields (196 coordinates, 4 box, 6 flags, image path), got {len(fields)}",
+                )
             values = numbers(fields[:200], path, line)
             flags = numbers(fields[200:206], path, line, int)
             if any(f not in (0, 1) for f in flags):
