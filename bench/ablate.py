@@ -8,7 +8,8 @@ encoders, extract them over the data into a fresh cache, then fit the same FitCo
 Both run in this process with the same threads. Prints wall and CPU seconds (this process
 and its finished children, e.g. decode workers) and their ratios.
 
-    python bench/ablate.py [--img-size 224] [--epochs 20] [--tokens pool:2]
+    python bench/ablate.py [--img-size 224] [--epochs 20] [--tokens pool:2] [--encoders A,B,C]
+    python bench/ablate.py --encoders vit_base_patch16_224,resnet50,convnext_tiny   # base-size priors
 """
 
 from __future__ import annotations
@@ -65,18 +66,22 @@ def main() -> None:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--tokens", help="read-time token selection of the fits, e.g. pool:2  [default: all]")
+    ap.add_argument(
+        "--encoders", default=",".join(ENCODERS), help="three timm models, random init  [default: %(default)s]"
+    )
     args = ap.parse_args()
+    encoders = args.encoders.split(",")
     dataset = load_dataset("lfw-subset")
     root = Path(tempfile.mkdtemp(prefix="etf-bench-ablate-"))
     try:
-        with clock(f"extract {len(ENCODERS)} stores once") as once:
-            extract_all(dataset, root / "cache", ENCODERS, args.img_size)
-        settings = {"data": "lfw-subset", "cache": root / "cache", "out": root / "grid", "encoders": ENCODERS}
+        with clock(f"extract {len(encoders)} stores once") as once:
+            extract_all(dataset, root / "cache", encoders, args.img_size)
+        settings = {"data": "lfw-subset", "cache": root / "cache", "out": root / "grid", "encoders": encoders}
         settings |= {"fusers": "etfuser", "seeds": "0", "epochs": args.epochs, "tokens": args.tokens, "batch_size": 32}
         plan = plan_grid(Grid.from_settings({**settings, "lr": 2e-3, "dim": 64, "depth": 1, "heads": 4}))
         runs = len(plan.points)
         print(
-            f"grid: {runs} runs ({len(plan.groups())} one-pass groups): every subset of {', '.join(ENCODERS)} with "
+            f"grid: {runs} runs ({len(plan.groups())} one-pass groups): every subset of {', '.join(encoders)} with "
             f"etfuser, plus the linear baselines; {len(dataset)} images at {args.img_size} px, "
             f"{args.epochs} epochs, tokens {args.tokens or 'all'}",
             flush=True,

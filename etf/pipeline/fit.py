@@ -174,8 +174,9 @@ class Batches:
         self.batch_size, self.seed = batch_size, seed
         self.streamed = priors.row_bytes() * len(rows) > budget
         if self.streamed:
-            # blocks: a multiple of the chunk size, a few of them at most in memory at once
-            per_block = max(priors.block_rows, (budget // 6) // max(1, priors.row_bytes()))
+            # blocks: a multiple of the chunk size, about 1/24 of the budget: the reader's copies
+            # and the allocator multiply what is in flight (bench/fit.py measures the peak)
+            per_block = max(priors.block_rows, (budget // 24) // max(1, priors.row_bytes()))
             self.block_rows = per_block - per_block % priors.block_rows
             self.priors = priors
         else:
