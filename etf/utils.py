@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import json
 import os
@@ -67,20 +65,3 @@ def read_json(path: str | os.PathLike) -> Any:
         raise EtfError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise EtfError(f"{path}: not valid JSON ({e})") from None
-
-
-@functools.cache
-def _malloc_trim() -> Any:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Hand pages that the C allocator holds free back to the OS (glibc's ``malloc_trim``; a
-    no-op elsewhere). Blocks streamed through a reader thread are freed into glibc's
-    per-thread arenas, which otherwise keep them: measured in bench/fit.py."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)

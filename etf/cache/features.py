@@ -23,7 +23,7 @@ from etf.cache.store import TokenStore
 from etf.cache.tokens import TokenLayout, parse_tokens, select_tokens
 from etf.data.base import Dataset
 from etf.errors import EtfError
-from etf.utils import canonical_json, release_freed_memory
+from etf.utils import canonical_json
 
 _TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -291,7 +291,6 @@ class BlockStream:
         held: list[list[Any]] = []  # [rows, their positions in the block, block], rows not yet taken
         count = 0
         for item in prefetch(read(), depth=1):
-            release_freed_memory()  # the blocks used up so far are gone by now
             held.append(item)
             count += len(item[0])
             while count >= self.batch_size:
