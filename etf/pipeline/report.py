@@ -239,7 +239,8 @@ def _markdown(
         "Every configuration is compared with its baseline: its canonical (first) prior alone with the `linear` "
         "fuser, same seed and settings. Δ and the p-values of the paired t-test and the Wilcoxon signed-rank test "
         "pair runs by seed; the prediction-level test (McNemar for classification, a paired t-test of the pair "
-        "protocol's fold accuracies for verification, a paired bootstrap of per-sample errors otherwise) pools the {metric.split} predictions of all seeds. Holm's correction runs across the grid "
+        "protocol's fold accuracies for verification, a paired bootstrap of per-sample errors otherwise) pools "
+        f"the {metric.split} predictions of all seeds. Holm's correction runs across the grid "
         f"on the prediction-level p; significant at {ALPHA}.",
         "",
         "| configuration | seeds | mean ± std | 95% CI | Δ vs baseline | p (t) | p (Wilcoxon) | p (predictions) | p (Holm) | significant |",
