@@ -232,13 +232,13 @@ def test_empty_split_is_refused(tmp_path):
         _fit(dataset, tmp_path / "c", tmp_path / "run", ["A"], epochs=1)
 
 
-def test_block_stream_visits_each_row_once_in_full_batches(xor):
+def test_block_stream_visits_each_row_once_in_full_mixed_batches(xor):
     from etf.cache.features import BlockStream, PriorSet
 
     dataset, _, cache = xor
     priors = PriorSet(cache, dataset, ["A", "B"])
     rows = np.arange(3, len(dataset), 2)  # odd rows only, so blocks are partly wanted
-    stream = BlockStream(priors, rows, batch_size=32, block_rows=45, shuffle=True, seed=0)
+    stream = BlockStream(priors, rows, batch_size=32, block_rows=45, shuffle=True, seed=0, pool_blocks=4)
     everything = priors.load(np.arange(len(dataset)))
     seen = []
     batches = list(stream.epoch(1))
@@ -250,7 +250,11 @@ def test_block_stream_visits_each_row_once_in_full_batches(xor):
         seen.extend(idx.tolist())
     assert sorted(seen) == rows.tolist()
     assert seen != sorted(seen)  # shuffled
+    # a shuffled batch mixes several blocks of the pool, not one run of neighbours
+    assert np.mean([len(np.unique(i // 45)) for i, _ in batches[:-1]]) >= 3
     assert [i.tolist() for i, _ in stream.epoch(1)] == [i.tolist() for i, _ in batches]  # seeded
+    in_order = BlockStream(priors, rows, batch_size=32, block_rows=45, shuffle=False, seed=0, pool_blocks=4)
+    assert np.concatenate([i for i, _ in in_order.epoch()]).tolist() == rows.tolist()
     priors.close()
 
 

@@ -257,18 +257,26 @@ def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 class BlockStream:
     """Batches of ``rows`` read in blocks of contiguous samples, for data beyond the budget.
 
-    Only whole blocks are read, one ahead in a background thread; an epoch visits blocks in
-    a seeded random order and rows within a block in a seeded random order. Batches are
-    full-sized across block boundaries (the rows left over from one block start the next
-    batch), so an epoch has as many steps as one from memory. Peak memory is a few blocks,
-    whatever N is.
+    Only whole blocks are read, one ahead in a background thread, in a seeded random order
+    per epoch. Shuffled batches are drawn at random from a pool of ``pool_blocks`` blocks
+    (a shuffle buffer), so that a batch mixes many parts of the dataset even when it is
+    stored sorted by class; a block leaves the pool once all its rows are drawn. Batches
+    are full-sized until the last, so an epoch has as many steps as one from memory. Peak
+    memory is the pool plus the block being read, whatever N is.
     """
 
     def __init__(
-        self, priors: PriorSet, rows: np.ndarray, batch_size: int, block_rows: int, shuffle: bool, seed: int
+        self,
+        priors: PriorSet,
+        rows: np.ndarray,
+        batch_size: int,
+        block_rows: int,
+        shuffle: bool,
+        seed: int,
+        pool_blocks: int = 8,
     ) -> None:
         self.priors, self.rows, self.batch_size = priors, np.sort(rows), batch_size
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle, self.seed, self.pool_blocks = shuffle, seed, max(1, pool_blocks)
         n = len(priors.dataset)
         spans = [(s, min(n, s + block_rows)) for s in range(0, n, block_rows)]
         self.blocks = [(s, e) for s, e in spans if ((self.rows >= s) & (self.rows < e)).any()]
@@ -284,34 +292,44 @@ class BlockStream:
             for i in order:
                 start, stop = self.blocks[i]
                 sel = self.rows[(self.rows >= start) & (self.rows < stop)]
-                if self.shuffle:
-                    sel = sel[rng.permutation(len(sel))]
                 yield [sel, torch.from_numpy(sel - start), self.priors.read_block(start, stop)]
 
-        held: list[list[Any]] = []  # [rows, their positions in the block, block], rows not yet taken
-        count = 0
-        for item in prefetch(read(), depth=1):
-            held.append(item)
-            count += len(item[0])
-            while count >= self.batch_size:
-                count -= self.batch_size
-                yield self._take(held, self.batch_size)
-        if count:
-            yield self._take(held, count)
+        blocks = prefetch(read(), depth=1)
+        pool: list[list[Any]] = []  # [rows not yet drawn, their positions in the block, block]
+        exhausted = False
+        try:
+            while True:
+                remaining = sum(len(p[0]) for p in pool)
+                while not exhausted and (len(pool) < self.pool_blocks or remaining < self.batch_size):
+                    item = next(blocks, None)
+                    if item is None:
+                        exhausted = True
+                    else:
+                        pool.append(item)
+                        remaining += len(item[0])
+                if not remaining:
+                    return
+                k = min(self.batch_size, remaining)
+                drawn = np.sort(rng.choice(remaining, size=k, replace=False)) if self.shuffle else np.arange(k)
+                yield self._take(pool, drawn)
+                pool = [p for p in pool if len(p[0])]
+        finally:
+            blocks.close()  # stops the reader thread when the consumer stops early
 
     @staticmethod
-    def _take(held: list[list[Any]], k: int) -> tuple[np.ndarray, list[torch.Tensor]]:
-        """The next ``k`` held rows, gathered straight from their blocks (possibly two), so a
-        block is never copied whole; a block is dropped once all its rows are taken."""
-        idx, parts = [], []
-        while k:
-            rows, local, block = held[0]
-            n = min(k, len(rows))
-            idx.append(rows[:n])
-            parts.append([x[local[:n]] for x in block])
-            held[0][:2] = rows[n:], local[n:]
-            if n == len(rows):
-                held.pop(0)
-            k -= n
+    def _take(pool: list[list[Any]], drawn: np.ndarray) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """The rows at sorted positions ``drawn`` of the pool's remaining rows (block after
+        block), gathered straight from their blocks and removed from the pool."""
+        idx, parts, offset = [], [], 0
+        for p in pool:
+            rows, local, block = p
+            mine = drawn[(drawn >= offset) & (drawn < offset + len(rows))] - offset
+            offset += len(rows)
+            if len(mine):
+                idx.append(rows[mine])
+                parts.append([x[local[mine]] for x in block])
+                keep = np.ones(len(rows), dtype=bool)
+                keep[mine] = False
+                p[0], p[1] = rows[keep], local[torch.from_numpy(keep)]
         tokens = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)]
         return np.concatenate(idx), tokens

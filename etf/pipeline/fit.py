@@ -174,10 +174,11 @@ class Batches:
         self.batch_size, self.seed = batch_size, seed
         self.streamed = priors.row_bytes() * len(rows) > budget
         if self.streamed:
-            # blocks: a multiple of the chunk size, about 1/24 of the budget: the reader's copies
-            # and the allocator multiply what is in flight (bench/fit.py measures the peak)
+            # blocks: a multiple of the chunk size, about 1/24 of the budget; a shuffle pool of
+            # blocks up to half of it (the reader's copies and batches take the rest)
             per_block = max(priors.block_rows, (budget // 24) // max(1, priors.row_bytes()))
             self.block_rows = per_block - per_block % priors.block_rows
+            self.pool_blocks = max(1, (budget // 2) // (self.block_rows * max(1, priors.row_bytes())))
             self.priors = priors
         else:
             self.rows = np.sort(rows)
@@ -187,7 +188,10 @@ class Batches:
         self, rows: np.ndarray, shuffle: bool, epoch: int = 0
     ) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
         if self.streamed:
-            yield from BlockStream(self.priors, rows, self.batch_size, self.block_rows, shuffle, self.seed).epoch(epoch)
+            stream = BlockStream(
+                self.priors, rows, self.batch_size, self.block_rows, shuffle, self.seed, self.pool_blocks
+            )
+            yield from stream.epoch(epoch)
             return
         order = np.sort(rows)
         if shuffle:
