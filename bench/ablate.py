@@ -5,8 +5,9 @@ Real images (lfw-subset: 200 LFW crops, resized to --img-size) through three sma
 random-init timm encoders. The cached grid reads stores extracted once (`etf ablate`); the
 baseline runs every point of the same grid as a script without a cache would: build its
 encoders, extract them over the data into a fresh cache, then fit the same FitConfig.
-Both run in this process with the same threads. Prints wall and CPU seconds (this process
-and its finished children, e.g. decode workers) and their ratios.
+The grid runs `--jobs` fits at a time as `etf ablate` does (default: one per core), the
+baseline one after another with all cores. Prints wall and CPU seconds (this process and its
+finished children: decode and grid workers) and their ratios.
 
     python bench/ablate.py [--img-size 224] [--epochs 20] [--tokens pool:2] [--encoders A,B,C]
     python bench/ablate.py --encoders vit_base_patch16_224,resnet50,convnext_tiny   # base-size priors
@@ -29,6 +30,8 @@ from pathlib import Path
 # small training steps burn several times the CPU of the work itself (measured here: a
 # 64 px fit took 13.7 s CPU with the default policy, 2.1 s with this one). Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from joblib.externals.loky import get_reusable_executor  # noqa: E402
 
 from etf.data import load_dataset  # noqa: E402
 from etf.pipeline.ablate import Grid, plan_grid, run_grid  # noqa: E402
@@ -69,6 +72,7 @@ def main() -> None:
     ap.add_argument(
         "--encoders", default=",".join(ENCODERS), help="three timm models, random init  [default: %(default)s]"
     )
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="etf ablate --jobs  [default: the cores]")
     args = ap.parse_args()
     encoders = args.encoders.split(",")
     dataset = load_dataset("lfw-subset")
@@ -78,16 +82,18 @@ def main() -> None:
             extract_all(dataset, root / "cache", encoders, args.img_size)
         settings = {"data": "lfw-subset", "cache": root / "cache", "out": root / "grid", "encoders": encoders}
         settings |= {"fusers": "etfuser", "seeds": "0", "epochs": args.epochs, "tokens": args.tokens, "batch_size": 32}
+        settings["jobs"] = args.jobs
         plan = plan_grid(Grid.from_settings({**settings, "lr": 2e-3, "dim": 64, "depth": 1, "heads": 4}))
         runs = len(plan.points)
         print(
             f"grid: {runs} runs ({len(plan.groups())} one-pass groups): every subset of {', '.join(encoders)} with "
             f"etfuser, plus the linear baselines; {len(dataset)} images at {args.img_size} px, "
-            f"{args.epochs} epochs, tokens {args.tokens or 'all'}",
+            f"{args.epochs} epochs, tokens {args.tokens or 'all'}, {args.jobs} job(s)",
             flush=True,
         )
         with clock("grid from the cache", runs) as cached:
             outcome = run_grid(plan)
+            get_reusable_executor().shutdown(wait=True)  # so that the workers' CPU time is counted
         assert outcome.done == runs and not outcome.failed
         with clock("grid re-extracting for every run", runs) as naive:
             for p in plan.points:
