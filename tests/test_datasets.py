@@ -438,3 +438,12 @@ def test_task_strings():
     for bad in ("classify:a,b", "landmarks:", "segment:x", "regress"):
         with pytest.raises(EtfError, match="task"):
             parse_task(bad)
+
+
+def test_csv_saved_with_a_byte_order_mark(tmp_path):
+    from tests.conftest import make_image
+
+    make_image(tmp_path / "x.png", seed=0)
+    (tmp_path / "bom.csv").write_bytes("\ufeffpath,split,label\nx.png,train,1\n".encode())
+    dataset = load_dataset(f"csv:{tmp_path / 'bom.csv'}")
+    assert dataset.ids == ["x.png"] and dataset.column("label") == [1]

@@ -101,11 +101,13 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    @property
+    @cached_property
     def ids(self) -> list[str]:
+        """Cached like ``key``: callers index it per sample, and a fresh list per access made
+        extraction quadratic in N. (Crops relabel samples; they keep ids and splits.)"""
         return [s.id for s in self.samples]
 
-    @property
+    @cached_property
     def splits(self) -> list[str]:
         return [s.split for s in self.samples]
 

@@ -33,7 +33,7 @@ def _column_values(name: str, cells: list[str]) -> tuple[list[Any], list[str] | 
     metric="",
 )
 def load_csv(file: Path) -> Dataset:
-    with open(file, newline="") as f:
+    with open(file, newline="", encoding="utf-8-sig") as f:  # a BOM (Excel) is not part of the header
         rows = list(csv.DictReader(f))
     if not rows:
         raise EtfError(f"csv:{file}: no rows")
