@@ -1,10 +1,10 @@
 """Several priors' stores over one dataset, joined by sample id, read in whole blocks.
 
 :class:`PriorSet` resolves each prior to a complete store of the same dataset manifest,
-chooses layers and a read-time token selection, and either loads the selected tokens
-into memory (when they fit the budget) or streams them block by block
-(:class:`BlockStream`), shuffling blocks and rows within a block, never reading one
-sample at a time from a compressed store.
+chooses layers and a read-time token selection; :class:`Batches` either loads the
+selected tokens into memory (when they fit the budget) or streams them block by block
+(:class:`BlockStream`) through a shuffle pool, never reading one sample at a time from a
+compressed store.
 """
 
 from __future__ import annotations
@@ -209,13 +209,20 @@ class PriorSet:
         filled = 0
         for start in range(0, len(self.dataset), step):
             stop = min(len(self.dataset), start + step)
-            sel = rows[(rows >= start) & (rows < stop)]
+            sel = rows_between(rows, start, stop)
             if len(sel):
                 local = torch.from_numpy(sel - start)
                 for o, b in zip(out, self.read_block(start, stop)):
                     o[filled : filled + len(sel)] = b[local]
                 filled += len(sel)
         return out
+
+
+def rows_between(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The entries of sorted ``rows`` in ``[start, stop)``: a view found by bisection, not a
+    mask over all rows (which, once per block, is quadratic in N)."""
+    lo, hi = np.searchsorted(rows, [start, stop])
+    return rows[lo:hi]
 
 
 def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -278,8 +285,7 @@ class BlockStream:
         self.priors, self.rows, self.batch_size = priors, np.sort(rows), batch_size
         self.shuffle, self.seed, self.pool_blocks = shuffle, seed, max(1, pool_blocks)
         n = len(priors.dataset)
-        spans = [(s, min(n, s + block_rows)) for s in range(0, n, block_rows)]
-        self.blocks = [(s, e) for s, e in spans if ((self.rows >= s) & (self.rows < e)).any()]
+        self.blocks = [(b * block_rows, min(n, (b + 1) * block_rows)) for b in np.unique(self.rows // block_rows)]
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)
@@ -291,16 +297,17 @@ class BlockStream:
         def read() -> Iterator[list[Any]]:
             for i in order:
                 start, stop = self.blocks[i]
-                sel = self.rows[(self.rows >= start) & (self.rows < stop)]
+                sel = rows_between(self.rows, start, stop)
                 yield [sel, torch.from_numpy(sel - start), self.priors.read_block(start, stop)]
 
         blocks = prefetch(read(), depth=1)
+        pool_blocks = self.pool_blocks if self.shuffle else 1  # in order, a pool only delays the first batch
         pool: list[list[Any]] = []  # [rows not yet drawn, their positions in the block, block]
         exhausted = False
         try:
             while True:
                 remaining = sum(len(p[0]) for p in pool)
-                while not exhausted and (len(pool) < self.pool_blocks or remaining < self.batch_size):
+                while not exhausted and (len(pool) < pool_blocks or remaining < self.batch_size):
                     item = next(blocks, None)
                     if item is None:
                         exhausted = True
@@ -333,3 +340,38 @@ class BlockStream:
                 p[0], p[1] = rows[keep], local[torch.from_numpy(keep)]
         tokens = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)]
         return np.concatenate(idx), tokens
+
+
+class Batches:
+    """Batches of selected tokens for given rows, from memory or streamed from the stores."""
+
+    def __init__(self, priors: PriorSet, rows: np.ndarray, budget: int, batch_size: int, seed: int) -> None:
+        self.batch_size, self.seed = batch_size, seed
+        self.streamed = priors.row_bytes() * len(rows) > budget
+        if self.streamed:
+            # blocks: a multiple of the chunk size, about 1/24 of the budget; a shuffle pool of
+            # blocks up to half of it (the reader's copies and batches take the rest)
+            per_block = max(priors.block_rows, (budget // 24) // max(1, priors.row_bytes()))
+            self.block_rows = per_block - per_block % priors.block_rows
+            self.pool_blocks = max(1, (budget // 2) // (self.block_rows * max(1, priors.row_bytes())))
+            self.priors = priors
+        else:
+            self.rows = np.sort(rows)
+            self.tokens = priors.load(self.rows)
+
+    def iterate(
+        self, rows: np.ndarray, shuffle: bool, epoch: int = 0
+    ) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
+        if self.streamed:
+            stream = BlockStream(
+                self.priors, rows, self.batch_size, self.block_rows, shuffle, self.seed, self.pool_blocks
+            )
+            yield from stream.epoch(epoch)
+            return
+        order = np.sort(rows)
+        if shuffle:
+            order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
+        pos = np.searchsorted(self.rows, order)
+        for b in range(0, len(order), self.batch_size):
+            sel = torch.from_numpy(pos[b : b + self.batch_size])
+            yield order[b : b + self.batch_size], [t[sel] for t in self.tokens]

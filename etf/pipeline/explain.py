@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from etf.cache.features import BlockStream, Group, PriorSet
+from etf.cache.features import Batches, Group, PriorSet, default_memory_budget
 from etf.data.base import Dataset, get_adapter, load_dataset
 from etf.data.images import load_rgb
 from etf.errors import EtfError
@@ -144,7 +144,7 @@ def split_shares(
             raise EtfError(f"--run {run}: the cache's token groups differ from the run's (re-extracted stores?)")
         rows = rows[priors.valid[rows]]
         totals: dict[str, torch.Tensor] = {}
-        for _, tokens in BlockStream(priors, rows, batch_size, priors.block_rows, shuffle=False, seed=0).epoch():
+        for _, tokens in Batches(priors, rows, default_memory_budget(), batch_size, seed=0).iterate(rows, False):
             for name, w in fuser.attention_maps([t.to(dev).float() for t in tokens]).items():
                 totals[name] = totals.get(name, 0) + group_shares(w, groups).sum(dim=0).cpu()
     finally:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +22,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import etf
-from etf.cache.features import BlockStream, PriorSet, default_memory_budget
+from etf.cache.features import Batches, PriorSet, default_memory_budget
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.fusers import FuserConfig, count_parameters, create_fuser, flops_per_sample
 from etf.pipeline.heads import Classify, Task, parse_task, selection_metric, unique_names
 from etf.pipeline.metrics import format_metrics
-from etf.utils import write_json_atomic
+from etf.utils import read_json, write_json_atomic
 
 
 @dataclass
@@ -167,41 +165,6 @@ def make_splits(dataset: Dataset, usable: np.ndarray, cfg: FitConfig, first: Tas
 # ---------------------------------------------------------------------------- batches
 
 
-class Batches:
-    """Batches of selected tokens for given rows, from memory or streamed from the stores."""
-
-    def __init__(self, priors: PriorSet, rows: np.ndarray, budget: int, batch_size: int, seed: int) -> None:
-        self.batch_size, self.seed = batch_size, seed
-        self.streamed = priors.row_bytes() * len(rows) > budget
-        if self.streamed:
-            # blocks: a multiple of the chunk size, about 1/24 of the budget; a shuffle pool of
-            # blocks up to half of it (the reader's copies and batches take the rest)
-            per_block = max(priors.block_rows, (budget // 24) // max(1, priors.row_bytes()))
-            self.block_rows = per_block - per_block % priors.block_rows
-            self.pool_blocks = max(1, (budget // 2) // (self.block_rows * max(1, priors.row_bytes())))
-            self.priors = priors
-        else:
-            self.rows = np.sort(rows)
-            self.tokens = priors.load(self.rows)
-
-    def iterate(
-        self, rows: np.ndarray, shuffle: bool, epoch: int = 0
-    ) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
-        if self.streamed:
-            stream = BlockStream(
-                self.priors, rows, self.batch_size, self.block_rows, shuffle, self.seed, self.pool_blocks
-            )
-            yield from stream.epoch(epoch)
-            return
-        order = np.sort(rows)
-        if shuffle:
-            order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
-        pos = np.searchsorted(self.rows, order)
-        for b in range(0, len(order), self.batch_size):
-            sel = torch.from_numpy(pos[b : b + self.batch_size])
-            yield order[b : b + self.batch_size], [t[sel] for t in self.tokens]
-
-
 # ---------------------------------------------------------------------------- training
 
 
@@ -324,6 +287,7 @@ class _Member:
         self.sched = _schedule(self.opt, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
         self.history: list[dict[str, Any]] = []
         self.best, self.best_state, self.best_epoch = -math.inf, None, 0
+        self.best_val: tuple[dict[str, Any], tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
         self.loss_sum = 0.0
 
     def _rng_state(self) -> list[torch.Tensor]:
@@ -349,11 +313,19 @@ class _Member:
         self.loss_sum += float(loss.detach()) * len(tokens[0])
 
     def end_epoch(
-        self, epoch: int, seen: int, rate: float, val: dict[str, dict[str, float]], first: Task, metric: str
+        self,
+        epoch: int,
+        seen: int,
+        rate: float,
+        val: dict[str, dict[str, float]],
+        predicted: tuple[np.ndarray, dict[str, np.ndarray]],
+        first: Task,
+        metric: str,
     ) -> None:
         score = _score(first, metric, val)
         if score > self.best or self.best_state is None:
             self.best, self.best_epoch, self.best_state = score, epoch, copy.deepcopy(self.model.state_dict())
+            self.best_val = (val, predicted)  # what the best state predicts on val: not predicted again
         row = {
             "epoch": epoch,
             "lr": self.opt.param_groups[0]["lr"],
@@ -440,7 +412,8 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
             rate = seen / (time.perf_counter() - te)
             order, preds = predict_rows(models, tasks, batches, splits.val, device)
             for member, p in zip(members, preds):
-                member.end_epoch(epoch, seen, rate, evaluate(tasks, order, p, targets, extra), tasks[0], selection)
+                val = evaluate(tasks, order, p, targets, extra)
+                member.end_epoch(epoch, seen, rate, val, (order, p), tasks[0], selection)
             first = members[0].history[-1]
             bar.set_postfix(
                 loss=f"{first['train_loss']:.4f}",
@@ -449,8 +422,9 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
             )
         for member in members:
             member.model.load_state_dict(member.best_state)
-        results, predictions = [{} for _ in members], [[] for _ in members]
-        for name, rows in splits.evaluate.items():
+        results = [{"val": m.best_val[0]} for m in members]
+        predictions = [[("val", *m.best_val[1])] for m in members]
+        for name, rows in splits.tests.items():
             order, preds = predict_rows(models, tasks, batches, rows, device)
             for k, p in enumerate(preds):
                 results[k][name] = evaluate(tasks, order, p, targets, extra)
@@ -559,4 +533,4 @@ def load_run(run: Path) -> dict[str, Any]:
     path = Path(run) / "config.json"
     if not path.exists():
         raise EtfError(f"--run {run}: not a run directory (no config.json)")
-    return json.loads(path.read_text())
+    return read_json(path)

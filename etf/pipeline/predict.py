@@ -12,7 +12,6 @@ protocols (LFW, CFP) are then evaluated, e.g. for a run trained on another face 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from etf.cache.features import Group, PriorSet, default_memory_budget
+from etf.cache.features import Batches, Group, PriorSet, default_memory_budget
 from etf.cache.store import decode_tokens
 from etf.cache.tokens import TokenLayout, select_tokens
 from etf.data.base import Dataset
@@ -29,11 +28,11 @@ from etf.data.images import load_rgb
 from etf.errors import EtfError
 from etf.pipeline.encoders import Encoder, create_encoder
 from etf.pipeline.extract import ExtractOptions, autocast_for, compute_tokens, resolve_device
-from etf.pipeline.fit import Batches, FusionModel, build_model, load_run, predict_rows
+from etf.pipeline.fit import FusionModel, build_model, load_run, predict_rows
 from etf.pipeline.fusers import FuserConfig
 from etf.pipeline.heads import Classify, Task
 from etf.pipeline.verification import Verify, pair_metrics, write_embeddings
-from etf.utils import write_json_atomic
+from etf.utils import read_json, write_json_atomic
 
 
 @dataclass
@@ -95,7 +94,7 @@ def _encoder_for(spec: dict[str, Any], weights: dict[str, Path], device: torch.d
 def load_predictor(run: str | Path, weights: dict[str, Path] | None = None, device: str = "auto") -> Predictor:
     run = Path(run)
     config, tasks, groups, model = load_model(run)
-    stores = json.loads((run / "stores.json").read_text())
+    stores = read_json(run / "stores.json")
     dev = resolve_device(device)
     encoders = [_encoder_for(s["spec"], weights or {}, dev) for s in stores]
     return Predictor(run, config, stores, encoders, tasks, groups, model.to(dev), dev)
@@ -185,7 +184,7 @@ DATASET_FIELDS = ("dataset_key", "n", "tokens_sha256", "ids_sha256")  # store sp
 
 def _check_priors(run: Path, config: dict[str, Any], priors: PriorSet) -> None:
     """The dataset's stores must hold what the run's priors held for its training data."""
-    recorded = json.loads((run / "stores.json").read_text())
+    recorded = read_json(run / "stores.json")
     for old, new in zip(recorded, priors.specs()):
         a, b = ({k: v for k, v in s["spec"].items() if k not in DATASET_FIELDS} for s in (old, new))
         if a != b:

@@ -222,7 +222,15 @@ class Verify(Task):
 
     def pairs_for(self, rows: np.ndarray, where: str) -> Pairs:
         """Pairs among ``rows`` (sample indices) as positions into ``rows``: the protocol of the
-        rows' split when it has one (every pair's samples must be among ``rows``), else drawn."""
+        rows' split when it has one (every pair's samples must be among ``rows``), else drawn.
+        Built once per row set: val is evaluated every epoch."""
+        built = self.__dict__.setdefault("_pairs", {})
+        key = rows.tobytes()
+        if key not in built:
+            built[key] = self._build_pairs(rows, where)
+        return built[key]
+
+    def _build_pairs(self, rows: np.ndarray, where: str) -> Pairs:
         splits = np.unique(self._splits[rows])
         protocol = self._protocol.get(splits[0]) if len(splits) == 1 else None
         if protocol is None:
