@@ -16,6 +16,7 @@ from etf.pipeline import ablate
 from etf.pipeline.ablate import Grid, load_toml, parse_subsets, plan_grid, run_grid
 from etf.pipeline.fusers import FUSERS, LinearProbe
 from tests.synthetic import xor_cache
+from tests.test_explain import _valid_png
 
 REPORT = ("report.md", "results.csv", "results.json", "priors.png", "heatmap.png", "attention.png")
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +59,19 @@ def test_two_encoder_two_seed_grid_reports_and_resumes(xor, tmp_path, monkeypatc
     assert (first.runs, first.reused, first.done, first.failed) == (16, 0, 16, [])
     for name in REPORT:
         assert (tmp_path / name).stat().st_size > 0, name
+        if name.endswith(".png"):
+            _valid_png(tmp_path / name)
     rows = _csv(tmp_path / "results.csv")
     assert len(rows) == 8 and all(r["seeds"] == "2" for r in rows)
     by_name = {r["configuration"]: r for r in rows}
     assert by_name["A linear"]["significant"] == "baseline"
     assert by_name["A+B etfuser"]["baseline"] == "A linear" and by_name["B concat"]["baseline"] == "B linear"
     assert by_name["A+B etfuser"]["significant"] in ("yes (better)", "yes (worse)", "no", "n/a")
+    fused = by_name["A+B etfuser"]  # the verdict is the Holm-adjusted p against 0.05, with the sign of the delta
+    expected = (
+        "no" if float(fused["p_holm"]) >= 0.05 else ("yes (better)" if float(fused["delta"]) > 0 else "yes (worse)")
+    )
+    assert fused["significant"] == expected
     assert float(by_name["A+B etfuser"]["share_A"]) + float(by_name["A+B etfuser"]["share_B"]) <= 1
     assert (
         json.loads((tmp_path / "results.json").read_text())["configurations"][0]["configuration"]

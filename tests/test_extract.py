@@ -15,6 +15,7 @@ import torch
 
 from etf.cache.store import TokenStore
 from etf.data import load_dataset
+from etf.errors import EtfError
 from etf.pipeline.encoders import create_encoder
 from etf.pipeline.extract import ExtractOptions, extract
 from tests.conftest import IMG, TINY_VIT
@@ -151,7 +152,7 @@ def test_resume_after_sigkill_gives_identical_arrays(tmp_path):
     done = len(list(partial.glob("done/*.json")))
     assert 3 <= done < 25, "the kill must land mid-extraction"
     assert not list(cache.glob("*/*.zarr")), "no complete store may exist after a kill"
-    with pytest.raises(Exception, match="incomplete"):
+    with pytest.raises(EtfError, match="incomplete"):
         TokenStore.open(partial.with_name(partial.name.removesuffix(".partial")))
 
     out = subprocess.run(_etf(*args, "--cache", str(cache)), check=True, env=env, capture_output=True, text=True)

@@ -82,6 +82,7 @@ def test_run_directory_and_metrics_agree_with_sklearn(xor, tmp_path):
         "summary.txt",
     ):
         assert (tmp_path / "run" / name).exists(), name
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == json.loads(json.dumps(m))
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "predictions.csv")) if r["split"] == "test"]
     truth = {sid: label for sid, label in zip(dataset.ids, dataset.column("label"))}
     y = [int(r["label:true:label"]) for r in rows]

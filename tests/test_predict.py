@@ -21,7 +21,10 @@ def run(tmp_path_factory):
     for split, n in (("train", 12), ("val", 4), ("test", 4)):
         for cls in ("a", "b"):
             for i in range(n):
-                make_image(root / split / cls / f"{i}.png", seed=hash((split, cls, i)) % 1000)
+                make_image(
+                    root / split / cls / f"{i}.png",
+                    seed=100 * (split == "val") + 200 * (split == "test") + 10 * (cls == "b") + i,
+                )
     r = CliRunner()
     args = ["--data", f"folder:{root}", "--cache", str(tmp / "cache")]
     res = r.invoke(
@@ -77,6 +80,25 @@ def test_predict_reproduces_the_runs_own_predictions(run):
     classes = json.loads((tmp / "run" / "config.json").read_text())["tasks"][0]["classes"]
     assert [g["label"] for g in got] == [classes[int(r["label:pred:label"])] for r in rows]
     assert all(0.5 <= g["label_prob"] <= 1.0 for g in got)
+    # the probabilities are the trained model's on the cached tokens (predict recomputes
+    # them from the images; the store keeps them in float16)
+    import numpy as np
+    import torch
+
+    from etf.cache.features import PriorSet
+    from etf.data import load_dataset
+    from etf.pipeline.predict import load_model
+
+    config, _, _, model = load_model(tmp / "run")
+    dataset = load_dataset(f"folder:{root}")
+    priors = PriorSet(tmp / "cache", dataset, config["encoders"], config["layers"], config["tokens"])
+    index = np.array([dataset.ids.index(r["id"]) for r in rows])
+    tokens = priors.load(np.sort(index))
+    priors.close()
+    with torch.no_grad():
+        probs = model([t.float() for t in tokens])["label"].softmax(-1).max(-1).values.numpy()
+    expected = dict(zip(np.sort(index), probs))
+    assert [g["label_prob"] for g in got] == pytest.approx([expected[i] for i in index], abs=2e-3)
 
 
 def test_predict_refuses_encoders_whose_weights_changed(run, tmp_path):

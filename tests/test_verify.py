@@ -206,6 +206,7 @@ def test_val_is_held_out_by_whole_identities(ids, tmp_path):
     m = _fit(data, tmp_path / "c", tmp_path / "run", encoders=["A"], epochs=1, val_fraction=0.2)
     assert m["splits"]["val"] == 14 * PER_ID  # 20% of 70 training identities, each whole
     assert m["val"]["identity"]["accuracy_10fold"] > 0
+    assert len(m["val"]["identity"]["fold_accuracy"]) == 10 and m["val"]["identity"]["pairs"] >= 20
 
 
 # ---------------------------------------------------------------------------- bad input
