@@ -34,10 +34,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from joblib.externals.loky import get_reusable_executor  # noqa: E402
 
 from etf.data import load_dataset  # noqa: E402
-from etf.pipeline.ablate import Grid, plan_grid, run_grid  # noqa: E402
-from etf.pipeline.encoders import create_encoder  # noqa: E402
-from etf.pipeline.extract import ExtractOptions, extract  # noqa: E402
-from etf.pipeline.fit import fit  # noqa: E402
+from etf.pipeline.ablate.grid import Grid, plan_grid, run_grid  # noqa: E402
+from etf.pipeline.extract.encoders import create_encoder  # noqa: E402
+from etf.pipeline.extract.run import ExtractOptions, extract  # noqa: E402
+from etf.pipeline.fit.train import fit  # noqa: E402
 
 ENCODERS = ["vit_t", "resnet18", "convnext_atto"]
 

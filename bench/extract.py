@@ -37,9 +37,9 @@ from etf.cache.audit import disk_bytes
 from etf.cache.importer import guess_layout
 from etf.cache.store import CODECS, StoreWriter, TokenStore, plan_arrays
 from etf.data import load_dataset
-from etf.pipeline import extract as extract_mod
-from etf.pipeline.encoders import Encoder, create_encoder
-from etf.pipeline.extract import ExtractOptions, default_workers, extract
+from etf.pipeline.extract import run as extract_mod
+from etf.pipeline.extract.encoders import Encoder, create_encoder
+from etf.pipeline.extract.run import ExtractOptions, default_workers, extract
 
 MiB = 1 << 20
 

@@ -31,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from etf.cache.importer import import_tokens  # noqa: E402
 from etf.data import load_dataset  # noqa: E402
-from etf.pipeline.fit import FitConfig, fit  # noqa: E402
-from etf.pipeline.fusers import FuserConfig  # noqa: E402
+from etf.pipeline.fit.fusers import FuserConfig  # noqa: E402
+from etf.pipeline.fit.train import FitConfig, fit  # noqa: E402
 from tests.synthetic import make_csv_dataset, planted_tokens, standard_splits  # noqa: E402
 
 
@@ -75,8 +75,8 @@ CHILD = """
 import sys, json, threading, time
 sys.path.insert(0, {root!r})
 from etf.data import load_dataset
-from etf.pipeline.fit import FitConfig, fit
-from etf.pipeline.fusers import FuserConfig
+from etf.pipeline.fit.train import FitConfig, fit
+from etf.pipeline.fit.fusers import FuserConfig
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096

@@ -51,13 +51,13 @@ def folder_dataset(tmp_path) -> Path:
 
 @pytest.fixture
 def tiny_vit():
-    from etf.pipeline.encoders import create_encoder
+    from etf.pipeline.extract.encoders import create_encoder
 
     return create_encoder(TINY_VIT, pretrained=False, img_size=IMG)
 
 
 @pytest.fixture
 def tiny_cnn():
-    from etf.pipeline.encoders import create_encoder
+    from etf.pipeline.extract.encoders import create_encoder
 
     return create_encoder(TINY_CNN, pretrained=False, img_size=IMG)

@@ -12,9 +12,10 @@ from click.testing import CliRunner
 
 from etf.cli import main
 from etf.errors import EtfError
-from etf.pipeline import ablate
-from etf.pipeline.ablate import Grid, load_toml, parse_subsets, plan_grid, run_grid
-from etf.pipeline.fusers import FUSERS, LinearProbe
+from etf.pipeline.ablate import grid as ablate
+from etf.pipeline.ablate.grid import Grid, load_toml, parse_subsets, plan_grid, run_grid
+from etf.pipeline.fit.fusers import FUSERS
+from etf.pipeline.fit.fusers.baselines import LinearProbe
 from tests.synthetic import xor_cache
 from tests.test_explain import _valid_png
 
@@ -272,7 +273,7 @@ def test_shipped_experiment_files_are_valid(path):
 
 
 def test_report_of_a_grid_where_nothing_finished(tmp_path):
-    from etf.pipeline.report import Metric, Run, write_report
+    from etf.pipeline.ablate.report import Metric, Run, write_report
 
     labels = {"subset": "A+B", "priors": 2, "fuser": "etfuser", "attn": "full", "mask": "none", "seed": 0}
     runs = [

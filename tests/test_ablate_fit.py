@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 
 from etf.errors import EtfError
-from etf.pipeline.fit import FitConfig, fit, fit_many
-from etf.pipeline.fusers import FuserConfig
+from etf.pipeline.fit.fusers import FuserConfig
+from etf.pipeline.fit.train import FitConfig, fit, fit_many
 from tests.synthetic import xor_cache
 
 FILES = ("model.safetensors", "predictions.csv")

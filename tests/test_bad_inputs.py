@@ -20,8 +20,8 @@ from etf.cli import main
 from etf.data import load_dataset
 from etf.data.images import load_rgb
 from etf.errors import EtfError
-from etf.pipeline.encoders import create_encoder
-from etf.pipeline.extract import ExtractOptions, extract
+from etf.pipeline.extract.encoders import create_encoder
+from etf.pipeline.extract.run import ExtractOptions, extract
 from tests.conftest import IMG, TINY_CNN, TINY_VIT, make_image
 
 OPTS = dict(workers=0, progress=False)

@@ -15,8 +15,8 @@ import timm
 import torch
 
 from etf.errors import EtfError
-from etf.pipeline.checkpoints import adapt_state_dict, load_into
-from etf.pipeline.encoders import create_encoder
+from etf.pipeline.extract.checkpoints import adapt_state_dict, load_into
+from etf.pipeline.extract.encoders import create_encoder
 from tests.conftest import IMG, TINY_VIT
 
 

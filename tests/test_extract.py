@@ -16,8 +16,8 @@ import torch
 from etf.cache.store import TokenStore
 from etf.data import load_dataset
 from etf.errors import EtfError
-from etf.pipeline.encoders import create_encoder
-from etf.pipeline.extract import ExtractOptions, extract
+from etf.pipeline.extract.encoders import create_encoder
+from etf.pipeline.extract.run import ExtractOptions, extract
 from tests.conftest import IMG, TINY_VIT
 
 OPTS = dict(workers=0, progress=False)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import etf.cache.store
-import etf.pipeline.extract
+import etf.pipeline.extract.run
 from etf.cache.store import TokenStore
 from etf.data import load_dataset
 from etf.errors import EtfError
-from etf.pipeline.encoders import create_encoder
-from etf.pipeline.extract import ExtractOptions, extract
+from etf.pipeline.extract.encoders import create_encoder
+from etf.pipeline.extract.run import ExtractOptions, extract
 from tests.conftest import IMG, TINY_VIT, make_image
 
 OPTS = dict(workers=0, progress=False, chunk_rows=4, batch_size=4)  # 24 samples: 6 chunks of one batch
@@ -42,7 +42,7 @@ def reference(dataset, tmp_path_factory) -> np.ndarray:
 def _count_batches(monkeypatch, fail_at: int | None = None, exc: BaseException | None = None) -> list[int]:
     """Count the batches the extraction loop computes, optionally raising ``exc`` at batch ``fail_at``."""
     calls: list[int] = []
-    real = etf.pipeline.extract.compute_tokens
+    real = etf.pipeline.extract.run.compute_tokens
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -50,7 +50,7 @@ def _count_batches(monkeypatch, fail_at: int | None = None, exc: BaseException |
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(etf.pipeline.extract, "compute_tokens", counted)
+    monkeypatch.setattr(etf.pipeline.extract.run, "compute_tokens", counted)
     return calls
 
 
@@ -102,13 +102,13 @@ def test_chunk_buffers_exist_only_while_they_are_filled(dataset, tiny_vit, tmp_p
     live: weakref.WeakSet = weakref.WeakSet()
     most = [0]
 
-    class Counted(etf.pipeline.extract._ChunkBuffer):
+    class Counted(etf.pipeline.extract.run._ChunkBuffer):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             live.add(self)
             most[0] = max(most[0], len(live))
 
-    monkeypatch.setattr(etf.pipeline.extract, "_ChunkBuffer", Counted)
+    monkeypatch.setattr(etf.pipeline.extract.run, "_ChunkBuffer", Counted)
     assert extract(dataset, tiny_vit, tmp_path, ExtractOptions(**OPTS)).complete
     assert 1 <= most[0] <= 2, f"{most[0]} of 6 chunk buffers alive at once"
 

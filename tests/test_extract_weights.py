@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from etf.pipeline.encoders import create_encoder
+from etf.pipeline.extract.encoders import create_encoder
 from tests.conftest import IMG, TINY_VIT
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from etf.errors import EtfError
-from etf.pipeline.fit import FitConfig, fit
-from etf.pipeline.fusers import FuserConfig
+from etf.pipeline.fit.fusers import FuserConfig
+from etf.pipeline.fit.train import FitConfig, fit
 from tests.synthetic import import_prior, make_csv_dataset, planted_tokens, standard_splits, xor_cache
 
 SMALL = FuserConfig(dim=64, depth=2, heads=4)
@@ -101,7 +101,7 @@ def test_prior_masking_keeps_accuracy_when_a_prior_is_zeroed(tmp_path):
     hurts a fuser trained with every prior present more than one trained with prior:P."""
 
     from etf.cache.features import PriorSet
-    from etf.pipeline.predict import load_model
+    from etf.pipeline.fit.predict import load_model
 
     rng = np.random.default_rng(1)
     n = 600
@@ -272,7 +272,7 @@ def test_block_stream_visits_each_row_once_in_full_mixed_batches(xor):
 def test_selection_metric_follows_the_dataset_protocol(dataset, task, expected):
     from types import SimpleNamespace
 
-    from etf.pipeline.heads import TASKS, selection_metric
+    from etf.pipeline.fit.heads import TASKS, selection_metric
 
     t = TASKS[task]("t", ["a", "b"]) if task != "classify" else TASKS[task]("t", ["a"], ["x", "y"])
     assert selection_metric(t, SimpleNamespace(name=dataset)) == expected

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from etf.cache.features import Group, PriorSet
 from etf.cache.tokens import TokenLayout
 from etf.errors import EtfError
-from etf.pipeline.fit import FusionModel, build_model
-from etf.pipeline.fusers import FuserConfig, create_fuser, group_shares
-from etf.pipeline.fusers_fra import sinkhorn
-from etf.pipeline.heads import Classify, MultiLabel
-from etf.pipeline.predict import load_model
+from etf.pipeline.fit.fusers import FuserConfig, create_fuser
+from etf.pipeline.fit.fusers.fra import sinkhorn
+from etf.pipeline.fit.fusers.layers import group_shares
+from etf.pipeline.fit.heads import Classify, MultiLabel
+from etf.pipeline.fit.predict import load_model
+from etf.pipeline.fit.train import FusionModel, build_model
 from tests.synthetic import D, T, import_prior, make_csv_dataset, standard_splits, xor_cache
 from tests.test_fit import _fit
 
@@ -201,7 +202,7 @@ def test_qface_queries_move_to_the_stage_that_holds_their_task(tmp_path):
 
 @pytest.mark.parametrize("fuser", ["etfuser", "etfuser+qface", "qface", "fra"])
 def test_weight_decay_spares_tokens_embeddings_gates_norms_and_biases(fuser):
-    from etf.pipeline.fit import _optimizer
+    from etf.pipeline.fit.train import _optimizer
 
     tasks = [Classify("label", ["label"], ["a", "b"])]
     cfg = FuserConfig(dim=32, depth=1, heads=2, aux="recon:0.5" if "etfuser" in fuser else "none")

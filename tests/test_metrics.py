@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, mean_absolute_error
 
-from etf.pipeline import metrics
+from etf.pipeline.fit import metrics
 
 
 def test_classification_matches_sklearn():

@@ -87,7 +87,7 @@ def test_predict_reproduces_the_runs_own_predictions(run):
 
     from etf.cache.features import PriorSet
     from etf.data import load_dataset
-    from etf.pipeline.predict import load_model
+    from etf.pipeline.fit.predict import load_model
 
     config, _, _, model = load_model(tmp / "run")
     dataset = load_dataset(f"folder:{root}")

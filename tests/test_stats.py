@@ -1,4 +1,4 @@
-"""etf.pipeline.stats against scipy and against hand-computed examples."""
+"""etf.pipeline.ablate.stats against scipy and against hand-computed examples."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp
 
-from etf.pipeline.stats import holm, mcnemar, paired_bootstrap, paired_seed_tests, summarize
+from etf.pipeline.ablate.stats import holm, mcnemar, paired_bootstrap, paired_seed_tests, summarize
 
 A = [0.81, 0.83, 0.80, 0.86, 0.84]
 B = [0.78, 0.80, 0.81, 0.82, 0.79]

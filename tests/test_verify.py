@@ -12,11 +12,11 @@ import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from etf.errors import EtfError
-from etf.pipeline.fit import FitConfig, fit
-from etf.pipeline.fusers import FuserConfig
-from etf.pipeline.metrics import verification_metrics
-from etf.pipeline.predict import embed_dataset
-from etf.pipeline.verification import with_options
+from etf.pipeline.fit.fusers import FuserConfig
+from etf.pipeline.fit.metrics import verification_metrics
+from etf.pipeline.fit.predict import embed_dataset
+from etf.pipeline.fit.train import FitConfig, fit
+from etf.pipeline.fit.verification import with_options
 from tests.synthetic import D, T, import_prior, make_csv_dataset
 
 TASK = "verify:identity?dim=32&s=30&m=0.3"
@@ -122,7 +122,7 @@ def test_tar_at_far_matches_the_sorted_mismatched_scores(mismatched):
 def test_margins_shift_only_the_target_logit():
     import torch
 
-    from etf.pipeline.verification import margin_logits
+    from etf.pipeline.fit.verification import margin_logits
 
     cos = torch.tensor([[0.8, 0.1, -0.3], [-0.95, 0.2, 0.4]])
     labels = torch.tensor([0, 0])
@@ -302,7 +302,7 @@ def test_ablate_compares_verify_runs_by_their_fold_accuracies(ids, tmp_path):
     the ten fold accuracies of each seed with the baseline's."""
     from scipy import stats
 
-    from etf.pipeline.ablate import Grid, plan_grid, run_grid
+    from etf.pipeline.ablate.grid import Grid, plan_grid, run_grid
 
     dataset, cache, _ = ids
     spec = f"csv:{cache.parent / 'ids' / 'data.csv'}"  # where identity_cache wrote it

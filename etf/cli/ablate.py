@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from etf.cli.fit import fuser_options, training_options
 from etf.cli.options import cache_option, data_options
-from etf.pipeline.ablate import BACKENDS, SUBSETS, Grid, load_toml, plan_grid, run_grid, status
+from etf.pipeline.ablate.grid import BACKENDS, SUBSETS, Grid, load_toml, plan_grid, run_grid, status
 
 #: click parameter names that differ from the grid's setting names
 _SETTING = {"cache_dir": "cache", "data_spec": "data"}

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from etf.cli.predict import _weights
-from etf.pipeline.explain import explain_images, explain_split
+from etf.pipeline.fit.explain import explain_images, explain_split
 
 
 @click.command("explain")

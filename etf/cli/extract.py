@@ -9,8 +9,8 @@ import click
 from etf.cache.store import CODECS
 from etf.cli.cache import describe_store
 from etf.cli.options import cache_option, data_options, open_dataset
-from etf.pipeline.encoders import create_encoder
-from etf.pipeline.extract import DTYPES, PRECISIONS, ExtractOptions, extract
+from etf.pipeline.extract.encoders import create_encoder
+from etf.pipeline.extract.run import DTYPES, PRECISIONS, ExtractOptions, extract
 
 
 def _int_list(ctx, param, value: str | None) -> list[int] | None:

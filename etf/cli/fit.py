@@ -10,9 +10,9 @@ import click
 
 from etf.cache.features import parse_size
 from etf.cli.options import cache_option, data_options, open_dataset
-from etf.pipeline.fit import FitConfig, fit
-from etf.pipeline.fusers import FUSERS, FuserConfig
-from etf.pipeline.verification import MARGINS, with_options
+from etf.pipeline.fit.fusers import FUSERS, FuserConfig
+from etf.pipeline.fit.train import FitConfig, fit
+from etf.pipeline.fit.verification import MARGINS, with_options
 
 
 def fuser_options(fn):

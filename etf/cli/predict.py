@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from etf.cli.options import cache_option, open_dataset
-from etf.pipeline.predict import embed_dataset, load_predictor, predict_all
-from etf.pipeline.verification import format_pair_metrics
+from etf.pipeline.fit.predict import embed_dataset, load_predictor, predict_all
+from etf.pipeline.fit.verification import format_pair_metrics
 
 
 def _weights(ctx, param, values: tuple[str, ...]) -> dict[str, Path]:

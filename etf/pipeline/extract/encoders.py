@@ -20,7 +20,7 @@ from torch import nn
 
 from etf.cache.tokens import TokenLayout
 from etf.errors import EtfError
-from etf.pipeline.checkpoints import LoadReport, adapt_state_dict, load_into, read_state_dict
+from etf.pipeline.extract.checkpoints import LoadReport, adapt_state_dict, load_into, read_state_dict
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from etf.cache.features import Batches, Group, PriorSet, default_memory_budget
 from etf.data.base import Dataset, get_adapter, load_dataset
 from etf.data.images import load_rgb
 from etf.errors import EtfError
-from etf.pipeline.extract import resolve_device
-from etf.pipeline.fusers import group_shares
-from etf.pipeline.predict import Predictor, load_model, load_predictor, prior_tokens
+from etf.pipeline.extract.run import resolve_device
+from etf.pipeline.fit.fusers.layers import group_shares
+from etf.pipeline.fit.predict import Predictor, load_model, load_predictor, prior_tokens
 
 
 def group_label(g: Group, groups: list[Group]) -> str:

@@ -30,8 +30,8 @@ from torch import nn
 
 from etf.data.base import Dataset
 from etf.errors import EtfError
-from etf.pipeline import metrics
-from etf.pipeline.heads import Task, _numeric, register_task
+from etf.pipeline.fit import metrics
+from etf.pipeline.fit.heads import Task, _numeric, register_task
 from etf.utils import atomic_path
 
 MARGINS = {"arcface": 0.5, "cosface": 0.35}  # default m of each margin kind

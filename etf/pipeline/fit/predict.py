@@ -26,12 +26,12 @@ from etf.cache.tokens import TokenLayout, select_tokens
 from etf.data.base import Dataset
 from etf.data.images import load_rgb
 from etf.errors import EtfError
-from etf.pipeline.encoders import Encoder, create_encoder
-from etf.pipeline.extract import ExtractOptions, autocast_for, compute_tokens, resolve_device
-from etf.pipeline.fit import FusionModel, build_model, load_run, predict_rows
-from etf.pipeline.fusers import FuserConfig
-from etf.pipeline.heads import Classify, Task
-from etf.pipeline.verification import Verify, pair_metrics, write_embeddings
+from etf.pipeline.extract.encoders import Encoder, create_encoder
+from etf.pipeline.extract.run import ExtractOptions, autocast_for, compute_tokens, resolve_device
+from etf.pipeline.fit.fusers import FuserConfig
+from etf.pipeline.fit.heads import Classify, Task
+from etf.pipeline.fit.train import FusionModel, build_model, load_run, predict_rows
+from etf.pipeline.fit.verification import Verify, pair_metrics, write_embeddings
 from etf.utils import read_json, write_json_atomic
 
 

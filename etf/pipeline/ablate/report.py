@@ -3,7 +3,7 @@
 ``write_report`` reads the finished runs (``metrics.json``, ``predictions.csv``) and writes
 ``report.md``, ``results.csv``, ``results.json`` and PNG plots (matplotlib figures drawn
 without a display). A configuration is a grid point without its seed; its statistics are
-over seeds, its tests paired by seed with the baseline (see :mod:`etf.pipeline.stats`).
+over seeds, its tests paired by seed with the baseline (see :mod:`etf.pipeline.ablate.stats`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from etf.pipeline.stats import holm, mcnemar, paired_bootstrap, paired_seed_tests, summarize
+from etf.pipeline.ablate.stats import holm, mcnemar, paired_bootstrap, paired_seed_tests, summarize
 from etf.utils import read_json, write_json_atomic
 
 ALPHA = 0.05

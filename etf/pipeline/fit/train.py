@@ -25,9 +25,9 @@ import etf
 from etf.cache.features import Batches, PriorSet, default_memory_budget
 from etf.data.base import Dataset
 from etf.errors import EtfError
-from etf.pipeline.fusers import FuserConfig, count_parameters, create_fuser, flops_per_sample
-from etf.pipeline.heads import Classify, Task, parse_task, selection_metric, unique_names
-from etf.pipeline.metrics import format_metrics
+from etf.pipeline.fit.fusers import FuserConfig, count_parameters, create_fuser, flops_per_sample
+from etf.pipeline.fit.heads import Classify, Task, parse_task, selection_metric, unique_names
+from etf.pipeline.fit.metrics import format_metrics
 from etf.utils import read_json, write_json_atomic
 
 

@@ -37,10 +37,10 @@ except ModuleNotFoundError:  # Python 3.10
 from etf.cache.features import PriorSet, parse_size
 from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
-from etf.pipeline.fit import FitConfig, data_key, fit_many
-from etf.pipeline.fusers import FUSERS, FuserConfig
-from etf.pipeline.heads import parse_task, selection_metric, unique_names
-from etf.pipeline.report import Metric, Run, write_report
+from etf.pipeline.ablate.report import Metric, Run, write_report
+from etf.pipeline.fit.fusers import FUSERS, FuserConfig
+from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names
+from etf.pipeline.fit.train import FitConfig, data_key, fit_many
 from etf.utils import canonical_json, read_json, spec_hash, write_json_atomic
 
 BACKENDS = ("loky", "dask", "ray")

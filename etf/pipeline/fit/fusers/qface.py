@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from etf.cache.features import Group
-from etf.pipeline.fusers import Block, ETFuser, Fuser, FuserConfig, PriorTokens, keeping_attention, register_fuser
+from etf.pipeline.fit.fusers.base import Fuser, FuserConfig, register_fuser
+from etf.pipeline.fit.fusers.etfuser import ETFuser
+from etf.pipeline.fit.fusers.layers import Block, PriorTokens, keeping_attention
 
 
 class QueryDecoder(nn.Module):

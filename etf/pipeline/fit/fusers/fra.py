@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from etf.cache.features import Group
-from etf.pipeline.fusers import Fuser, FuserConfig, PriorTokens, register_fuser
+from etf.pipeline.fit.fusers.base import Fuser, FuserConfig, register_fuser
+from etf.pipeline.fit.fusers.layers import PriorTokens
 
 SINKHORN_EPS = 0.05  # SwAV's entropy regularisation of the balanced assignment
 SINKHORN_ITERS = 10  # more than SwAV's 3: token batches are small and skewed

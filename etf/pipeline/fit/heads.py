@@ -5,7 +5,7 @@ A task string is ``KIND:ARG[?key=value&...]``: ``classify:COL``, ``multilabel:C1
 ``regress:COL[,COL...]``, ``landmarks:PREFIX`` (columns ``PREFIX<i>_x``/``PREFIX<i>_y``;
 NME normalised by the ``nme_norm`` column when present, else by the square root of the
 ground-truth landmarks' bounding-box area), ``verify:COL`` (identity embeddings, see
-:mod:`etf.pipeline.verification`). Registered in :data:`TASKS`, like the fusers; the
+:mod:`etf.pipeline.fit.verification`). Registered in :data:`TASKS`, like the fusers; the
 options after ``?`` are the task's own (:attr:`Task.options`).
 """
 
@@ -25,7 +25,7 @@ from torch import nn
 from etf.data import labels
 from etf.data.base import Dataset
 from etf.errors import EtfError
-from etf.pipeline import metrics
+from etf.pipeline.fit import metrics
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -299,7 +299,7 @@ class Landmarks(Regress):
 
 
 def _import_tasks() -> None:
-    import etf.pipeline.verification  # noqa: F401  (registers verify)
+    import etf.pipeline.fit.verification  # noqa: F401  (registers verify)
 
 
 def _task_options(cls: type[Task], query: str, spec: str) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from etf.cache.tokens import parse_tokens, select_tokens
 from etf.data.base import Dataset
 from etf.data.images import check_image
 from etf.errors import EtfError
-from etf.pipeline.encoders import Encoder
+from etf.pipeline.extract.encoders import Encoder
 
 DTYPES = ("float16", "bfloat16", "float32")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
