@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from etf.errors import EtfError
 
 KEY_LENGTH = 16
 
@@ -51,17 +54,62 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+@contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty staging directory beside ``path``; once the block succeeds it replaces
+    ``path`` (whatever was there is removed only then). A reader sees the old directory or
+    the complete new one; a failed or killed write leaves only the hidden staging folder,
+    which the next write to ``path`` clears."""
+    import shutil
+
+    path = Path(path)
+    stage = path.with_name(f".{path.name}.partial")
+    old = path.with_name(f".{path.name}.old")
+    for leftover in (stage, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        if path.exists():
+            os.rename(path, old)
+        os.rename(stage, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None: what strict JSON can hold."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Strict JSON (NaN and infinities as null), written beside and renamed into place."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+        tmp.write_text(json.dumps(finite(obj), indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    from etf.errors import EtfError
-
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise EtfError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise EtfError(f"{path}: not valid JSON ({e})") from None
+
+
+def parse_size(text: str) -> int:
+    """``8G``, ``512M``, ``1.5GiB`` or a byte count."""
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise EtfError(f"--max-memory {text!r}: expected a size like 8G or 512M") from None

@@ -83,7 +83,7 @@ def test_import_prefix_is_part_of_the_store(tmp_path, dataset):
         ("duplicate", "line 2: id '{0}' appears twice"),
         ("count", "23 ids for 24 rows"),
         ("missing", "1 samples of the dataset have no row (first: '{23}')"),
-        ("no-ids", "--tokens has 23 rows but folder:"),
+        ("no-ids", "--array has 23 rows but folder:"),
     ],
 )
 def test_import_refuses_ids_that_do_not_match(tmp_path, dataset, case, want):
@@ -105,7 +105,7 @@ def test_import_refuses_ids_that_do_not_match(tmp_path, dataset, case, want):
         f"folder:{dataset.root}",
         "--name",
         "arcface",
-        "--tokens",
+        "--array",
         npy,
         "--cache",
         tmp_path / "c",
@@ -121,7 +121,7 @@ def test_import_refuses_non_finite_values_naming_the_sample(tmp_path, dataset):
     arr[7, 1, 2] = np.inf
     np.save(npy, arr)
     result = etf(
-        "cache", "import", "--data", f"folder:{dataset.root}", "--name", "x", "--tokens", npy, "--cache", tmp_path
+        "cache", "import", "--data", f"folder:{dataset.root}", "--name", "x", "--array", npy, "--cache", tmp_path
     )
     assert result.exit_code == 1 and f"non-finite token values for sample(s) {dataset.ids[7]}" in result.output
     assert not list(tmp_path.glob("*/*.zarr"))
@@ -165,7 +165,7 @@ def test_verify_catches_a_deleted_chunk(store_path):
     chunk = store_path / "tokens" / "c" / "2" / "0" / "0" / "0"
     chunk.unlink()
     problems = verify_store(store_path)
-    assert problems == ["tokens: 1 of 6 chunks missing on disk"]
+    assert problems == ["tokens: 1 of 6 chunks missing (first: rows 8:12)"]
 
 
 def test_verify_reports_an_unreadable_chunk(store_path):
@@ -174,7 +174,10 @@ def test_verify_reports_an_unreadable_chunk(store_path):
     chunk = store_path / "tokens" / "c" / "1" / "0" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:100])
     problems = verify_store(store_path)
-    assert len(problems) == 1 and "rows 4:8" in problems[0] and "cannot be read" in problems[0]
+    assert problems == [
+        "tokens: 1 chunk(s) of the wrong size (first: chunk 1, 100 bytes of 163840)",
+        "tokens: rows 4:8 cannot be read",
+    ]
 
 
 def test_ls_and_info(store_path, dataset):

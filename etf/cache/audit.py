@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from etf.cache.catalog import STORE_RE, read_manifest
-from etf.cache.store import ArraySpec, TokenStore, decode_tokens
+from etf.cache.catalog import STORE_RE, list_stores, read_manifest
+from etf.cache.store import ArraySpec, TokenStore, decode_tokens, version_mismatch
 from etf.errors import EtfError
 from etf.utils import spec_hash
 
@@ -21,15 +21,75 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _partial(path: Path) -> Path:
+    return path if path.name.endswith(".partial") else path.with_name(path.name + ".partial")
+
+
+def _partial_attrs(path: Path) -> dict[str, Any] | None:
+    """The ``etf`` attributes of a store still being extracted (None before its first chunk)."""
+    data = _partial(path) / "data.zarr"
+    return zarr.open_group(str(data), mode="r").attrs["etf"] if data.exists() else None
+
+
 def partial_progress(path: Path) -> tuple[int, int]:
     """(chunks done, chunks in all) of a store still being extracted."""
-    partial = path if path.name.endswith(".partial") else path.with_name(path.name + ".partial")
-    data = partial / "data.zarr"
-    if not data.exists():
+    attrs = _partial_attrs(path)
+    if attrs is None:
         return 0, 0
-    attrs = zarr.open_group(str(data), mode="r").attrs["etf"]
     total = -(-int(attrs["spec"]["n"]) // int(attrs["chunk_rows"]))
-    return len(list((partial / "done").glob("*.json"))), total
+    return len(list((_partial(path) / "done").glob("*.json"))), total
+
+
+def list_summary(cache_dir: Path) -> list[dict[str, str]]:
+    """One row per store under ``cache_dir`` for ``etf cache ls``: state (complete, damaged,
+    incomplete with its progress), what tells stores of one encoder apart (layers, tokens,
+    input size, weights or init seed) and the size on disk."""
+    rows = []
+    for e in list_stores(cache_dir):
+        row = {"dataset_key": e.dataset_key, "store": e.path.name, "size": human_size(disk_bytes(e.path))}
+        try:
+            if e.complete:
+                with TokenStore.open(e.path, check=False) as store:
+                    damage = store.damage()
+                    row["state"] = f"damaged: {damage[0]}" if damage else "complete"
+                    row.update(_settings(store.spec))
+            else:
+                done, total = partial_progress(e.path)
+                row["state"] = f"incomplete ({done}/{total} chunks)"
+                attrs = _partial_attrs(e.path)
+                row.update(_settings(attrs["spec"]) if attrs else {})
+        except (EtfError, OSError, KeyError, ValueError) as err:
+            row["state"] = f"unreadable ({err})"
+        rows.append(
+            {
+                k: row.get(k, "-")
+                for k in ("dataset_key", "store", "state", "layers", "tokens", "input", "weights", "size")
+            }
+        )
+    return rows
+
+
+def _settings(spec: dict[str, Any]) -> dict[str, str]:
+    size = (spec.get("data_config") or {}).get("input_size")
+    weights = (
+        spec.get("pretrained")
+        or spec.get("weights_file")
+        or (f"seed {spec['init_seed']}" if spec.get("init_seed") is not None else spec.get("source", "-"))
+    )
+    return {
+        "layers": ",".join(str(v) for v in spec.get("layers", [])),
+        "tokens": str(spec.get("tokens", "-")),
+        "input": f"{size[-1]}px" if size else "-",
+        "weights": str(weights),
+    }
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def store_info(path: Path) -> dict[str, Any]:
@@ -58,6 +118,7 @@ def store_info(path: Path) -> dict[str, Any]:
             "bytes": disk_bytes(path),
             "flops_per_image": store.attrs.get("info", {}).get("flops_per_image"),
             "versions": store.attrs.get("info", {}).get("versions"),
+            "format_version": store.attrs.get("format_version"),
         }
 
 
@@ -67,7 +128,7 @@ def verify_store(path: Path, cache_dir: Path | None = None) -> list[str]:
     path = Path(path)
     problems: list[str] = []
     try:
-        store = TokenStore.open(path)
+        store = TokenStore.open(path, check=False)
     except EtfError as e:
         return [str(e)]
     with store:
@@ -89,11 +150,11 @@ def verify_store(path: Path, cache_dir: Path | None = None) -> list[str]:
             if tuple(arr.shape) != (store.n, *a.shape):
                 problems.append(f"{a.name}: shape {tuple(arr.shape)}, expected {(store.n, *a.shape)}")
                 continue
-            if isinstance(arr, zarr.Array) and arr.nchunks_initialized != arr.nchunks:
-                problems.append(
-                    f"{a.name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing on disk"
-                )
             problems += _scan_values(store, a, ids, skipped)
+        problems[:0] = store.damage()
+        differs = version_mismatch(store.attrs)
+        if differs:
+            problems.append(f"written with {differs} (a note: the tokens are used as stored)")
     return problems
 
 
@@ -108,15 +169,15 @@ def _row_ids(cache_dir: Path, store: TokenStore) -> list[str]:
 
 def _scan_values(store: TokenStore, a: ArraySpec, ids: list[str], skipped: set[str]) -> list[str]:
     """Read every chunk of one array: unreadable chunks and non-finite samples, per layer."""
-    arr, dtype, step = store._arrays[a.name], store.spec["dtype"], store.chunk_rows
+    dtype, step = store.spec["dtype"], store.chunk_rows
     bad: dict[int, list[str]] = {layer: [] for layer in a.layers}
     problems = []
     for start in range(0, store.n, step):
         stop = min(store.n, start + step)
         try:
-            block = decode_tokens(np.asarray(arr[start:stop]), dtype)
-        except Exception as e:  # codec and shape errors of a damaged chunk file
-            problems.append(f"{a.name}: rows {start}:{stop} cannot be read ({type(e).__name__}: {e})")
+            block = decode_tokens(store._rows(a.name, start, stop), dtype)
+        except EtfError:
+            problems.append(f"{a.name}: rows {start}:{stop} cannot be read")
             continue
         per_layer = block if a.name == "tokens" else block[:, None]
         finite = np.isfinite(per_layer.reshape(*per_layer.shape[:2], -1)).all(axis=2)

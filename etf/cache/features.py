@@ -28,17 +28,6 @@ from etf.utils import canonical_json
 _TORCH_DTYPE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def parse_size(text: str) -> int:
-    """``8G``, ``512M``, ``1.5GiB`` or a byte count."""
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise EtfError(f"--max-memory {text!r}: expected a size like 8G or 512M") from None
-
-
 def default_memory_budget() -> int:
     """40% of physical memory, at most 16 GiB: room for the model, the OS and a second job."""
     try:

@@ -33,13 +33,11 @@ def _row_order(dataset: Dataset, n_rows: int, ids_file: Path | None) -> np.ndarr
     """For each manifest sample, the row of the array that holds it."""
     if ids_file is None:
         if n_rows != len(dataset):
-            raise EtfError(
-                f"--tokens has {n_rows} rows but {dataset.describe()} has {len(dataset)} samples; pass --ids"
-            )
+            raise EtfError(f"--array has {n_rows} rows but {dataset.describe()} has {len(dataset)} samples; pass --ids")
         return np.arange(n_rows)
     ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
     if len(ids) != n_rows:
-        raise EtfError(f"--ids {ids_file}: {len(ids)} ids for {n_rows} rows of --tokens")
+        raise EtfError(f"--ids {ids_file}: {len(ids)} ids for {n_rows} rows of --array")
     row_of: dict[str, int] = {}
     known = set(dataset.ids)
     for r, sid in enumerate(ids):
@@ -68,10 +66,10 @@ def import_tokens(
     try:
         src = np.load(tokens_file, mmap_mode="r")
     except (OSError, ValueError) as e:
-        raise EtfError(f"--tokens {tokens_file}: cannot read as .npy ({e})") from None
+        raise EtfError(f"--array {tokens_file}: cannot read as .npy ({e})") from None
     if src.ndim not in (3, 4) or not np.issubdtype(src.dtype, np.floating):
         raise EtfError(
-            f"--tokens {tokens_file}: expected a float array (N,T,D) or (N,L,T,D), got {src.dtype} {src.shape}"
+            f"--array {tokens_file}: expected a float array (N,T,D) or (N,L,T,D), got {src.dtype} {src.shape}"
         )
     if src.ndim == 3:
         src = src[:, None]

@@ -17,10 +17,12 @@ redoing only unmarked chunks. A store appears at its final path only once comple
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,20 +33,17 @@ import numpy as np
 import torch
 import zarr
 
+from etf.cache.format import (
+    CODECS,
+    FORMAT_VERSION,
+    FORMATS,
+    HDF5_CHUNK_BYTES,
+    PHYSICAL,
+    ZARR_CHUNK_BYTES,
+)
 from etf.cache.tokens import TokenLayout
 from etf.errors import EtfError
 from etf.utils import atomic_path, canonical_json, read_json, spec_hash, write_json_atomic
-
-FORMAT_VERSION = 1
-FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
-#: Bytes per Zarr chunk (and resume unit). See bench/README.md for the measurements.
-ZARR_CHUNK_BYTES = 8 << 20
-#: Bytes per HDF5 chunk; smaller than Zarr's because HDF5 reads through its own chunk cache.
-HDF5_CHUNK_BYTES = 2 << 20
-CODECS = ("none", "zstd", "blosc-zstd", "blosc-lz4")
-#: How each storage dtype sits on disk. bfloat16 has no NumPy/Zarr/HDF5 type: its bits are
-#: stored as uint16, and float32 is ``bits << 16`` (see :func:`decode_tokens`).
-PHYSICAL = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 
 
 def physical_dtype(dtype: str) -> np.dtype:
@@ -309,7 +308,7 @@ class TokenStore:
         return {"path": self.path}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        other = TokenStore.open(state["path"])
+        other = TokenStore.open(state["path"], check=False)  # checked by the process that pickled it
         self.__dict__.update(other.__dict__)
 
     def __init__(self, path: Path, attrs: dict[str, Any], arrays: dict[str, Any], handle: Any = None) -> None:
@@ -321,7 +320,10 @@ class TokenStore:
         self.layouts = {int(k): TokenLayout.from_json(v) for k, v in attrs["layouts"].items()}
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> TokenStore:
+    def open(cls, path: str | os.PathLike, check: bool = True) -> TokenStore:
+        """Open a complete store. With ``check`` (always, except for ``etf cache verify``, which
+        reports every problem itself) a store with a missing or truncated chunk is refused:
+        one listing of the chunk objects, no data read."""
         path = Path(path)
         if path.name.endswith(".partial"):
             raise EtfError(
@@ -354,7 +356,14 @@ class TokenStore:
             handle = None
         if not attrs.get("complete"):
             raise EtfError(f"{path}: incomplete store; re-run the same etf extract to resume")
-        return cls(path, attrs, arrays, handle)
+        store = cls(path, attrs, arrays, handle)
+        if check:
+            damage = store.damage()
+            if damage:
+                store.close()
+                raise EtfError(f"{path}: damaged store ({damage[0]}{' ...' if len(damage) > 1 else ''}); {REPAIR}")
+            report_versions(path, attrs)
+        return store
 
     def close(self) -> None:
         if self._handle is not None:
@@ -403,9 +412,34 @@ class TokenStore:
 
     def read(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
         a, i = self._locate(layer)
-        arr = self._arrays[a.name]
         stop = self.n if stop is None else stop
-        return decode_tokens(np.asarray(arr[start:stop, i] if i is not None else arr[start:stop]), self.spec["dtype"])
+        return decode_tokens(self._rows(a.name, start, stop, i), self.spec["dtype"])
+
+    def _rows(self, name: str, start: int, stop: int, layer_index: int | None = None) -> np.ndarray:
+        """Stored rows ``start:stop`` of one array; a chunk that cannot be decoded is an error
+        naming the store, never a traceback or a silent substitute."""
+        arr = self._arrays[name]
+        try:
+            return np.asarray(arr[start:stop, layer_index] if layer_index is not None else arr[start:stop])
+        except Exception as e:  # codec, shape and I/O errors of a damaged chunk, whatever the format
+            raise EtfError(
+                f"{self.path}: rows {start}:{stop} of {name} cannot be read ({type(e).__name__}: {e}); {REPAIR}"
+            ) from None
+
+    def damage(self) -> list[str]:
+        """What is wrong with the stored chunks, from one listing: chunk objects that are missing
+        or (uncompressed) of the wrong size. Empty for a sound store."""
+        problems = []
+        for a in self.array_specs:
+            arr = self._arrays[a.name]
+            expected = -(-self.n // self.chunk_rows)
+            if self.path.suffix == ".h5":
+                found = arr.id.get_num_chunks()
+                bad = [] if found == expected else [f"{a.name}: {expected - found} of {expected} chunks missing"]
+            else:
+                bad = _zarr_chunk_damage(arr, a.name, expected, self.attrs.get("codec", "none") == "none")
+            problems += bad
+        return problems
 
     def read_layers(self, layers: list[int], start: int = 0, stop: int | None = None) -> dict[int, np.ndarray]:
         """Several layers of rows ``start:stop``, reading each array's chunks once."""
@@ -415,7 +449,7 @@ class TokenStore:
             wanted = [layer for layer in layers if layer in a.layers]
             if not wanted:
                 continue
-            block = decode_tokens(np.asarray(self._arrays[a.name][start:stop]), self.spec["dtype"])
+            block = decode_tokens(self._rows(a.name, start, stop), self.spec["dtype"])
             for layer in wanted:
                 out[layer] = block[:, a.layers.index(layer)] if a.name == "tokens" else block
         missing = [layer for layer in layers if layer not in out]
@@ -433,3 +467,72 @@ class TokenStore:
     def chunk_bytes(self) -> int:
         row = sum(int(np.prod(a.shape)) for a in self.array_specs) * physical_dtype(self.spec["dtype"]).itemsize
         return row * self.chunk_rows
+
+
+#: what to do about a damaged store, in every message that refuses one
+REPAIR = "run etf cache verify on it, then delete it and re-run etf extract"
+
+
+def _zarr_chunk_damage(arr: zarr.Array, name: str, chunks: int, uncompressed: bool) -> list[str]:
+    """Missing and (for uncompressed arrays, whose chunks all have one size) truncated chunk
+    objects of a row-chunked Zarr array, from one listing of its keys."""
+    from zarr.core.sync import sync
+
+    store, prefix = arr.store_path.store, arr.store_path.path
+
+    async def sizes() -> dict[str, int]:
+        keys = [k async for k in store.list_prefix(f"{prefix}/")]
+        return dict(zip(keys, await asyncio.gather(*(store.getsize(k) for k in keys))))
+
+    found = sync(sizes())
+    encode = arr.metadata.chunk_key_encoding.encode_chunk_key
+    rest = (0,) * (arr.ndim - 1)
+    keys = [f"{prefix}/{encode((c, *rest))}" for c in range(chunks)]
+    missing = [c for c, k in enumerate(keys) if k not in found]
+    out = []
+    if missing:
+        rows = arr.chunks[0]
+        out.append(
+            f"{name}: {len(missing)} of {chunks} chunks missing (first: rows {missing[0] * rows}:{(missing[0] + 1) * rows})"
+        )
+    if uncompressed:
+        size = int(np.prod(arr.chunks)) * arr.dtype.itemsize
+        wrong = [c for c, k in enumerate(keys) if k in found and found[k] != size]
+        if wrong:
+            out.append(
+                f"{name}: {len(wrong)} chunk(s) of the wrong size (first: chunk {wrong[0]}, {found[keys[wrong[0]]]} bytes of {size})"
+            )
+    return out
+
+
+#: libraries whose versions can change the tokens an encoder computes
+TOKEN_LIBRARIES = ("etf", "torch", "timm")
+
+
+def version_mismatch(attrs: dict[str, Any]) -> str | None:
+    """How the library versions a store was written with differ from these, or None."""
+    recorded = (attrs.get("info") or {}).get("versions") or {}
+    current = library_versions()
+    differs = [
+        f"{k} {recorded[k]} (now {current[k]})" for k in TOKEN_LIBRARIES if k in recorded and recorded[k] != current[k]
+    ]
+    return ", ".join(differs) or None
+
+
+def report_versions(path: Path, attrs: dict[str, Any]) -> None:
+    """One warning when a store was written with other versions of the libraries that compute
+    tokens: it is used as it is (its spec has not changed), not rebuilt."""
+    differs = version_mismatch(attrs)
+    if differs:
+        warnings.warn(
+            f"{path}: written with {differs}; its tokens are used as stored (delete it and re-run etf extract to refresh)",
+            stacklevel=3,
+        )
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+
+    import etf
+
+    return {"etf": etf.__version__, "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__}

@@ -10,13 +10,17 @@ from etf.errors import EtfError
 
 
 class _Group(click.Group):
-    """Turns :class:`EtfError` into one ``Error: ...`` line and exit status 1."""
+    """Turns :class:`EtfError` into one ``Error: ...`` line and exit status 1, and Ctrl-C into
+    one line and the shell's status for it, 130."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except EtfError as e:
             raise click.ClickException(str(e)) from None
+        except KeyboardInterrupt:
+            click.echo("\nInterrupted: what finished is kept; run the same command again to resume.", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,13 +36,11 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def _register() -> None:
-    from etf.cli import ablate, cache, data, extract, fit, predict
+    """Every command module is light (heavy libraries load inside the commands)."""
+    from etf.cli import ablate, cache, data, explain, extract, fit, predict
 
-    for module in (extract, fit, predict, ablate, cache, data):
+    for module in (extract, fit, predict, explain, ablate, cache, data):
         main.add_command(module.command)
-    from etf.cli import explain
-
-    main.add_command(explain.command)
 
 
 _register()

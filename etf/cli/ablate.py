@@ -8,8 +8,8 @@ import click
 from click.core import ParameterSource
 
 from etf.cli.fit import fuser_options, training_options
-from etf.cli.options import cache_option, data_options
-from etf.pipeline.ablate.grid import BACKENDS, SUBSETS, Grid, load_toml, plan_grid, run_grid, status
+from etf.cli.options import cache_option, data_options, encoders_option
+from etf.pipeline.ablate import BACKENDS, SUBSETS
 
 #: click parameter names that differ from the grid's setting names
 _SETTING = {"cache_dir": "cache", "data_spec": "data"}
@@ -19,14 +19,12 @@ _SETTING = {"cache_dir": "cache", "data_spec": "data"}
 @click.option(
     "--config",
     "config_file",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="TOML experiment file (keys as these options); options given here override it.",
 )
 @cache_option
 @data_options
-@click.option(
-    "--encoders", help="Comma-separated priors, in order: the first encoder of a subset is its canonical prior."
-)
+@encoders_option("Priors, in order: the first encoder of a subset is its canonical prior.", required=False)
 @click.option("--task", "tasks", multiple=True, help="As for etf fit; repeat for multi-task.  [default: the dataset's]")
 @click.option("--subsets", default="all", show_default=True, help=SUBSETS.replace(" or ", ", ") + ".")
 @click.option(
@@ -49,26 +47,32 @@ _SETTING = {"cache_dir": "cache", "data_spec": "data"}
 @click.option(
     "--scheduler", help="Dask scheduler (tcp://HOST:8786) or Ray address.  [default: a local cluster of --jobs workers]"
 )
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Grid directory: runs/ and the report.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Grid directory: runs/ and the report (optional with --dry-run).",
+)
 @click.option("--dry-run", is_flag=True, help="List the runs, grouped as they would train, and fit nothing.")
 @click.pass_context
 def command(ctx: click.Context, config_file: Path | None, dry_run: bool, **options) -> None:
     """Fit every encoder subset x fuser x setting x seed from the cache (parallel, resumable) and report."""
+    from etf.pipeline.ablate.grid import Grid, load_toml, plan_grid, run_grid, status
+
     given = {
         k for k in options if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     }
-    settings = {_SETTING.get(k, k): v for k, v in options.items() if k not in given and v is not None}
+    settings = {_SETTING.get(k, k): v for k, v in options.items() if k not in given and v not in (None, [])}
     if config_file is not None:
         settings.update(load_toml(config_file))
     settings.update({_SETTING.get(k, k): options[k] for k in given})
-    plan = plan_grid(Grid.from_settings(settings, where=str(config_file) if config_file else None))
+    plan = plan_grid(Grid.from_settings(settings, where=str(config_file) if config_file else None, dry_run=dry_run))
     if dry_run:
         for k, group in enumerate(plan.groups(), 1):
             first = group[0].labels
             click.echo(f"group {k}: {first['subset']} seed {first['seed']}")
             for p in group:
                 settings = " ".join(f"{k}={v}" for k, v in p.labels.items() if k not in ("subset", "priors", "seed"))
-                click.echo(f"  {p.run_id}  {status(p):<8} {settings}")
+                click.echo(f"  {p.run_id}  {status(p) if plan.grid.out else '-':<8} {settings}")
         return
     outcome = run_grid(plan, click.echo)
     click.echo(f"report: {outcome.report} (with results.csv, results.json and plots)")

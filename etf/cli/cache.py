@@ -6,23 +6,16 @@ from pathlib import Path
 
 import click
 
-from etf.cache.audit import disk_bytes, manifest_summary, partial_progress, store_info, verify_store
-from etf.cache.catalog import list_stores
-from etf.cache.importer import import_tokens
+from etf.cache.format import DTYPES
 from etf.cli.options import cache_option, data_options, echo_kv, open_dataset
+from etf.errors import EtfError
 
 STORE_PATH = click.Path(exists=True, path_type=Path)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def describe_store(path: Path) -> None:
+    from etf.cache.audit import human_size, store_info
+
     info = store_info(path)
     click.echo(f"{path}")
     echo_kv(
@@ -40,10 +33,15 @@ def describe_store(path: Path) -> None:
                 ),
             ),
             ("dtype", f"{info['dtype']} (computed in {info['precision'] or 'n/a'}), input {info['input_size']}"),
-            ("on disk", f"{_size(info['bytes'])}, {info['chunk_rows']} samples per chunk, codec {info['codec']}"),
+            ("on disk", f"{human_size(info['bytes'])}, {info['chunk_rows']} samples per chunk, codec {info['codec']}"),
             ("GFLOPs/img", f"{info['flops_per_image'] / 1e9:.2f}" if info["flops_per_image"] else "n/a"),
+            ("format", f"version {info['format_version']}; written by {_versions(info['versions'])}"),
         ]
     )
+
+
+def _versions(versions: dict[str, str] | None) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (versions or {}).items()) or "unknown versions"
 
 
 @click.group("cache")
@@ -54,20 +52,23 @@ def command() -> None:
 @command.command("ls")
 @click.argument("cache_dir", type=click.Path(file_okay=False, path_type=Path), default="cache")
 def ls(cache_dir: Path) -> None:
-    """List datasets and stores under CACHE_DIR."""
-    entries = list_stores(cache_dir)
-    if not entries:
+    """List datasets and stores under CACHE_DIR: state, encoder settings and size."""
+    from etf.cache.audit import list_summary, manifest_summary
+
+    if not cache_dir.is_dir():
+        raise EtfError(f"{cache_dir}: no such cache directory")
+    rows = list_summary(cache_dir)
+    if not rows:
         click.echo(f"{cache_dir}: no stores")
         return
-    for key in dict.fromkeys(e.dataset_key for e in entries):
+    headers = ("store", "state", "layers", "tokens", "input", "weights", "size")
+    for key in dict.fromkeys(r["dataset_key"] for r in rows):
         click.echo(f"{key}  {manifest_summary(cache_dir, key)}")
-        for e in (e for e in entries if e.dataset_key == key):
-            if e.complete:
-                state = "complete"
-            else:
-                done, total = partial_progress(e.path)
-                state = f"incomplete ({done}/{total} chunks)"
-            click.echo(f"  {e.path.name:<48} {state:<24} {_size(disk_bytes(e.path))}")
+        table = [[r[h] for h in headers] for r in rows if r["dataset_key"] == key]
+        widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers)]
+        click.echo("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+        for row in table:
+            click.echo("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
 @command.command("info")
@@ -80,7 +81,9 @@ def info(store: Path) -> None:
 @command.command("verify")
 @click.argument("store", type=STORE_PATH)
 def verify(store: Path) -> None:
-    """Check STORE: spec hash, manifest, shapes, every chunk present, finite values."""
+    """Check STORE: spec hash, manifest, shapes, every chunk present and readable, finite values."""
+    from etf.cache.audit import verify_store
+
     problems = verify_store(store)
     if problems:
         for p in problems:
@@ -94,11 +97,11 @@ def verify(store: Path) -> None:
 @data_options
 @click.option("--name", required=True, help="Name of the prior (used as --encoders NAME by etf fit).")
 @click.option(
-    "--tokens",
-    "tokens_file",
+    "--array",
+    "array_file",
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help=".npy of shape (N,T,D) or (N,L,T,D).",
+    help=".npy of shape (N,T,D) or (N,L,T,D): row i holds sample i of --ids (or of the manifest).",
 )
 @click.option(
     "--ids",
@@ -106,11 +109,19 @@ def verify(store: Path) -> None:
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Sample id of each row, one per line.  [default: manifest order]",
 )
-@click.option("--prefix", type=int, help="Leading non-patch tokens.  [default: 0 or 1, whichever leaves a square grid]")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+@click.option(
+    "--prefix",
+    type=click.IntRange(min=0),
+    help="Leading non-patch tokens.  [default: 0 or 1, whichever leaves a square grid]",
+)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True)
 @click.option("--store", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-def import_(cache_dir, data_spec, crop, name, tokens_file, ids_file, prefix, dtype, store_format) -> None:
+def import_(cache_dir, data_spec, crop, name, array_file, ids_file, prefix, dtype, store_format) -> None:
     """Bring tokens computed elsewhere into the cache as a store."""
+    from etf.cache.importer import import_tokens
+    from etf.cli.options import writable_dir
+
+    writable_dir(cache_dir, "--cache")
     dataset = open_dataset(data_spec, crop)
-    path = import_tokens(cache_dir, dataset, name, tokens_file, ids_file, dtype, prefix, store_format)
+    path = import_tokens(cache_dir, dataset, name, array_file, ids_file, dtype, prefix, store_format)
     describe_store(path)

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import click
 
-from etf.cli.predict import _weights
-from etf.pipeline.fit.explain import explain_images, explain_split
+from etf.cli.options import device_option, run_option, weights_option, writable_dir
 
 
 @click.command("explain")
-@click.option("--run", "run", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@run_option
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--split", help="Instead of images: mean attention share per prior/stage over this split of the cache.")
 @click.option(
@@ -23,13 +22,16 @@ from etf.pipeline.fit.explain import explain_images, explain_split
     type=click.Path(file_okay=False, path_type=Path),
     help="With --split: the cache.  [default: the run's]",
 )
-@click.option("--weights", multiple=True, callback=_weights, help="PRIOR=FILE for priors extracted with --weights.")
-@click.option("--device", default="auto", show_default=True)
+@weights_option
+@device_option
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the PNGs.")
 def command(run, images, split, data_spec, cache_dir, weights, device, out) -> None:
     """Draw where --run's fuser looks: over IMAGE... (PNG overlays), or over --split (bar chart)."""
     if bool(images) == bool(split):
         raise click.UsageError("give IMAGE... or --split NAME (one of them)")
+    writable_dir(out, "--out")
+    from etf.pipeline.fit.explain import explain_images, explain_split
+
     if images:
         paths = explain_images(run, list(images), out, weights, device)
     else:

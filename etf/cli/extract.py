@@ -6,11 +6,17 @@ from pathlib import Path
 
 import click
 
-from etf.cache.store import CODECS
-from etf.cli.cache import describe_store
-from etf.cli.options import cache_option, data_options, open_dataset
-from etf.pipeline.extract.encoders import create_encoder
-from etf.pipeline.extract.run import DTYPES, PRECISIONS, ExtractOptions, extract
+from etf.cache.format import CODECS, DTYPES
+from etf.cli.options import (
+    cache_option,
+    data_options,
+    device_option,
+    encoders_option,
+    open_dataset,
+    progress_option,
+    writable_dir,
+)
+from etf.pipeline.extract import PRECISIONS
 
 
 def _int_list(ctx, param, value: str | None) -> list[int] | None:
@@ -29,22 +35,18 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int] | None:
         i, n = (int(v) for v in value.split("/"))
     except ValueError:
         raise click.BadParameter(f"{value!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise click.BadParameter(f"{value!r}: need 0 <= I < N")
     return i, n
 
 
 @click.command("extract")
 @data_options
-@click.option(
-    "--encoder",
-    "encoders",
-    multiple=True,
-    required=True,
-    help="Alias (vit_b, dinov2_s, ...) or timm model name; repeat for several.",
-)
+@encoders_option("Aliases (vit_b, dinov2_s, ...) or timm model names.")
 @cache_option
 @click.option(
     "--weights",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="Local checkpoint (.pth/.pt/.bin/.safetensors) for the encoder.",
 )
 @click.option("--allow-partial", is_flag=True, help="Accept a --weights file that leaves most of the model random.")
@@ -54,7 +56,9 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int] | None:
     show_default=True,
     help="timm pretrained weights, or a random init from --seed.",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of a --no-pretrained random init.")
+@click.option(
+    "--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of a --no-pretrained random init."
+)
 @click.option(
     "--layers",
     callback=_int_list,
@@ -72,7 +76,11 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int] | None:
     show_default=True,
     help="Autocast precision (auto: bf16/fp16 on GPU, fp32 on CPU).",
 )
-@click.option("--img-size", type=int, help="Input resolution (ViT position embeddings are resized).")
+@click.option(
+    "--img-size",
+    type=click.IntRange(min=16),
+    help="Input resolution, a multiple of a ViT's patch size (position embeddings are resized).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
     "--workers",
@@ -80,7 +88,7 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int] | None:
     help="Decode worker processes (0: decode in the main process).  "
     "[default: on a GPU cores - 1, at most 8; on the CPU one per 8 cores, at low priority]",
 )
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @click.option("--store", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option(
     "--codec",
@@ -90,7 +98,9 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int] | None:
     help="Zarr compression (activations compress poorly; see bench/README.md).",
 )
 @click.option(
-    "--chunk-rows", type=click.IntRange(min=1), help="Samples per chunk (the resume unit).  [default: about 8 MiB]"
+    "--chunk-rows",
+    type=click.IntRange(min=1),
+    help="Samples per chunk (the resume unit).  [default: about 8 MiB, at most 1/8 of the samples]",
 )
 @click.option(
     "--on-error",
@@ -102,7 +112,7 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int] | None:
 @click.option(
     "--shard", callback=_shard, help="Fill only part I of N of the store (0-based); set automatically under torchrun."
 )
-@click.option("--progress/--no-progress", default=None, help="Progress bar.  [default: when on a terminal]")
+@progress_option
 def command(
     data_spec,
     crop,
@@ -129,11 +139,21 @@ def command(
     progress,
 ) -> None:
     """Run each frozen --encoder once over --data and cache its tokens (resumable)."""
+    from etf.cache.tokens import parse_tokens
+
     if weights is not None and len(encoders) > 1:
         raise click.BadParameter(
             "--weights applies to one encoder; run one extract per checkpoint", param_hint="--weights"
         )
+    parse_tokens(tokens)
+    writable_dir(cache_dir, "--cache")
     dataset = open_dataset(data_spec, crop)
+
+    from etf.cli.cache import describe_store
+    from etf.pipeline.extract.encoders import create_encoder
+    from etf.pipeline.extract.run import ExtractOptions, extract, resolve_device
+
+    resolve_device(device)
     opts = ExtractOptions(
         layers=layers,
         tokens=tokens,

@@ -2,56 +2,66 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import click
 
-from etf.cache.features import parse_size
-from etf.cli.options import cache_option, data_options, open_dataset
-from etf.pipeline.fit.fusers import FUSERS, FuserConfig
-from etf.pipeline.fit.train import FitConfig, fit
-from etf.pipeline.fit.verification import MARGINS, with_options
+from etf.cli.options import (
+    cache_option,
+    data_options,
+    default,
+    device_option,
+    encoders_option,
+    open_dataset,
+    progress_option,
+    writable_dir,
+)
+from etf.pipeline.fit.config import MARGINS, FitConfig, FuserConfig
+from etf.pipeline.fit.fusers import fuser_names
+from etf.utils import parse_size
+
+POSITIVE = click.IntRange(min=1)
+FRACTION = click.FloatRange(0, 1, min_open=True, max_open=True)
+
+
+def _fuser(name: str, **kw: Any) -> Callable:
+    return click.option(f"--{name.replace('_', '-')}", default=default(FuserConfig, name), show_default=True, **kw)
+
+
+def _fit(name: str, **kw: Any) -> Callable:
+    return click.option(f"--{name.replace('_', '-')}", default=default(FitConfig, name), show_default=True, **kw)
 
 
 def fuser_options(fn):
     """Fuser hyper-parameters, shared with ``etf ablate``."""
     for opt in reversed(
         [
-            click.option("--dim", default=256, show_default=True, help="Fuser width d."),
-            click.option("--depth", default=2, show_default=True, help="Self-attention blocks."),
-            click.option("--heads", default=4, show_default=True, help="Attention heads."),
-            click.option("--mlp-ratio", default=2.0, show_default=True),
-            click.option("--dropout", default=0.0, show_default=True),
-            click.option(
-                "--attn",
+            _fuser("dim", type=POSITIVE, help="Fuser width d."),
+            _fuser("depth", type=POSITIVE, help="Self-attention blocks."),
+            _fuser("heads", type=POSITIVE, help="Attention heads."),
+            _fuser("mlp_ratio", type=click.FloatRange(0, min_open=True), help="MLP width over d."),
+            _fuser("dropout", type=click.FloatRange(0, 1, max_open=True)),
+            _fuser(
+                "attn",
                 type=click.Choice(["full", "intra"]),
-                default="full",
-                show_default=True,
                 help="intra: prior tokens attend only within their prior; the ensemble token sees all.",
             ),
-            click.option(
-                "--mask", default="none", show_default=True, help="Training-time dropping: none, token:P, prior:P."
-            ),
-            click.option(
-                "--queries",
+            _fuser("mask", help="Training-time dropping: none, token:P, prior:P."),
+            _fuser(
+                "queries",
                 type=click.Choice(["label", "task"]),
-                default="label",
-                show_default=True,
                 help="qface: one label query per label of a multilabel task, or one per task.",
             ),
-            click.option("--regions", default=8, show_default=True, help="fra: facial-mask embeddings (regions)."),
-            click.option("--temperature", default=0.1, show_default=True, help="fra: heatmap softmax temperature."),
-            click.option(
-                "--aux",
-                default="none",
-                show_default=True,
+            _fuser("regions", type=POSITIVE, help="fra: facial-mask embeddings (regions)."),
+            _fuser("temperature", type=click.FloatRange(0, min_open=True), help="fra: heatmap softmax temperature."),
+            _fuser(
+                "aux",
                 help="Auxiliary loss: recon:W (etfuser, etfuser+qface: reconstruct hidden prior tokens) or sinkhorn:W (fra: balanced regions).",
             ),
-            click.option(
-                "--recon-ratio", default=0.5, show_default=True, help="recon: fraction of prior tokens hidden."
-            ),
+            _fuser("recon_ratio", type=FRACTION, help="recon: fraction of prior tokens hidden."),
         ]
     ):
         fn = opt(fn)
@@ -62,34 +72,30 @@ def training_options(fn):
     """Optimisation and protocol options, shared with ``etf ablate``."""
     for opt in reversed(
         [
-            click.option(
-                "--layers", default="last", show_default=True, help="Store layers to use: last, all, or e.g. 4,8,12."
-            ),
+            _fit("layers", help="Store layers to use: last, all, or e.g. 4,8,12."),
             click.option(
                 "--tokens", default=None, help="Read-time selection: cls, patch, pool:G or all.  [default: as stored]"
             ),
-            click.option("--epochs", default=30, show_default=True),
-            click.option("--batch-size", default=64, show_default=True),
-            click.option("--lr", default=1e-3, show_default=True),
-            click.option("--weight-decay", default=0.05, show_default=True),
-            click.option("--warmup-epochs", default=1.0, show_default=True),
-            click.option(
-                "--train-fraction", default=1.0, show_default=True, help="Seeded (stratified) fraction of train."
+            _fit("epochs", type=POSITIVE),
+            _fit("batch_size", type=POSITIVE),
+            _fit("lr", type=click.FloatRange(0, min_open=True), help="Peak learning rate (AdamW)."),
+            _fit("weight_decay", type=click.FloatRange(0)),
+            _fit("warmup_epochs", type=click.FloatRange(0)),
+            _fit(
+                "train_fraction",
+                type=click.FloatRange(0, 1, min_open=True),
+                help="Seeded (stratified) fraction of train.",
             ),
-            click.option("--shots", type=int, help="K training samples per class of the first classify task."),
-            click.option(
-                "--val-fraction",
-                default=0.1,
-                show_default=True,
-                help="Seeded hold-out of train when there is no val split.",
-            ),
+            click.option("--shots", type=POSITIVE, help="K training samples per class of the first classify task."),
+            _fit("val_fraction", type=FRACTION, help="Seeded hold-out of train when there is no val split."),
             click.option(
                 "--max-memory",
                 default=None,
+                callback=lambda ctx, param, v: parse_size(v) if v else None,
                 help="Load tokens into memory up to this size (e.g. 8G), else stream.  [default: 40% of RAM, at most 16G]",
             ),
-            click.option("--device", default="cpu", show_default=True),
-            click.option("--progress/--no-progress", default=None, help="Progress bar.  [default: when on a terminal]"),
+            device_option,
+            progress_option,
         ]
     ):
         fn = opt(fn)
@@ -106,12 +112,18 @@ def verify_options(fn):
     """Options of verify tasks, shared with ``etf ablate``; a task string's own ``?key=`` wins."""
     for opt in reversed(
         [
-            click.option("--embed-dim", type=int, help="verify: embedding size.  [default: 512]"),
+            click.option("--embed-dim", type=POSITIVE, help="verify: embedding size.  [default: 512]"),
             click.option(
                 "--margin", type=click.Choice(sorted(MARGINS)), help="verify: margin softmax.  [default: arcface]"
             ),
-            click.option("--margin-scale", type=float, help="verify: logit scale s.  [default: 64]"),
-            click.option("--margin-m", type=float, help="verify: margin m.  [default: 0.5 arcface, 0.35 cosface]"),
+            click.option(
+                "--margin-scale", type=click.FloatRange(0, min_open=True), help="verify: logit scale s.  [default: 64]"
+            ),
+            click.option(
+                "--margin-m",
+                type=click.FloatRange(0),
+                help="verify: margin m.  [default: 0.5 arcface, 0.35 cosface]",
+            ),
         ]
     ):
         fn = opt(fn)
@@ -120,24 +132,18 @@ def verify_options(fn):
 
 def pop_task_specs(kw: dict[str, Any], default: list[str]) -> list[str]:
     """``--task`` values (or the dataset's defaults) with the ``verify_options`` filled in."""
+    from etf.pipeline.fit.verification import with_options
+
     tasks = list(kw.pop("tasks")) or default
     return with_options(
         tasks, dim=kw.pop("embed_dim"), margin=kw.pop("margin"), s=kw.pop("margin_scale"), m=kw.pop("margin_m")
     )
 
 
-def split_names(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 @click.command("fit")
 @cache_option
 @data_options
-@click.option(
-    "--encoders",
-    required=True,
-    help="Comma-separated priors (store names, NAME-HASHPREFIX, or store paths); the first is canonical.",
-)
+@encoders_option("Priors (store names, NAME-HASHPREFIX, or store paths); the first is canonical.")
 @click.option(
     "--task",
     "tasks",
@@ -145,22 +151,20 @@ def split_names(value: str) -> list[str]:
     help="classify:COL, multilabel:C1,C2, regress:COL, landmarks:PREFIX, verify:COL; repeat for multi-task.  [default: the dataset's]",
 )
 @verify_options
-@click.option("--fuser", type=click.Choice(sorted(FUSERS)), default="etfuser", show_default=True)
+@_fit("fuser", type=click.Choice(fuser_names()))
 @fuser_options
 @training_options
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@_fit("seed", type=click.IntRange(min=0))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (must be new or empty).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory at --out.")
 def command(**kw: Any) -> None:
     """Train --fuser and task heads on cached tokens of --encoders; write the run to --out."""
+    from etf.pipeline.fit.train import check_out, fit
+
+    fuser_config = pop_fuser_config(kw)
+    overwrite = kw.pop("overwrite")
+    check_out(writable_dir(kw["out"], "--out"), overwrite)
     dataset = open_dataset(kw.pop("data_spec"), kw.pop("crop"))
     tasks = pop_task_specs(kw, dataset.tasks)
-    fuser_config = pop_fuser_config(kw)
-    max_memory = kw.pop("max_memory")
-    cfg = FitConfig(
-        encoders=split_names(kw.pop("encoders")),
-        tasks=tasks,
-        fuser_config=fuser_config,
-        max_memory=parse_size(max_memory) if max_memory else None,
-        **kw,
-    )
-    click.echo(fit(dataset, cfg).summary)
+    cfg = FitConfig(tasks=tasks, fuser_config=fuser_config, **kw)
+    click.echo(fit(dataset, cfg, overwrite).summary)

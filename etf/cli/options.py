@@ -1,15 +1,32 @@
-"""Options shared by several commands, defined once."""
+"""Options shared by several commands, defined once so that they mean the same everywhere.
+
+Nothing here imports torch, timm or zarr: ``etf --help`` and commands that compute nothing
+start at once. Defaults come from the configuration dataclasses they fill.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
 import click
 
 from etf.data.base import Dataset, load_dataset
+from etf.errors import EtfError
+
+
+def default(cls: type, name: str) -> Any:
+    """The default of dataclass field ``name``: the one place a default is written."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+    raise KeyError(name)
 
 
 def cache_option(fn: Callable) -> Callable:
@@ -39,8 +56,104 @@ def data_options(fn: Callable) -> Callable:
     )(fn)
 
 
+def _comma_list(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def encoders_option(help: str, required: bool = True) -> Callable[[Callable], Callable]:
+    """``--encoders A,B`` or ``--encoder A --encoder B`` (both forms, in every command)."""
+    return click.option(
+        "--encoders",
+        "--encoder",
+        "encoders",
+        multiple=True,
+        required=required,
+        callback=_comma_list,
+        metavar="A[,B...]",
+        help=help + " Comma list or repeated.",
+    )
+
+
+def device_option(fn: Callable) -> Callable:
+    return click.option(
+        "--device",
+        default="auto",
+        show_default=True,
+        help="cpu, cuda, cuda:N, mps, or auto (the first GPU, else the CPU).",
+    )(fn)
+
+
+def progress_option(fn: Callable) -> Callable:
+    return click.option("--progress/--no-progress", default=None, help="Progress bars.  [default: when on a terminal]")(
+        fn
+    )
+
+
+def run_option(fn: Callable) -> Callable:
+    return click.option(
+        "--run",
+        "run",
+        required=True,
+        type=click.Path(exists=True, file_okay=False, path_type=Path),
+        help="A run directory written by etf fit.",
+    )(fn)
+
+
+def weights_option(fn: Callable) -> Callable:
+    return click.option(
+        "--weights",
+        multiple=True,
+        callback=_named_files,
+        metavar="PRIOR=FILE",
+        help="The checkpoint of a prior extracted with --weights; repeat for several.",
+    )(fn)
+
+
+def _named_files(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Path]:
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{v!r}: expected PRIOR=FILE", param_hint="--weights")
+        if not Path(path).is_file():
+            raise click.BadParameter(f"{path}: no such file", param_hint="--weights")
+        out[name] = Path(path)
+    return out
+
+
 def open_dataset(data_spec: str, crop: str | None, **options: Any) -> Dataset:
     return load_dataset(data_spec, crop=crop, **options)
+
+
+def writable_dir(path: Path, flag: str) -> Path:
+    """Refuse, before any work, an output directory that cannot be created: a path through a
+    file, or a parent without write permission."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise EtfError(f"{flag} {path}: exists and is not a directory")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EtfError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EtfError(f"{flag} {path}: {parent} is not writable")
+    return path
+
+
+def writable_file(path: Path | None, flag: str) -> Path | None:
+    """Refuse an output file whose directory does not exist or cannot be written."""
+    if path is None:
+        return None
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise EtfError(f"{flag} {path}: is a directory")
+    if not parent.is_dir():
+        raise EtfError(f"{flag} {path}: the directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise EtfError(f"{flag} {path}: {parent} is not writable")
+    return path
 
 
 def echo_kv(rows: list[tuple[str, Any]]) -> None:

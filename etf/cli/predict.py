@@ -8,23 +8,19 @@ from pathlib import Path
 
 import click
 
-from etf.cli.options import cache_option, open_dataset
-from etf.pipeline.fit.predict import embed_dataset, load_predictor, predict_all
-from etf.pipeline.fit.verification import format_pair_metrics
-
-
-def _weights(ctx, param, values: tuple[str, ...]) -> dict[str, Path]:
-    out = {}
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{v!r}: expected PRIOR=FILE")
-        out[name] = Path(path)
-    return out
+from etf.cli.options import (
+    cache_option,
+    device_option,
+    open_dataset,
+    run_option,
+    weights_option,
+    writable_dir,
+    writable_file,
+)
 
 
 @click.command("predict")
-@click.option("--run", "run", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@run_option
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @click.option(
     "--embed",
@@ -39,9 +35,9 @@ def _weights(ctx, param, values: tuple[str, ...]) -> dict[str, Path]:
 )
 @cache_option
 @click.option("--crop", default=None, help="The --crop the dataset was extracted with.")
-@click.option("--weights", multiple=True, callback=_weights, help="PRIOR=FILE for priors extracted with --weights.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
+@weights_option
+@device_option
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the predictions as JSON."
 )
@@ -51,11 +47,19 @@ def command(run, images, embed, data_spec, cache_dir, crop, weights, device, bat
     if data_spec:
         if images or not embed:
             raise click.UsageError("--data takes no IMAGE arguments and needs --embed DIR")
+    elif not images:
+        raise click.UsageError("give IMAGE... (or --data SPEC with --embed DIR)")
+    writable_file(json_out, "--json")
+    writable_file(csv_out, "--csv")
+    if embed:
+        writable_dir(embed, "--embed")
+    from etf.pipeline.fit.predict import embed_dataset, load_predictor, predict_all
+    from etf.pipeline.fit.verification import format_pair_metrics
+
+    if data_spec:
         results = embed_dataset(run, open_dataset(data_spec, crop), cache_dir, embed, batch_size, device)
         click.echo(format_pair_metrics(results) or f"embeddings written to {embed}; the dataset has no pair protocol")
         return
-    if not images:
-        raise click.UsageError("give IMAGE... (or --data SPEC with --embed DIR)")
     predictor = load_predictor(run, weights, device)
     records = predict_all(predictor, list(images), batch_size, embed)
     if embed:

@@ -34,17 +34,17 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from etf.cache.features import PriorSet, parse_size
+from etf.cache.features import PriorSet
 from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
+from etf.pipeline.ablate import BACKENDS, SUBSETS
 from etf.pipeline.ablate.report import Metric, Run, write_report
-from etf.pipeline.fit.fusers import FUSERS, FuserConfig
+from etf.pipeline.fit.config import FitConfig, FuserConfig, data_key
+from etf.pipeline.fit.fusers import check_fuser
 from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names
-from etf.pipeline.fit.train import FitConfig, data_key, fit_many
-from etf.utils import canonical_json, read_json, spec_hash, write_json_atomic
+from etf.pipeline.fit.train import fit_many
+from etf.utils import canonical_json, parse_size, read_json, spec_hash, write_json_atomic
 
-BACKENDS = ("loky", "dask", "ray")
-SUBSETS = "all, singles, leave-one-out, k=K or k=A..B"
 BASELINE_FUSER = "linear"
 
 #: FitConfig and FuserConfig fields a grid may vary, with their defaults; the rest of
@@ -157,7 +157,7 @@ class Grid:
 
     data: str
     cache: Path
-    out: Path
+    out: Path | None
     encoders: list[str]
     crop: str | None = None
     tasks: list[str] = field(default_factory=list)
@@ -169,12 +169,12 @@ class Grid:
     progress: bool = False
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any], where: str | None = None) -> Grid:
+    def from_settings(cls, settings: dict[str, Any], where: str | None = None, dry_run: bool = False) -> Grid:
         """Settings from the command line and/or a TOML file (``where``, named in errors).
         Axis values come as lists (a list in TOML is an axis) or as comma-separated strings
-        (``fusers``, ``seeds``, ``attn``, ``mask``)."""
+        (``fusers``, ``seeds``, ``attn``, ``mask``). A dry run needs no ``out``."""
         s = {**OPTIONS, **settings}
-        for key in ("data", "encoders", "out"):
+        for key in ("data", "encoders") if dry_run else ("data", "encoders", "out"):
             if not s.get(key):
                 raise EtfError(f"--{key}: required (on the command line or in the --config file)")
         if s["backend"] not in BACKENDS:
@@ -196,14 +196,13 @@ class Grid:
             if not values:
                 raise EtfError(f"--{option.replace('_', '-')}: give at least one value")
             axes[key] = list(dict.fromkeys(_check_type(key, v, hints[key], where) for v in values))
-        unknown = [f for f in axes["fuser"] if f not in FUSERS]
-        if unknown:
-            raise EtfError(f"--fusers {unknown[0]!r}: unknown fuser (choose from {', '.join(sorted(FUSERS))})")
+        for f in axes["fuser"]:
+            check_fuser(f, "--fusers")
         tasks = s["tasks"]
         return cls(
             data=s["data"],
             cache=Path(s["cache"]),
-            out=Path(s["out"]),
+            out=Path(s["out"]) if s.get("out") else None,
             encoders=_listed(s["encoders"]),
             crop=s["crop"],
             tasks=[tasks] if isinstance(tasks, str) else list(tasks),
@@ -314,7 +313,7 @@ def plan_grid(grid: Grid) -> Plan:
                 **{k: values[k] for k in varied},
                 "seed": values["seed"],
             }
-            points[run_id] = Point(run_id, replace(cfg, out=grid.out / "runs" / run_id), labels, baseline)
+            points[run_id] = Point(run_id, replace(cfg, out=(grid.out or Path()) / "runs" / run_id), labels, baseline)
         return run_id
 
     for subset in subsets:
@@ -392,7 +391,7 @@ def run_group(dataset: Dataset, group: list[Point], threads: int) -> list[tuple[
 
 def _fit_group(dataset: Dataset, group: list[Point]) -> list[tuple[str, str, str]]:
     try:
-        results = fit_many(dataset, [p.config for p in group])
+        results = fit_many(dataset, [p.config for p in group], overwrite=True)  # the grid owns its run directories
     except Exception as e:  # any run's error is recorded, the grid goes on
         if len(group) > 1:  # one model's failure must not sink the others: fit them one by one
             return [r for p in group for r in _fit_group(dataset, [p])]

@@ -22,11 +22,13 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from etf.cache.catalog import write_manifest
+from etf.cache.format import DTYPES
 from etf.cache.store import (
     ArraySpec,
     StoreWriter,
     TokenStore,
     encode_tokens,
+    library_versions,
     physical_dtype,
     plan_arrays,
     store_path,
@@ -35,10 +37,9 @@ from etf.cache.tokens import parse_tokens, select_tokens
 from etf.data.base import Dataset
 from etf.data.images import check_image
 from etf.errors import EtfError
+from etf.pipeline.extract import PRECISIONS
 from etf.pipeline.extract.encoders import Encoder
 
-DTYPES = ("float16", "bfloat16", "float32")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -218,7 +219,7 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     arrays = plan_arrays(layers, [tuple(t.shape[1:]) for t, _ in selected])
     info = {
         "flops_per_image": flops,
-        "versions": _versions(),
+        "versions": library_versions(),
         "load_report": encoder.load_report.summary() if encoder.load_report else None,
     }
     writer = StoreWriter(path, spec, arrays, layouts, codec=opts.codec, chunk_rows=opts.chunk_rows, info=info)
@@ -379,12 +380,3 @@ def default_workers(device: torch.device) -> int:
     if device.type == "cpu":
         return max(1, min(8, cores // 8))
     return max(1, min(8, cores - 1))
-
-
-def _versions() -> dict[str, str]:
-    import timm
-    import zarr
-
-    import etf
-
-    return {"etf": etf.__version__, "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__}

@@ -28,7 +28,7 @@ from etf.data.images import load_rgb
 from etf.errors import EtfError
 from etf.pipeline.extract.encoders import Encoder, create_encoder
 from etf.pipeline.extract.run import ExtractOptions, autocast_for, compute_tokens, resolve_device
-from etf.pipeline.fit.fusers import FuserConfig
+from etf.pipeline.fit.config import FuserConfig
 from etf.pipeline.fit.heads import Classify, Task
 from etf.pipeline.fit.train import FusionModel, build_model, load_run, predict_rows
 from etf.pipeline.fit.verification import Verify, pair_metrics, write_embeddings

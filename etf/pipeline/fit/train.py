@@ -11,7 +11,7 @@ import copy
 import csv
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,41 +25,13 @@ import etf
 from etf.cache.features import Batches, PriorSet, default_memory_budget
 from etf.data.base import Dataset
 from etf.errors import EtfError
-from etf.pipeline.fit.fusers import FuserConfig, count_parameters, create_fuser, flops_per_sample
+from etf.pipeline.extract.run import resolve_device
+from etf.pipeline.fit.config import FitConfig, FuserConfig, data_key
+from etf.pipeline.fit.fusers import create_fuser
+from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
 from etf.pipeline.fit.heads import Classify, Task, parse_task, selection_metric, unique_names
 from etf.pipeline.fit.metrics import format_metrics
-from etf.utils import read_json, write_json_atomic
-
-
-@dataclass
-class FitConfig:
-    """Everything ``etf fit`` takes besides the dataset. Recorded in the run's config.json."""
-
-    cache_dir: Path
-    encoders: list[str]
-    out: Path
-    tasks: list[str] = field(default_factory=list)
-    fuser: str = "etfuser"
-    fuser_config: FuserConfig = field(default_factory=FuserConfig)
-    layers: str = "last"
-    tokens: str | None = None
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    seed: int = 0
-    train_fraction: float = 1.0
-    shots: int | None = None
-    val_fraction: float = 0.1
-    max_memory: int | None = None
-    device: str = "cpu"
-    progress: bool | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["cache_dir"], d["out"] = str(self.cache_dir), str(self.out)
-        return d
+from etf.utils import read_json, staged_dir, write_json_atomic
 
 
 class FusionModel(nn.Module):
@@ -261,17 +233,6 @@ class FitResult:
     summary: str
 
 
-#: FitConfig fields that shape only a model and its optimisation. Configs that differ in
-#: nothing else read the same batches in the same order, so :func:`fit_many` trains them
-#: together over one read of the data.
-MODEL_FIELDS = ("fuser", "fuser_config", "lr", "weight_decay", "warmup_epochs", "out", "progress")
-
-
-def data_key(cfg: FitConfig) -> dict[str, Any]:
-    """What a config's data and batch sequence depend on: configs with equal keys can share a pass."""
-    return {k: v for k, v in cfg.to_json().items() if k not in MODEL_FIELDS}
-
-
 class _Member:
     """One model of a :func:`fit_many` group: its own optimiser, schedule, history, best
     state and torch RNG stream (continued from its seeded init, as in a separate fit)."""
@@ -337,12 +298,23 @@ class _Member:
         self.loss_sum = 0.0
 
 
-def fit(dataset: Dataset, cfg: FitConfig) -> FitResult:
+def fit(dataset: Dataset, cfg: FitConfig, overwrite: bool = False) -> FitResult:
     """Train and evaluate; write the run directory ``cfg.out``; return its metrics."""
-    return fit_many(dataset, [cfg])[0]
+    return fit_many(dataset, [cfg], overwrite)[0]
 
 
-def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
+def check_out(out: Path, overwrite: bool) -> None:
+    """A run goes into a new or empty directory; replacing a non-empty one takes ``overwrite``.
+    Checked before any work, so nothing is lost and no run mixes with unrelated files."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EtfError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "a run" if (out / "config.json").exists() else "files"
+        raise EtfError(f"--out {out}: holds {what} already; choose a new directory or pass --overwrite to replace it")
+
+
+def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False) -> list[FitResult]:
     """Train one model per config over a single read of the data (the linear-eval idea: many
     heads from one pass) and write each run directory.
 
@@ -353,6 +325,8 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
     t0 = time.perf_counter()
     if not configs:
         raise EtfError("fit_many: no configs")
+    for c in configs:
+        check_out(c.out, overwrite)
     cfg, shared = configs[0], data_key(configs[0])
     for other in configs[1:]:
         differs = [k for k, v in data_key(other).items() if shared[k] != v]
@@ -367,7 +341,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
     unique_names(tasks)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise EtfError("--epochs and --batch-size must be at least 1")
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     priors = PriorSet(cfg.cache_dir, dataset, cfg.encoders, cfg.layers, cfg.tokens)
     try:
         targets = {t.name: t.targets(dataset) for t in tasks}
@@ -413,7 +387,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
             order, preds = predict_rows(models, tasks, batches, splits.val, device)
             for member, p in zip(members, preds):
                 val = evaluate(tasks, order, p, targets, extra)
-                member.end_epoch(epoch, seen, rate, val, (order, p), tasks[0], selection)
+                member.end_epoch(epoch + 1, seen, rate, val, (order, p), tasks[0], selection)
             first = members[0].history[-1]
             bar.set_postfix(
                 loss=f"{first['train_loss']:.4f}",
@@ -465,11 +439,18 @@ def fit_many(dataset: Dataset, configs: list[FitConfig]) -> list[FitResult]:
 
 
 def _write_run(cfg, dataset, tasks, priors, model, metrics, history, predictions, targets) -> str:
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write the run into a staging directory beside ``cfg.out`` and rename it into place:
+    a reader (predict, explain, a resumed grid) sees a complete run or none."""
+    with staged_dir(Path(cfg.out)) as out:
+        return _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, predictions, targets)
+
+
+def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, predictions, targets) -> str:
     config = {
         "etf_version": etf.__version__,
         **cfg.to_json(),
+        "cache_dir": str(Path(cfg.cache_dir).resolve()),
+        "out": str(Path(cfg.out).resolve()),
         "dataset": {"name": dataset.name, "key": dataset.key, "root": str(dataset.root), "options": dataset.options},
         "tasks": [t.state() for t in tasks],
         "groups": [g.to_json() for g in priors.groups],
@@ -511,7 +492,7 @@ def _fmt(v: float) -> str:
 
 def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -> str:
     lines = [
-        f"run {cfg.out}: {cfg.fuser} over {', '.join(cfg.encoders)}; best epoch {metrics['best_epoch'] + 1}/{cfg.epochs} by {metrics['selected_by']}"
+        f"run {cfg.out}: {cfg.fuser} over {', '.join(cfg.encoders)}; best epoch {metrics['best_epoch']}/{cfg.epochs} by {metrics['selected_by']}"
         + (" (streamed from the stores)" if metrics["streamed"] else ""),
         "samples  " + "  ".join(f"{k} {v}" for k, v in metrics["splits"].items()),
     ]

@@ -31,10 +31,10 @@ from torch import nn
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.fit import metrics
+from etf.pipeline.fit.config import MARGINS
 from etf.pipeline.fit.heads import Task, _numeric, register_task
 from etf.utils import atomic_path
 
-MARGINS = {"arcface": 0.5, "cosface": 0.35}  # default m of each margin kind
 FOLDS = 10
 DRAWN_PAIRS = 3000  # matched pairs drawn at most per split without a protocol (LFW's count)
 

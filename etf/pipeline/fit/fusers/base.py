@@ -1,7 +1,6 @@
-"""The fuser registry and base class: cached prior tokens to a task representation.
+"""The fuser base class: cached prior tokens to a task representation.
 
-``create_fuser(name, groups, tasks, cfg)`` builds any registered fuser; every fuser reads
-the same cached token groups (one layer of one prior each), so they compare on equal terms.
+Every fuser reads the same cached token groups (one layer of one prior each), so they compare on equal terms.
 Tokens that are exactly zero are missing (skipped samples, dropped priors) and are never
 attended to; training-time masking (``token:P``, ``prior:P``) uses that same rule by
 zeroing tokens, so a prior zeroed at test time is handled as it was in training.
@@ -9,9 +8,6 @@ zeroing tokens, so a prior zeroed at test time is handled as it was in training.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,86 +16,7 @@ from torch import nn
 from etf.cache.features import Group
 from etf.cache.tokens import TokenLayout
 from etf.errors import EtfError
-
-
-@dataclass
-class FuserConfig:
-    """Fuser hyper-parameters; each fuser reads the ones it uses."""
-
-    dim: int = 256
-    depth: int = 2
-    heads: int = 4
-    mlp_ratio: float = 2.0
-    dropout: float = 0.0
-    attn: str = "full"
-    mask: str = "none"
-    #: Q-Face label queries: ``label`` gives a multi-label task one query per label, ``task`` one per task
-    queries: str = "label"
-    #: FRA: number of facial-mask embeddings (regions) and the heatmap softmax temperature
-    regions: int = 8
-    temperature: float = 0.1
-    #: auxiliary objective: ``none``, ``recon:W`` (ET-Fuser fusers) or ``sinkhorn:W`` (fra)
-    aux: str = "none"
-    #: fraction of the present prior tokens that ``recon`` hides
-    recon_ratio: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.attn not in ("full", "intra"):
-            raise EtfError(f"--attn {self.attn!r}: use full or intra")
-        parse_mask(self.mask)
-        parse_aux(self.aux)
-        if self.dim % self.heads:
-            raise EtfError(f"--dim {self.dim} is not divisible by --heads {self.heads}")
-        if self.queries not in ("label", "task"):
-            raise EtfError(f"--queries {self.queries!r}: use label or task")
-        if self.regions < 1 or self.temperature <= 0:
-            raise EtfError(
-                f"--regions {self.regions} / --temperature {self.temperature}: need at least one region and a positive temperature"
-            )
-        if not 0 < self.recon_ratio < 1:
-            raise EtfError(f"--recon-ratio {self.recon_ratio}: must be in (0, 1)")
-
-
-def parse_mask(mask: str) -> tuple[str, float]:
-    """``none``, ``token:P`` or ``prior:P`` (0 <= P < 1)."""
-    if mask == "none":
-        return "none", 0.0
-    m = re.fullmatch(r"(token|prior):([0-9.]+)", mask)
-    if not m or not 0.0 <= float(m.group(2)) < 1.0:
-        raise EtfError(f"--mask {mask!r}: use none, token:P or prior:P with 0 <= P < 1")
-    return m.group(1), float(m.group(2))
-
-
-def parse_aux(aux: str) -> tuple[str, float]:
-    """``none``, ``recon:W`` or ``sinkhorn:W`` (W > 0, the loss weight)."""
-    if aux == "none":
-        return "none", 0.0
-    m = re.fullmatch(r"(recon|sinkhorn):([0-9.eE+-]+)", aux)
-    try:
-        weight = float(m.group(2)) if m else -1.0
-    except ValueError:
-        weight = -1.0
-    if weight <= 0:
-        raise EtfError(f"--aux {aux!r}: use none, recon:W or sinkhorn:W with a weight W > 0")
-    return m.group(1), weight
-
-
-FUSERS: dict[str, type[Fuser]] = {}
-
-
-def register_fuser(name: str) -> Callable[[type[Fuser]], type[Fuser]]:
-    def deco(cls: type[Fuser]) -> type[Fuser]:
-        FUSERS[name] = cls
-        cls.fuser_name = name
-        return cls
-
-    return deco
-
-
-def create_fuser(name: str, groups: list[Group], tasks: list[Any], cfg: FuserConfig) -> Fuser:
-    if name not in FUSERS:
-        raise EtfError(f"--fuser {name!r}: unknown (choose from {', '.join(sorted(FUSERS))})")
-    return FUSERS[name](groups, tasks, cfg)
+from etf.pipeline.fit.config import FuserConfig, parse_aux, parse_mask
 
 
 def canonical_token(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from etf.pipeline.fit.fusers.base import Fuser, canonical_token, register_fuser
+from etf.pipeline.fit.fusers import register_fuser
+from etf.pipeline.fit.fusers.base import Fuser, canonical_token
 
 
 @register_fuser("linear")

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from etf.pipeline.fit.fusers.base import Fuser, canonical_token, register_fuser
+from etf.pipeline.fit.fusers import register_fuser
+from etf.pipeline.fit.fusers.base import Fuser, canonical_token
 from etf.pipeline.fit.fusers.layers import Block, PriorTokens, TokenReconstruction, group_shares, keeping_attention
 
 

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from etf.cache.features import Group
-from etf.pipeline.fit.fusers.base import Fuser, FuserConfig, register_fuser
+from etf.pipeline.fit.config import FuserConfig
+from etf.pipeline.fit.fusers import register_fuser
+from etf.pipeline.fit.fusers.base import Fuser
 from etf.pipeline.fit.fusers.layers import PriorTokens
 
 SINKHORN_EPS = 0.05  # SwAV's entropy regularisation of the balanced assignment

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from etf.cache.features import Group
-from etf.pipeline.fit.fusers.base import Fuser, FuserConfig, register_fuser
+from etf.pipeline.fit.config import FuserConfig
+from etf.pipeline.fit.fusers import register_fuser
+from etf.pipeline.fit.fusers.base import Fuser
 from etf.pipeline.fit.fusers.etfuser import ETFuser
 from etf.pipeline.fit.fusers.layers import Block, PriorTokens, keeping_attention
 

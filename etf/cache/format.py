@@ -1,0 +1,14 @@
+"""The store's on-disk constants, importable without zarr or torch (the command line lists them)."""
+
+FORMAT_VERSION = 1
+FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
+#: Bytes per Zarr chunk (and resume unit). See bench/README.md for the measurements.
+ZARR_CHUNK_BYTES = 8 << 20
+#: Bytes per HDF5 chunk; smaller than Zarr's because HDF5 reads through its own chunk cache.
+HDF5_CHUNK_BYTES = 2 << 20
+CODECS = ("none", "zstd", "blosc-zstd", "blosc-lz4")
+#: How each storage dtype sits on disk. bfloat16 has no NumPy/Zarr/HDF5 type: its bits are
+#: stored as uint16, and float32 is ``bits << 16`` (see :func:`decode_tokens`).
+PHYSICAL = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+#: storage dtypes (``--dtype``)
+DTYPES = tuple(PHYSICAL)

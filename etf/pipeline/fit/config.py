@@ -1,0 +1,118 @@
+"""What a fit is configured by, importable without torch: the command line builds these
+(and takes its option defaults from them) before any heavy library loads."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from etf.errors import EtfError
+
+#: verify tasks' margin softmax kinds and their default margin m
+MARGINS = {"arcface": 0.5, "cosface": 0.35}
+
+
+@dataclass
+class FuserConfig:
+    """Fuser hyper-parameters; each fuser reads the ones it uses."""
+
+    dim: int = 256
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+    attn: str = "full"
+    mask: str = "none"
+    #: Q-Face label queries: ``label`` gives a multi-label task one query per label, ``task`` one per task
+    queries: str = "label"
+    #: FRA: number of facial-mask embeddings (regions) and the heatmap softmax temperature
+    regions: int = 8
+    temperature: float = 0.1
+    #: auxiliary objective: ``none``, ``recon:W`` (ET-Fuser fusers) or ``sinkhorn:W`` (fra)
+    aux: str = "none"
+    #: fraction of the present prior tokens that ``recon`` hides
+    recon_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.attn not in ("full", "intra"):
+            raise EtfError(f"--attn {self.attn!r}: use full or intra")
+        parse_mask(self.mask)
+        parse_aux(self.aux)
+        if self.dim % self.heads:
+            raise EtfError(f"--dim {self.dim} is not divisible by --heads {self.heads}")
+        if self.queries not in ("label", "task"):
+            raise EtfError(f"--queries {self.queries!r}: use label or task")
+        if self.regions < 1 or self.temperature <= 0:
+            raise EtfError(
+                f"--regions {self.regions} / --temperature {self.temperature}: need at least one region and a positive temperature"
+            )
+        if not 0 < self.recon_ratio < 1:
+            raise EtfError(f"--recon-ratio {self.recon_ratio}: must be in (0, 1)")
+
+
+def parse_mask(mask: str) -> tuple[str, float]:
+    """``none``, ``token:P`` or ``prior:P`` (0 <= P < 1)."""
+    if mask == "none":
+        return "none", 0.0
+    m = re.fullmatch(r"(token|prior):([0-9.]+)", mask)
+    if not m or not 0.0 <= float(m.group(2)) < 1.0:
+        raise EtfError(f"--mask {mask!r}: use none, token:P or prior:P with 0 <= P < 1")
+    return m.group(1), float(m.group(2))
+
+
+def parse_aux(aux: str) -> tuple[str, float]:
+    """``none``, ``recon:W`` or ``sinkhorn:W`` (W > 0, the loss weight)."""
+    if aux == "none":
+        return "none", 0.0
+    m = re.fullmatch(r"(recon|sinkhorn):([0-9.eE+-]+)", aux)
+    try:
+        weight = float(m.group(2)) if m else -1.0
+    except ValueError:
+        weight = -1.0
+    if weight <= 0:
+        raise EtfError(f"--aux {aux!r}: use none, recon:W or sinkhorn:W with a weight W > 0")
+    return m.group(1), weight
+
+
+@dataclass
+class FitConfig:
+    """Everything ``etf fit`` takes besides the dataset. Recorded in the run's config.json."""
+
+    cache_dir: Path
+    encoders: list[str]
+    out: Path
+    tasks: list[str] = field(default_factory=list)
+    fuser: str = "etfuser"
+    fuser_config: FuserConfig = field(default_factory=FuserConfig)
+    layers: str = "last"
+    tokens: str | None = None
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    train_fraction: float = 1.0
+    shots: int | None = None
+    val_fraction: float = 0.1
+    max_memory: int | None = None
+    device: str = "auto"
+    progress: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cache_dir"], d["out"] = str(self.cache_dir), str(self.out)
+        return d
+
+
+#: FitConfig fields that shape only a model and its optimisation. Configs that differ in
+#: nothing else read the same batches in the same order, so :func:`fit_many` trains them
+#: together over one read of the data.
+MODEL_FIELDS = ("fuser", "fuser_config", "lr", "weight_decay", "warmup_epochs", "out", "progress")
+
+
+def data_key(cfg: FitConfig) -> dict[str, Any]:
+    """What a config's data and batch sequence depend on: configs with equal keys can share a pass."""
+    return {k: v for k, v in cfg.to_json().items() if k not in MODEL_FIELDS}
