@@ -31,6 +31,7 @@ lint: install
 	$(BIN)/ruff format --check etf tests bench
 
 bench: install
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/fit.py
 	$(BIN)/python bench/ablate.py

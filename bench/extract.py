@@ -176,7 +176,7 @@ def write_store(path: Path, tokens: np.ndarray, codec: str = "none", chunk_bytes
         writer = StoreWriter(path, spec, plan_arrays([1], [(t, d)]), {1: guess_layout(t, None)}, codec=codec)
         for c in range(writer.num_chunks):
             a, b = writer.chunk_range(c)
-            writer.write_chunk(c, {"tokens": tokens[a:b, None]}, [])
+            writer.write_chunk(c, {"tokens": tokens[a:b, None]}, {})
         assert writer.finalize()
 
     with mock.patch.multiple(store_mod, ZARR_CHUNK_BYTES=zarr_bytes, HDF5_CHUNK_BYTES=h5_bytes):

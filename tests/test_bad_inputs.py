@@ -127,7 +127,11 @@ def test_skip_records_unreadable_images_and_keeps_the_rest(bad_folder, tmp_path)
         tokens = store.read(12)
     assert not tokens[:6].any(), "skipped rows hold zeros"
     assert all(tokens[i].any() for i in range(6, 12))
-    assert [s["id"] for s in read_manifest(tmp_path, dataset.key)["skipped"]] == bad
+    skipped = read_manifest(tmp_path, dataset.key)["skipped"]
+    assert [s["id"] for s in skipped] == bad
+    reasons = {s["id"]: s["reason"] for s in skipped}  # the decoder's or the header check's own words
+    assert all("truncated" in reasons[f"a/3_trunc{i}.jpg"] for i in range(3)), reasons
+    assert len(set(reasons.values())) > 2 and "unreadable image" not in reasons.values()
     assert verify_store(res.path) == [], "a chunk of skipped rows only is still a sound chunk"
 
     again = extract(dataset, create_encoder(TINY_VIT, pretrained=False, img_size=IMG), tmp_path, ExtractOptions(**opts))
@@ -291,7 +295,7 @@ def test_pretrained_weights_offline_say_how_to_fix(folder_dataset, tmp_path, mon
     line = error_line(
         etf("extract", "--data", f"folder:{folder_dataset}", "--encoder", "vit_t", "--cache", tmp_path / "c")
     )
-    assert "cannot fetch pretrained weights" in line and "vit_tiny_patch16_224.augreg_in21k_ft_in1k" in line
+    assert "cannot load pretrained weights" in line and "vit_tiny_patch16_224.augreg_in21k_ft_in1k" in line
     assert "--weights" in line and "--no-pretrained" in line and "HF_HOME" in line
 
 

@@ -132,7 +132,7 @@ def store_path(request, tmp_path, dataset) -> Path:
     """A complete imported store: 24 samples of 40 KiB, 4 per chunk."""
     npy, _ = _tokens(tmp_path, (24, 5, 4096))
     chunk = 4 * 5 * 4096 * 2
-    with mock.patch.multiple(store_mod, ZARR_CHUNK_BYTES=chunk, HDF5_CHUNK_BYTES=chunk):
+    with mock.patch.multiple(store_mod, ZARR_CHUNK_BYTES=chunk, HDF5_CHUNK_BYTES=chunk, MIN_CHUNKS=1):
         return import_tokens(tmp_path / "c", dataset, "x", npy, store_format=request.param)
 
 
@@ -194,7 +194,14 @@ def test_ls_and_info(store_path, dataset):
 def test_default_chunks_are_balanced(tmp_path, dataset):
     """24 samples at a 10-sample target: 3 chunks of 8, not 10 + 10 + 4 stored as 10."""
     npy, _ = _tokens(tmp_path, (24, 5, 8))
-    with mock.patch.object(store_mod, "ZARR_CHUNK_BYTES", 10 * 5 * 8 * 2):
+    with mock.patch.multiple(store_mod, ZARR_CHUNK_BYTES=10 * 5 * 8 * 2, MIN_CHUNKS=1):
         path = import_tokens(tmp_path, dataset, "x", npy)
     with TokenStore.open(path) as store:
         assert store.chunk_rows == 8
+
+
+def test_a_small_store_still_has_several_chunks(tmp_path, dataset):
+    """24 small samples fit one 8 MiB chunk; the resume unit needs at least eight."""
+    npy, _ = _tokens(tmp_path, (24, 5, 8))
+    with TokenStore.open(import_tokens(tmp_path, dataset, "x", npy)) as store:
+        assert store.chunk_rows == 3 and -(-store.n // store.chunk_rows) == 8

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from etf.cache.store import TokenStore
 from etf.data import load_dataset
@@ -232,3 +233,22 @@ def test_blocks_after_the_last_layer_are_not_run(tiny_cnn):
     _, flops3 = tiny_cnn.probe([3])
     _, flops5 = tiny_cnn.probe([3, 5])
     assert flops3 < 0.7 * flops5
+
+
+def test_an_image_changed_in_place_never_reuses_its_old_tokens(folder_dataset, tmp_path, tiny_vit):
+    """Same name, same size, even the old modification time restored: the content is new,
+    so the store is new, and the old tokens are not read for it."""
+    first = load_dataset(f"folder:{folder_dataset}")
+    old = extract(first, tiny_vit, tmp_path, ExtractOptions(**OPTS))
+    image = first.samples[3].path
+    before = image.stat()
+    Image.fromarray(255 - np.asarray(Image.open(image))).save(image)  # noise inverted: same PNG size
+    assert image.stat().st_size == before.st_size
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    edited = load_dataset(f"folder:{folder_dataset}")
+    assert edited.ids == first.ids and edited.key != first.key
+    new = extract(edited, tiny_vit, tmp_path, ExtractOptions(**OPTS))
+    assert new.path != old.path and new.samples_done == len(edited)
+    with TokenStore.open(old.path) as a, TokenStore.open(new.path) as b:
+        changed = np.abs(a.read(12) - b.read(12)).reshape(len(edited), -1).max(axis=1) > 0
+    assert changed.tolist() == [i == 3 for i in range(len(edited))]

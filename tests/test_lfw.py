@@ -64,6 +64,15 @@ def test_lfw_view_2_reads_the_official_layout(tmp_path):
     assert all(names[lab] == sid.split("/")[1] for sid, lab in zip(d.ids, d.column("identity")))
 
 
+def test_data_check_states_the_pair_protocol(tmp_path):
+    from click.testing import CliRunner
+
+    from etf.cli import main
+
+    out = CliRunner().invoke(main, ["data", "check", f"lfw:{write_lfw(tmp_path)}"]).output
+    assert "protocol test: 20 pairs (10 matched, 10 mismatched), 10 folds" in out
+
+
 def test_changed_pairs_make_a_new_dataset_key(tmp_path):
     root = write_lfw(tmp_path)
     key = load_dataset(f"lfw:{root}").key

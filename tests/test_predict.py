@@ -79,7 +79,7 @@ def test_predict_reproduces_the_runs_own_predictions(run):
     got = json.loads((tmp / "p.json").read_text())
     classes = json.loads((tmp / "run" / "config.json").read_text())["tasks"][0]["classes"]
     assert [g["label"] for g in got] == [classes[int(r["label:pred:label"])] for r in rows]
-    assert all(0.5 <= g["label_prob"] <= 1.0 for g in got)
+    assert all(0.5 <= g["label_confidence"] <= 1.0 for g in got)
     # the probabilities are the trained model's on the cached tokens (predict recomputes
     # them from the images; the store keeps them in float16)
     import numpy as np
@@ -98,7 +98,7 @@ def test_predict_reproduces_the_runs_own_predictions(run):
     with torch.no_grad():
         probs = model([t.float() for t in tokens])["label"].softmax(-1).max(-1).values.numpy()
     expected = dict(zip(np.sort(index), probs))
-    assert [g["label_prob"] for g in got] == pytest.approx([expected[i] for i in index], abs=2e-3)
+    assert [g["label_confidence"] for g in got] == pytest.approx([expected[i] for i in index], abs=2e-3)
 
 
 def test_predict_refuses_encoders_whose_weights_changed(run, tmp_path):

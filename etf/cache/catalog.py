@@ -17,7 +17,7 @@ def dataset_dir(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / key
 
 
-def write_manifest(cache_dir: Path, dataset: Any, skipped: list[str] | None = None) -> Path:
+def write_manifest(cache_dir: Path, dataset: Any, skipped: dict[str, str] | None = None) -> Path:
     """Write ``manifest.json`` for ``dataset`` (atomic), merging newly skipped sample ids.
 
     Skipped entries are those the adapter could not use (kept from ``Dataset.skipped``) and
@@ -29,8 +29,8 @@ def write_manifest(cache_dir: Path, dataset: Any, skipped: list[str] | None = No
     old = read_json(path) if path.exists() else {}
     known = {s["id"]: s for s in [*manifest["skipped"], *old.get("skipped", [])]}
     paths = dict(zip(dataset.ids, (str(s.path) for s in dataset.samples)))
-    for sid in skipped or []:
-        known.setdefault(sid, {"id": sid, "path": paths.get(sid, ""), "reason": "unreadable image"})
+    for sid, why in (skipped or {}).items():
+        known.setdefault(sid, {"id": sid, "path": paths.get(sid, ""), "reason": why})
     manifest["skipped"] = sorted(known.values(), key=lambda s: s["id"])
     if manifest != old:
         write_json_atomic(path, manifest)

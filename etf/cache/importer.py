@@ -100,6 +100,6 @@ def import_tokens(
         rows = order[start:stop]
         block = torch.from_numpy(np.ascontiguousarray(src[rows], dtype=np.float32))
         ids = dataset.ids[start:stop]
-        writer.write_chunk(c, {"tokens": encode_tokens(block.flatten(1, 2), dtype, ids).reshape(block.shape)}, [])
+        writer.write_chunk(c, {"tokens": encode_tokens(block.flatten(1, 2), dtype, ids).reshape(block.shape)}, {})
     writer.finalize()
     return path

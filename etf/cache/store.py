@@ -6,7 +6,7 @@ On disk (documented in the README, readable without etf)::
     DIR/<dataset-key>/<name>-<spec-hash>.zarr      complete stores only (or .h5)
     DIR/<dataset-key>/<name>-<spec-hash>.zarr.partial/   while extraction is under way
         data.zarr/     the arrays being filled
-        done/<c>.json  one file per finished chunk c (its skipped sample ids)
+        done/<c>.json  one file per finished chunk c (its skipped sample ids and why)
 
 Arrays are ``tokens`` (N, L, T, D) when every layer has the same shape, else one
 ``tokens_<layer>`` (N, T, D) per layer. Rows are written a whole chunk at a time and a
@@ -82,6 +82,15 @@ class ArraySpec:
     def to_json(self) -> dict:
         return {"name": self.name, "layers": list(self.layers), "shape": list(self.shape)}
 
+    @property
+    def dimension_names(self) -> tuple[str, ...]:
+        """Zarr v3 dimension names, so that xarray and dask open the arrays by name. Per-layer
+        arrays (whose token counts and widths differ) name their own token and channel axes."""
+        if self.name == "tokens":
+            return ("sample", "layer", "token", "channel")
+        layer = self.layers[0]
+        return ("sample", f"token_{layer}", f"channel_{layer}")
+
     @classmethod
     def from_json(cls, d: dict) -> ArraySpec:
         return cls(d["name"], tuple(d["layers"]), tuple(d["shape"]))
@@ -101,11 +110,17 @@ def store_path(cache_dir: Path, dataset_key: str, name: str, spec: dict[str, Any
     return Path(cache_dir) / dataset_key / f"{safe}-{spec_hash(spec)}{FORMATS[fmt]}"
 
 
+#: a store has at least this many chunks (when it has the samples): the chunk is the unit of
+#: resumption, so an interrupted extraction of a small dataset still keeps most of its work
+MIN_CHUNKS = 8
+
+
 def _chunk_rows(arrays: list[ArraySpec], itemsize: int, target: int, n: int) -> int:
-    """Samples per chunk: about ``target`` bytes, balanced over ``n`` samples so that the
-    last chunk is nearly full (both formats store an edge chunk at full size)."""
+    """Samples per chunk: about ``target`` bytes and at most 1/MIN_CHUNKS of the samples,
+    balanced over ``n`` samples so that the last chunk is nearly full (both formats store an
+    edge chunk at full size)."""
     row = sum(int(np.prod(a.shape)) for a in arrays) * itemsize
-    rows = int(min(4096, max(1, target // max(row, 1))))
+    rows = int(min(4096, -(-n // MIN_CHUNKS), max(1, target // max(row, 1))))
     return -(-n // -(-n // rows))
 
 
@@ -227,6 +242,7 @@ class StoreWriter:
                 dtype=physical_dtype(self.spec["dtype"]),
                 compressors=_zarr_compressors(self._codec),
                 fill_value=0,
+                dimension_names=a.dimension_names,
             )
         group.attrs["etf"] = self.attrs
         try:
@@ -234,7 +250,7 @@ class StoreWriter:
         except OSError:  # another shard created it first
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def write_chunk(self, c: int, data: dict[str, np.ndarray], skipped: list[str]) -> None:
+    def write_chunk(self, c: int, data: dict[str, np.ndarray], skipped: dict[str, str]) -> None:
         """Write chunk ``c`` of every array, then mark it done (the marker is the commit)."""
         start, stop = self.chunk_range(c)
         for a in self.arrays:
@@ -268,11 +284,14 @@ class StoreWriter:
         with self._lock():
             if self.complete:
                 return True
-            skipped = sorted(s for p in self.done_dir.glob("*.json") for s in read_json(p))
-            attrs = {**self.attrs, "complete": True, "skipped": skipped}
+            reasons = {sid: why for p in self.done_dir.glob("*.json") for sid, why in read_json(p).items()}
+            attrs = {**self.attrs, "complete": True, "skipped": sorted(reasons), "skip_reasons": reasons}
             data = self.partial / "data.zarr"
             if self.fmt == "zarr":
                 zarr.open_group(str(data), mode="r+").attrs["etf"] = attrs
+                with warnings.catch_warnings():  # zarr notes that v3 does not standardise it yet
+                    warnings.simplefilter("ignore", UserWarning)
+                    zarr.consolidate_metadata(str(data))  # xarray.open_zarr reads it in one request
                 os.rename(data, self.path)
             else:
                 rows = _chunk_rows(self.arrays, self._itemsize, HDF5_CHUNK_BYTES, self.n)
@@ -354,14 +373,21 @@ class TokenStore:
                 raise EtfError(f"{path}: not a readable etf Zarr store ({type(e).__name__}: {e})") from None
             arrays = {k: v for k, v in group.arrays()}
             handle = None
-        if not attrs.get("complete"):
-            raise EtfError(f"{path}: incomplete store; re-run the same etf extract to resume")
         store = cls(path, attrs, arrays, handle)
-        if check:
+        problem = (
+            "incomplete store; re-run the same etf extract to resume"
+            if not attrs.get("complete")
+            else f"store format version {attrs.get('format_version')}, this etf reads version {FORMAT_VERSION}"
+            if attrs.get("format_version") != FORMAT_VERSION
+            else None
+        )
+        if problem is None and check:
             damage = store.damage()
-            if damage:
-                store.close()
-                raise EtfError(f"{path}: damaged store ({damage[0]}{' ...' if len(damage) > 1 else ''}); {REPAIR}")
+            problem = f"damaged store ({damage[0]}{' ...' if len(damage) > 1 else ''}); {REPAIR}" if damage else None
+        if problem:
+            store.close()
+            raise EtfError(f"{path}: {problem}")
+        if check:
             report_versions(path, attrs)
         return store
 
@@ -398,6 +424,11 @@ class TokenStore:
     @property
     def skipped(self) -> list[str]:
         return list(self.attrs.get("skipped", []))
+
+    @property
+    def skip_reasons(self) -> dict[str, str]:
+        """Why each skipped sample was skipped (the decoder's or the header check's words)."""
+        return dict(self.attrs.get("skip_reasons") or dict.fromkeys(self.skipped, "unreadable image"))
 
     def shape(self, layer: int) -> tuple[int, int]:
         """(T, D) of one layer."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import warnings
 
 import click
@@ -9,18 +10,30 @@ import click
 from etf.errors import EtfError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program runs so that it unwinds as for Ctrl-C: finished work
+    is committed, worker processes are stopped, nothing is left behind."""
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated()
+
+
 class _Group(click.Group):
-    """Turns :class:`EtfError` into one ``Error: ...`` line and exit status 1, and Ctrl-C into
-    one line and the shell's status for it, 130."""
+    """Turns :class:`EtfError` into one ``Error: ...`` line and exit status 1, and Ctrl-C or
+    SIGTERM into one line and the shell's status for them, 130 or 143."""
 
     def invoke(self, ctx: click.Context):
+        previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             return super().invoke(ctx)
         except EtfError as e:
             raise click.ClickException(str(e)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             click.echo("\nInterrupted: what finished is kept; run the same command again to resume.", err=True)
-            ctx.exit(130)
+            ctx.exit(143 if isinstance(e, Terminated) else 130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -159,8 +159,10 @@ def pop_task_specs(kw: dict[str, Any], default: list[str]) -> list[str]:
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory at --out.")
 def command(**kw: Any) -> None:
     """Train --fuser and task heads on cached tokens of --encoders; write the run to --out."""
+    from etf.pipeline.extract.run import resolve_device
     from etf.pipeline.fit.train import check_out, fit
 
+    resolve_device(kw["device"])
     fuser_config = pop_fuser_config(kw)
     overwrite = kw.pop("overwrite")
     check_out(writable_dir(kw["out"], "--out"), overwrite)

@@ -60,6 +60,9 @@ def command(run, images, embed, data_spec, cache_dir, crop, weights, device, bat
         results = embed_dataset(run, open_dataset(data_spec, crop), cache_dir, embed, batch_size, device)
         click.echo(format_pair_metrics(results) or f"embeddings written to {embed}; the dataset has no pair protocol")
         return
+    from etf.data.images import require_readable
+
+    require_readable(list(images))  # before any encoder is built
     predictor = load_predictor(run, weights, device)
     records = predict_all(predictor, list(images), batch_size, embed)
     if embed:

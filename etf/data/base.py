@@ -48,8 +48,8 @@ class Dataset:
     """An ordered, immutable list of samples plus what describes them.
 
     ``key`` hashes everything that defines the data (adapter name, options, ids, splits,
-    labels, crop metadata, pairs) but not the root directory, so a moved dataset keeps its
-    cache, while a changed label or pair list makes a new one.
+    labels, the images' content, crop metadata, pairs) but not the root directory, so a
+    moved dataset keeps its cache, while a changed image, label or pair list makes a new one.
 
     ``pairs`` holds verification protocols per split: ``{split: {"a": [ids], "b": [ids],
     "same": [1 or 0], "fold": [k]}}`` (``fold`` optional); both samples of a pair belong
@@ -126,6 +126,14 @@ class Dataset:
             )
         return [s.labels.get(name) for s in self.samples]
 
+    @cached_property
+    def content(self) -> str:
+        """A digest of every sample's image bytes, in order (:mod:`etf.data.content`): an
+        image changed in place under the same name gives a new dataset key."""
+        from etf.data.content import content_digest
+
+        return content_digest([s.path for s in self.samples])
+
     def spec(self) -> dict[str, Any]:
         """The canonical description whose hash is the dataset key."""
         spec: dict[str, Any] = {
@@ -135,6 +143,7 @@ class Dataset:
             "splits": self.splits,
             "labels": {c: self.column(c) for c in self.label_columns},
             "classes": self.classes,
+            "content": self.content,
         }
         if any(s.meta for s in self.samples):
             spec["meta"] = [dict(s.meta) for s in self.samples]

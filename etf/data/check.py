@@ -63,10 +63,24 @@ def check_dataset(dataset: Dataset, images: bool = True, workers: int = 8) -> Ch
             f"skipped  {len(dataset.skipped)} by the adapter (first: {first['id']}: {first.get('reason', '')})"
         )
     _check_tasks(dataset, report)
+    report.lines += protocol_lines(dataset)
     _check_labels(dataset, order, report)
     if images:
         _check_images(dataset, report, workers)
     return report
+
+
+def protocol_lines(dataset: Dataset) -> list[str]:
+    """The evaluation protocol a dataset ships: per split, its pairs (matched, mismatched) and
+    folds, the unit that verification results are reported in."""
+    lines = []
+    for split, p in (dataset.pairs or {}).items():
+        matched = sum(p["same"])
+        folds = f"{len(set(p['fold']))} folds" if "fold" in p else "no folds (10 stratified folds are drawn)"
+        lines.append(
+            f"protocol {split}: {len(p['same'])} pairs ({matched} matched, {len(p['same']) - matched} mismatched), {folds}"
+        )
+    return lines
 
 
 def _check_tasks(dataset: Dataset, report: CheckReport) -> None:

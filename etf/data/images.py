@@ -45,6 +45,32 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         return to_rgb(img)
 
 
+def read_image(path: str | os.PathLike):
+    """:func:`load_rgb` for an image a user names on the command line: a missing, non-image or
+    truncated file is one error naming it."""
+    from etf.errors import EtfError
+
+    try:
+        return load_rgb(path)
+    except FileNotFoundError:
+        raise EtfError(f"{path}: image not found") from None
+    except UnidentifiedImageError:
+        raise EtfError(f"{path}: not an image") from None
+    except Exception as e:  # truncated or corrupt pixel data, of many exception types
+        raise EtfError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def require_readable(paths: list[Path]) -> None:
+    """Header-check images a user named, before any model is built: one error for the first
+    that is missing or not an image, and how many more are."""
+    from etf.errors import EtfError
+
+    bad = [(p, why) for p in paths if (why := check_image(Path(p)))]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise EtfError(f"{bad[0][0]}: {bad[0][1]}{more}")
+
+
 def check_image(path: Path) -> str | None:
     """Cheap header check before extraction: the reason ``path`` is unusable, or None.
 

@@ -53,7 +53,7 @@ def assign_folds(subjects: list[str]) -> dict[str, int]:
     description="action units (BP4D 12 AUs or DISFA 8, intensity >= 2) from a CSV; 3-fold subject-independent",
     layout="FILE.csv with header `path,subject,AU1,AU2,...[,fold]`; paths relative to the file",
     tasks=(task("bp4d"),),
-    metric="f1",
+    metric="mean_f1",
 )
 def load_au(file: Path, dataset: str = "bp4d", fold: int = 1) -> Dataset:
     if dataset not in AUS:

@@ -61,7 +61,7 @@ def read_table(path: Path, width: int, allowed: set[int] | None = None) -> tuple
     description="CelebA: 40 binary face attributes, official train/val/test partition",
     layout="ROOT/Anno/list_attr_celeba.txt, ROOT/Eval/list_eval_partition.txt, ROOT/Img/img_align_celeba/",
     tasks=(f"multilabel:{','.join(ATTRIBUTES)}",),
-    metric="accuracy",
+    metric="mean_accuracy",
 )
 def load_celeba(root: Path, aligned: bool = True) -> Dataset:
     names, attrs = read_table(_file(root, "Anno", "list_attr_celeba.txt"), len(ATTRIBUTES), {-1, 1})

@@ -17,6 +17,10 @@ from etf.errors import EtfError
     metric="accuracy",
 )
 def load_folder(root: Path) -> Dataset:
+    if not root.is_dir():
+        raise EtfError(
+            f"folder:{root}: not a directory (folder: takes ROOT/<class>/*.jpg; for a file list use csv:FILE)"
+        )
     split_dirs = [s for s in SPLITS if (root / s).is_dir()]
     parts = [(s, root / s) for s in split_dirs] if split_dirs else [("train", root)]
     classes = sorted({d.name for _, base in parts for d in base.iterdir() if d.is_dir()})

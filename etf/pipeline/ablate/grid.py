@@ -22,7 +22,7 @@ import itertools
 import traceback
 import typing
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,8 @@ from etf.pipeline.fit.train import fit_many
 from etf.utils import canonical_json, parse_size, read_json, spec_hash, write_json_atomic
 
 BASELINE_FUSER = "linear"
+#: how long to wait for a cluster named by --scheduler
+CONNECT_SECONDS = 10
 
 #: FitConfig and FuserConfig fields a grid may vary, with their defaults; the rest of
 #: FitConfig is fixed by the grid itself
@@ -414,11 +416,19 @@ def _backend(grid: Grid, threads: int) -> Iterator[dict[str, Any]]:
             from dask.distributed import Client, LocalCluster
         except ImportError:
             raise EtfError("--backend dask: dask is not installed; pip install 'etf[dask]'") from None
-        local = (
-            nullcontext(grid.scheduler) if grid.scheduler else LocalCluster(n_workers=grid.jobs, threads_per_worker=1)
-        )
-        with local as cluster, Client(cluster):
-            yield {"backend": "dask"}
+        if grid.scheduler:
+            try:
+                client = Client(grid.scheduler, timeout=CONNECT_SECONDS)
+            except Exception as e:  # refused, timed out, or something else answering at that address
+                raise EtfError(
+                    f"--scheduler {grid.scheduler}: no Dask scheduler answered within {CONNECT_SECONDS} s "
+                    f"({type(e).__name__}: {str(e)[:120]})"
+                ) from None
+            with client:
+                yield {"backend": "dask"}
+        else:
+            with LocalCluster(n_workers=grid.jobs, threads_per_worker=1) as cluster, Client(cluster):
+                yield {"backend": "dask"}
     else:
         try:
             import ray
@@ -426,10 +436,12 @@ def _backend(grid: Grid, threads: int) -> Iterator[dict[str, Any]]:
         except ImportError:
             raise EtfError("--backend ray: ray is not installed; pip install 'etf[ray]'") from None
         register_ray()
-        if grid.scheduler:
-            ray.init(address=grid.scheduler)
-        else:
-            ray.init(num_cpus=grid.jobs)
+        try:
+            ray.init(address=grid.scheduler) if grid.scheduler else ray.init(num_cpus=grid.jobs)
+        except Exception as e:  # refused, timed out, not a Ray head
+            raise EtfError(
+                f"--scheduler {grid.scheduler}: cannot join the Ray cluster ({type(e).__name__}: {str(e)[:120]})"
+            ) from None
         try:
             yield {"backend": "ray"}
         finally:

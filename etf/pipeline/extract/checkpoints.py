@@ -8,6 +8,7 @@ FaRL's) and reports what fitted (``load_into``).
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,8 +34,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch explains weights_only in paragraphs; this is what they say
+        raise EtfError(
+            f"--weights {path}: cannot read checkpoint: not a file of tensors (torch.load with weights_only=True "
+            "refused it: it is not a torch file, or it holds Python objects that are not tensors)"
+        ) from None
     except Exception as e:
-        raise EtfError(f"--weights {path}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise EtfError(f"--weights {path}: cannot read checkpoint ({type(e).__name__}: {first})") from None
     while isinstance(obj, dict):
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:

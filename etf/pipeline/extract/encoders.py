@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,16 +39,51 @@ ALIASES: dict[str, Alias] = {
     "vit_l": Alias("vit_large_patch16_224.augreg_in21k_ft_in1k"),
     "dinov2_s": Alias("vit_small_patch14_dinov2.lvd142m", {"img_size": 224}),
     "dinov2_b": Alias("vit_base_patch14_dinov2.lvd142m", {"img_size": 224}),
-    "clip_b16": Alias("vit_base_patch16_clip_224.openai"),
+    "clip_b16": Alias("vit_base_patch16_clip_quickgelu_224.openai"),  # OpenAI CLIP is QuickGELU natively
     "mae_b": Alias("vit_base_patch16_224.mae"),
     "convnext_t": Alias("convnext_tiny.fb_in22k_ft_in1k"),
     "resnet50": Alias("resnet50.a1_in1k"),
 }
 
 HOW_TO_FIX_PRETRAINED = (
-    "connect to the Hugging Face hub once (or set HF_HOME to a populated cache), "
+    "connect to the Hugging Face hub once (or point HF_HOME at a populated cache and set HF_HUB_OFFLINE=1), "
     "or pass --weights FILE for a local checkpoint, or --no-pretrained for a random init"
 )
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) accepts a connection, asked once with a
+    short time-out; False in offline mode (``HF_HUB_OFFLINE=1``)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def hub_offline_unless_reachable() -> Iterator[bool]:
+    """Offline mode while building a pretrained model when the hub cannot be reached: weights
+    in the local cache still load, and missing ones fail at once instead of after a minute of
+    retries. Yields whether the hub was reachable."""
+    from huggingface_hub import constants
+
+    reachable = hub_reachable()
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or not reachable
+    try:
+        yield reachable
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def resolve_name(name: str) -> tuple[str, dict[str, Any]]:
@@ -175,19 +212,31 @@ def create_encoder(
     arch = model_name.split(".")[0]
     use_hub = pretrained and weights is None
     torch.manual_seed(seed)
+    reachable = True
     try:
-        model = _create(model_name, use_hub, kwargs)
+        with hub_offline_unless_reachable() if use_hub else nullcontext(True) as reachable:
+            model = _create(model_name, use_hub, kwargs)
     except EtfError:
         raise
     except Exception as e:
         if use_hub:
+            why = (
+                "the Hugging Face hub cannot be reached (or HF_HUB_OFFLINE is set) and they are not in the local cache"
+                if not reachable
+                else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
             raise EtfError(
-                f"--encoder {name}: cannot fetch pretrained weights for {model_name} "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); fix: {HOW_TO_FIX_PRETRAINED}"
+                f"--encoder {name}: cannot load pretrained weights for {model_name} ({why}); fix: {HOW_TO_FIX_PRETRAINED}"
             ) from None
         raise EtfError(f"--encoder {name}: cannot build {model_name}: {e}") from None
     if not hasattr(model, "forward_intermediates"):
         raise EtfError(f"--encoder {name}: {arch} has no forward_intermediates in timm {timm.__version__}")
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if img_size is not None and patch is not None and any(img_size % p for p in patch):
+        raise EtfError(
+            f"--img-size {img_size}: not a multiple of {name}'s patch size {patch[0]} "
+            f"(the last {img_size % patch[0]} pixels would be cut off); use {img_size - img_size % patch[0] or patch[0]}"
+        )
     model.reset_classifier(0)
     report = None
     if weights is not None:

@@ -241,13 +241,13 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
         raise EtfError(
             f"every image of {dataset.describe()} is unreadable ({listed}); check the dataset path and format"
         )
-    done_rows = _run(dataset, encoder, writer, todo, set(bad), layers, opts, device, autocast)
+    done_rows = _run(dataset, encoder, writer, todo, bad, layers, opts, device, autocast)
     complete = writer.finalize()
     skipped = []
     if complete:
         with TokenStore.open(path) as store:
             skipped = store.skipped
-        write_manifest(Path(cache_dir), dataset, skipped)
+            write_manifest(Path(cache_dir), dataset, store.skip_reasons)
     return ExtractResult(path, complete, done_rows, time.perf_counter() - t0, skipped)
 
 
@@ -261,13 +261,13 @@ def _prescan(dataset: Dataset, rows: list[int]) -> dict[int, str]:
 class _ChunkBuffer:
     """Rows of one chunk collected from batches; handed to the writer once full."""
 
-    def __init__(self, writer: StoreWriter, c: int, dataset: Dataset, skip: set[int]) -> None:
+    def __init__(self, writer: StoreWriter, c: int, dataset: Dataset, skip: dict[int, str]) -> None:
         self.c = c
         self.start, stop = writer.chunk_range(c)
         dtype = physical_dtype(writer.spec["dtype"])
         self.data = {a.name: np.zeros((stop - self.start, *a.shape), dtype) for a in writer.arrays}
         rows = range(self.start, stop)
-        self.skipped = [dataset.ids[r] for r in rows if r in skip]
+        self.skipped = {dataset.ids[r]: skip[r] for r in rows if r in skip}  # sample id -> why
         self.missing = len(rows) - len(self.skipped)
 
     def put(self, idx: list[int], arrays: dict[str, np.ndarray]) -> None:
@@ -282,7 +282,7 @@ def _run(
     encoder: Encoder,
     writer: StoreWriter,
     todo: list[int],
-    skip: set[int],
+    skip: dict[int, str],
     layers: list[int],
     opts: ExtractOptions,
     device: torch.device,
@@ -306,7 +306,7 @@ def _run(
     ):
 
         def flush(buf: _ChunkBuffer) -> None:
-            pending.append(io.submit(writer.write_chunk, buf.c, buf.data, sorted(buf.skipped)))
+            pending.append(io.submit(writer.write_chunk, buf.c, buf.data, buf.skipped))
             # at most two chunks in flight; a failed write stops the run at the next chunk
             while len(pending) > 2 or (pending and pending[0].done()):
                 pending.pop(0).result()
@@ -335,7 +335,7 @@ def _run(
                     encoder, x.to(device, non_blocking=True), layers, opts, [dataset.ids[i] for i in ok], autocast
                 )
                 buf.put(ok, {a.name: _stack(a, per_layer) for a in writer.arrays})
-            buf.skipped.extend(dataset.ids[i] for i in failed)
+            buf.skipped.update({dataset.ids[i]: why for i, why in failed.items()})
             buf.missing -= len(failed)
             bar.update(len(idx))
             if buf.missing == 0:

@@ -20,7 +20,7 @@ import torch
 
 from etf.cache.features import Batches, Group, PriorSet, default_memory_budget
 from etf.data.base import Dataset, get_adapter, load_dataset
-from etf.data.images import load_rgb
+from etf.data.images import read_image, require_readable
 from etf.errors import EtfError
 from etf.pipeline.extract.run import resolve_device
 from etf.pipeline.fit.fusers.layers import group_shares
@@ -48,7 +48,7 @@ def _filename(text: str) -> str:
 def _encoder_view(p: Predictor, prior: int, image: Path) -> np.ndarray:
     """The image as prior ``prior``'s encoder saw it (resized, cropped), as (H, W, 3) in [0, 1]."""
     enc = p.encoders[prior]
-    x = enc.transform()(load_rgb(image))
+    x = enc.transform()(read_image(image))
     mean, std = (torch.tensor(enc.data_config[k]).view(3, 1, 1) for k in ("mean", "std"))
     return (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
@@ -62,9 +62,7 @@ def explain_images(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    missing = [i for i in images if not Path(i).is_file()]
-    if missing:
-        raise EtfError(f"{missing[0]}: image not found")
+    require_readable(images)
     p = load_predictor(run, weights, device)
     spatial = [i for i, g in enumerate(p.groups) if g.layout.grid]
     if not spatial:
@@ -77,23 +75,33 @@ def explain_images(
     written = []
     for b, image in enumerate(images):
         views = {p.groups[i].prior: _encoder_view(p, p.groups[i].prior, image) for i in spatial}
-        fig, axes = plt.subplots(len(maps), len(spatial), figsize=(2.6 * len(spatial), 2.6 * len(maps)), squeeze=False)
+        fig, axes = plt.subplots(
+            len(maps),
+            len(spatial),
+            figsize=(2.9 * len(spatial) + 0.6, 2.7 * len(maps) + 0.5),
+            squeeze=False,
+            layout="constrained",
+        )
+        fig.suptitle(f"{Path(image).name}: where the {p.config['fuser']} fuser attends", fontsize=10)
         for row, (name, weights_) in enumerate(maps.items()):
             grids = patch_maps(weights_[b], p.groups)
             shares = group_shares(weights_[b : b + 1], p.groups)[0]
+            top = max(float(grids[i].max()) for i in spatial) or 1.0  # one scale per map: panels compare
             for col, i in enumerate(spatial):
                 ax, view = axes[row, col], views[p.groups[i].prior]
                 ax.imshow(view)
-                ax.imshow(
+                shown = ax.imshow(
                     grids[i],
                     cmap="inferno",
                     alpha=0.55,
+                    vmin=0.0,
+                    vmax=top,
                     interpolation="bilinear",
                     extent=(0, view.shape[1], view.shape[0], 0),
                 )
-                ax.set_title(f"{name} · {group_label(p.groups[i], p.groups)} ({shares[i]:.0%})", fontsize=8)
+                ax.set_title(f"{name} · {group_label(p.groups[i], p.groups)} ({shares[i]:.0%} of it)", fontsize=8)
                 ax.axis("off")
-        fig.tight_layout()
+            fig.colorbar(shown, ax=list(axes[row]), shrink=0.8, label="attention weight per token")
         path = out / f"{b}_{_filename(Path(image).stem)}_{_filename(p.config['fuser'])}.png"  # images may share a name
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -170,8 +178,9 @@ def explain_split(
     for k, (name, values) in enumerate(means.items()):
         ax.bar(x + (k - (len(means) - 1) / 2) * width, values, width, label=name)
     ax.set_xticks(x, labels, rotation=30, ha="right")
-    ax.set_ylabel("attention share")
-    ax.set_title(f"{split}: {n} samples")
+    ax.set_xlabel("prior (and layer) read by the fuser")
+    ax.set_ylabel("mean share of the map's attention")
+    ax.set_title(f"{Path(run).name}: attention per prior, {split} split ({n} samples)")
     if len(means) <= 12:
         ax.legend(fontsize=7)
     fig.tight_layout()

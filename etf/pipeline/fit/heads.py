@@ -66,6 +66,8 @@ class Task:
     columns: list[str]
     kind: ClassVar[str] = ""
     primary: ClassVar[str] = ""
+    #: the metrics a task of this kind reports that a dataset may name as its protocol metric
+    reports: ClassVar[tuple[str, ...]] = ()
     higher_is_better: ClassVar[bool] = True
     #: options a task string may set after ``?``, and their types
     options: ClassVar[dict[str, type]] = {}
@@ -150,6 +152,7 @@ class Classify(Task):
 
     classes: list[str] | None = None
     primary: ClassVar[str] = "accuracy"
+    reports: ClassVar[tuple[str, ...]] = ("accuracy", "mean_class_accuracy", "macro_f1")
 
     @property
     def out_dim(self) -> int:
@@ -198,6 +201,7 @@ class MultiLabel(Task):
     """Binary labels (attributes, action units): BCE; mean accuracy and mean F1 over labels."""
 
     primary: ClassVar[str] = "mean_f1"
+    reports: ClassVar[tuple[str, ...]] = ("mean_accuracy", "mean_f1")
 
     @property
     def out_dim(self) -> int:
@@ -232,6 +236,7 @@ class Regress(Task):
     mean: list[float] | None = None
     std: list[float] | None = None
     primary: ClassVar[str] = "mae"
+    reports: ClassVar[tuple[str, ...]] = ("mae",)
     higher_is_better: ClassVar[bool] = False
 
     @property
@@ -280,6 +285,7 @@ class Landmarks(Regress):
     """Facial landmarks as 2K coordinates: L1 on standardised coordinates; NME, FR, AUC."""
 
     primary: ClassVar[str] = "nme"
+    reports: ClassVar[tuple[str, ...]] = ("nme",)
 
     @property
     def spec(self) -> str:
@@ -339,17 +345,11 @@ def unique_names(tasks: list[Task]) -> None:
             seen[t.name] = 0
 
 
-#: the names dataset adapters give a protocol metric, as a task of that kind reports it
-_PROTOCOL_NAMES = {"multilabel": {"accuracy": "mean_accuracy", "f1": "mean_f1"}}
-
-
 def selection_metric(task: Task, dataset: Dataset) -> str:
     """The metric of ``task`` that picks the best epoch and that ``etf ablate`` compares: the
     dataset's protocol metric where the task reports it (CelebA attributes: mean accuracy),
     else the task's primary (a ``csv:`` dataset, or a task the protocol does not cover)."""
     from etf.data.base import get_adapter
 
-    names = _PROTOCOL_NAMES.get(task.kind, {})
     wanted = get_adapter(dataset.name).metric
-    wanted = names.get(wanted, wanted)
-    return wanted if wanted == task.primary or wanted in names.values() else task.primary
+    return wanted if wanted in task.reports else task.primary

@@ -119,6 +119,9 @@ def verification_metrics(
         if negatives * far >= 1:
             out[f"tar@far={far:.0e}".replace("e-0", "e-")] = tar_at_far(fpr, tpr, far)
     out.update(threshold=float(np.mean(thresholds)), pairs=len(same), fold_accuracy=accuracy)
+    if not np.isfinite(out["threshold"]):  # a fold did best rejecting every pair (roc_curve's +inf)
+        out["threshold"] = None
+        out["threshold_note"] = f"{int(np.sum(~np.isfinite(thresholds)))} fold(s) chose to reject every pair"
     return out
 
 

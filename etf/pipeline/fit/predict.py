@@ -24,7 +24,7 @@ from etf.cache.features import Batches, Group, PriorSet, default_memory_budget
 from etf.cache.store import decode_tokens
 from etf.cache.tokens import TokenLayout, select_tokens
 from etf.data.base import Dataset
-from etf.data.images import load_rgb
+from etf.data.images import read_image, require_readable
 from etf.errors import EtfError
 from etf.pipeline.extract.encoders import Encoder, create_encoder
 from etf.pipeline.extract.run import ExtractOptions, autocast_for, compute_tokens, resolve_device
@@ -108,7 +108,7 @@ def prior_tokens(p: Predictor, images: list[Path]) -> list[torch.Tensor]:
         spec = entry["spec"]
         opts = ExtractOptions(tokens=spec["tokens"], norm=spec["norm"], dtype=spec["dtype"])
         tf = encoder.transform()
-        x = torch.stack([tf(load_rgb(path)) for path in images]).to(p.device)
+        x = torch.stack([tf(read_image(path)) for path in images]).to(p.device)
         stored.append(
             compute_tokens(
                 encoder, x, spec["layers"], opts, [str(i) for i in images], autocast_for(spec["precision"], p.device)
@@ -132,9 +132,6 @@ def predict(p: Predictor, images: list[Path]) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def _forward(p: Predictor, images: list[Path]) -> dict[str, Any]:
-    missing = [i for i in images if not Path(i).is_file()]
-    if missing:
-        raise EtfError(f"{missing[0]}: image not found")
     return p.model(prior_tokens(p, images))
 
 
@@ -148,6 +145,7 @@ def _verify_tasks(tasks: list[Task], run: Path) -> list[Verify]:
 def predict_all(p: Predictor, images: list[Path], batch_size: int, embed: Path | None = None) -> list[dict[str, Any]]:
     """:func:`predict` in batches; with ``embed``, also each verify task's embeddings of
     ``images`` written to that directory."""
+    require_readable(images)
     verify = _verify_tasks(p.tasks, p.run) if embed else []
     if not embed and all(isinstance(t, Verify) for t in p.tasks):
         raise EtfError(f"{p.run}: its tasks give embeddings only; pass --embed DIR")
@@ -173,7 +171,7 @@ def _records(p: Predictor, images: list[Path], out: dict[str, Any]) -> list[dict
         for r, v, row in zip(records, values, logits):
             if isinstance(t, Classify):
                 r[t.name] = t.classes[int(v[0])]
-                r[f"{t.name}_prob"] = round(float(row.softmax(-1).max()), 4)
+                r[f"{t.name}_confidence"] = round(float(row.softmax(-1).max()), 4)  # of the predicted class
             else:
                 r[t.name] = [round(float(x), 4) for x in v] if len(v) > 1 else round(float(v[0]), 4)
     return records

@@ -166,6 +166,7 @@ class Verify(Task):
     m: float | None = None
     identities: int | None = None  # training identities: the margin softmax's classes
     primary: ClassVar[str] = "accuracy_10fold"
+    reports: ClassVar[tuple[str, ...]] = ("accuracy_10fold", "auc")
     options: ClassVar[dict[str, type]] = {"dim": int, "margin": str, "s": float, "m": float}
 
     def __post_init__(self) -> None:

@@ -1,0 +1,113 @@
+"""Never train on wrong tokens: a store with a missing or damaged chunk is refused by every
+reader with one line, and stores open by dimension name in xarray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from etf.cache.store import TokenStore
+from etf.cli import main
+from etf.errors import EtfError
+from tests.conftest import IMG, TINY_CNN, TINY_VIT
+from tests.synthetic import xor_cache
+
+
+def etf(*args: str | Path):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.fixture
+def xor(tmp_path):
+    dataset, spec, cache = xor_cache(tmp_path, n=80)
+    store = next(cache.glob("*/A-*.zarr"))
+    return spec, cache, store
+
+
+def _fit(spec: str, cache: Path, out: Path):
+    return etf("fit", "--data", spec, "--cache", cache, "--encoders", "A,B", "--task", "classify:label",
+               "--fuser", "concat", "--epochs", "1",
+               "--out", out, "--no-progress")  # fmt: skip
+
+
+def test_a_deleted_chunk_is_refused_by_fit_and_shown_by_ls(xor, tmp_path):
+    spec, cache, store = xor
+    with TokenStore.open(store) as s:
+        assert s.chunk_rows == 10  # 80 samples: at least eight chunks, so a resume keeps its work
+    (store / "tokens" / "c" / "2" / "0" / "0" / "0").unlink()
+    line = error_line(_fit(spec, cache, tmp_path / "run"))
+    assert str(store) in line and "1 of 8 chunks missing" in line and "etf cache verify" in line
+    assert not (tmp_path / "run").exists()
+    listing = etf("cache", "ls", cache)
+    assert listing.exit_code == 0
+    row = next(line for line in listing.output.splitlines() if store.name in line)
+    assert "damaged" in row and "complete" not in row
+    with pytest.raises(EtfError, match="damaged store"):
+        TokenStore.open(store)
+
+
+def test_a_truncated_chunk_is_refused_before_training(xor, tmp_path):
+    spec, cache, store = xor
+    chunk = store / "tokens" / "c" / "5" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-7])
+    line = error_line(_fit(spec, cache, tmp_path / "run"))
+    assert str(store) in line and "wrong size" in line
+
+
+def test_a_corrupt_compressed_chunk_is_one_error_when_read(folder_dataset, tmp_path):
+    """Compressed chunks have no fixed size: the damage shows when decoding, as one line."""
+    cache = tmp_path / "cache"
+    res = etf("extract", "--data", f"folder:{folder_dataset}", "--encoder", TINY_VIT, "--no-pretrained",
+              "--img-size", IMG, "--codec", "zstd", "--cache", cache, "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    store = next(cache.glob("*/*.zarr"))
+    chunk = store / "tokens" / "c" / "1" / "0" / "0" / "0"
+    chunk.write_bytes(b"\x00" * 40)
+    with TokenStore.open(store) as s, pytest.raises(EtfError, match="cannot be read.*etf cache verify"):
+        s.read(12)
+    line = error_line(
+        etf(
+            "fit",
+            "--data",
+            f"folder:{folder_dataset}",
+            "--cache",
+            cache,
+            "--encoders",
+            TINY_VIT,
+            "--epochs",
+            "1",
+            "--out",
+            tmp_path / "run",
+            "--no-progress",
+        )  # fmt: skip
+    )
+    assert str(store) in line and "cannot be read" in line
+
+
+def test_xarray_opens_stores_by_dimension_name(folder_dataset, tmp_path):
+    xr = pytest.importorskip("xarray")
+    cache = tmp_path / "cache"
+    for encoder, layers in ((TINY_VIT, "12"), (TINY_CNN, "3,4")):
+        res = etf("extract", "--data", f"folder:{folder_dataset}", "--encoder", encoder, "--no-pretrained",
+                  "--img-size", IMG, "--layers", layers, "--cache", cache, "--no-progress")  # fmt: skip
+        assert res.exit_code == 0, res.output
+    vit, cnn = (next(cache.glob(f"*/{name}-*.zarr")) for name in (TINY_VIT, TINY_CNN))
+    ds = xr.open_zarr(vit)
+    assert ds["tokens"].dims == ("sample", "layer", "token", "channel")
+    with TokenStore.open(vit) as s:
+        np.testing.assert_array_equal(ds["tokens"].values[:, 0], s.read(12))
+    ds = xr.open_zarr(cnn)  # stages of other shapes: one array each, with their own axes
+    assert ds["tokens_3"].dims == ("sample", "token_3", "channel_3")
+    assert (ds.sizes["token_3"], ds.sizes["token_4"], ds.sizes["channel_4"]) == (16, 4, 256)  # 4x4, 2x2 maps
+    assert ds.attrs["etf"]["complete"] is True
