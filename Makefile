@@ -41,8 +41,8 @@ DEMO_IMAGES = $${ETF_DATA_HOME:-$$HOME/.cache/etf/data}/lfw-subset
 demo: install
 	$(BIN)/etf extract --data lfw-subset --encoder vit_t --encoder resnet18 --no-pretrained --img-size 64 --cache $(CACHE)
 	$(BIN)/etf cache ls $(CACHE)
-	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser etfuser --epochs 20 --out runs/demo-etfuser
-	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser linear --epochs 20 --out runs/demo-linear
+	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser etfuser --epochs 20 --out runs/demo-etfuser --overwrite
+	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser linear --epochs 20 --out runs/demo-linear --overwrite
 	$(BIN)/etf predict --run runs/demo-etfuser $(DEMO_IMAGES)/face/000.png $(DEMO_IMAGES)/nonface/100.png
 
 # The default grid end to end: extract whatever stores are missing (a complete store is found,
