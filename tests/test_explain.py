@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -92,9 +93,25 @@ def test_overlays_for_images(runs, fuser, rows):
     assert res.exit_code == 0, res.output
     written = res.output.split()
     assert len(written) == 2
+    cells = []
     for path in written:
         w, h = _valid_png(path)
-        assert w > h  # one column per group with a patch grid (4 of them), one row per map
+        assert (w, h) == (4 * 260, rows * 260)  # one 2.6-inch panel per group with a patch grid (4) and map
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"), dtype=float)
+        # the middle of each panel: the encoder's view under the map, without the title
+        cells.append(
+            [
+                [pixels[r * 260 + 70 : r * 260 + 200, c * 260 + 70 : c * 260 + 190] for c in range(4)]
+                for r in range(rows)
+            ]
+        )
+    for image in cells:
+        for col in range(4):
+            assert all(image[r][col].std() > 5 for r in range(rows))  # drawn, not blank
+            for r in range(1, rows):  # each map lays its own weights over the same view
+                assert np.abs(image[r][col] - image[0][col]).mean() > 1, (fuser, r, col)
+    assert np.abs(cells[0][0][0] - cells[1][0][0]).mean() > 1  # the two images' panels differ
 
 
 @pytest.mark.parametrize(
