@@ -98,6 +98,7 @@ def test_landmark_labels_follow_the_crop(tmp_path):
     assert boxed.samples[1].labels["nme_norm"] == pytest.approx(b.labels["nme_norm"])
     assert boxed.load_image(1).size == crop_geometry(b, "bbox:0.5")[1]
     assert boxed.options["crop_source"] == "the tight box of the ground-truth landmarks"
+    assert load_dataset(f"300w:{root}", **boxed.options).key == boxed.key  # rebuilt from what a run records
 
 
 def _landmarks5_file(path, dataset, skip: int = 0):

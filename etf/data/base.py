@@ -304,6 +304,7 @@ def load_dataset(spec: str, *, require_files: bool = True, **overrides: Any) -> 
     options.update({k: str(v) for k, v in overrides.items() if v is not None})
     crop = parse_crop(options.pop("crop", "none"))
     landmarks5 = options.pop("landmarks5", None)
+    options.pop("crop_source", None)  # what a crop read: recorded in the options, recomputed here
     known = adapter.options
     for key in options:
         if key not in known:

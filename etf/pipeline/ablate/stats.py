@@ -10,9 +10,10 @@ bootstrap of the test samples (or verification folds), one draw shared by every 
 both runs, with the protocol metric recomputed on each draw. Their sum is the variance of
 the mean delta (slightly over-estimated: the seed x sample interaction is counted in both),
 tested with a t distribution whose degrees of freedom come from the Welch-Satterthwaite
-formula, the seed part taken at its 90% upper confidence bound: with few seeds the seed part
-has few degrees of freedom and the test is wide, as it should be, where a bootstrap over two
-or three seeds would be overconfident.
+formula, the seed part taken at its 90% upper confidence bound (the same delta in every seed
+bounds nothing: the test then keeps the seeds' S - 1 degrees of freedom). With few seeds the
+seed part has few degrees of freedom and the test is wide, as it should be, where a
+bootstrap over two or three seeds would be overconfident.
 
 Degenerate inputs never raise: undefined quantities are NaN (printed ``n/a``) and a
 ``note`` says why.
@@ -175,12 +176,9 @@ def compare(
     var_sample = _sample_variance(ta, tb, reduce, resamples, seed)
     var_seed = 0.0 if _constant(per_seed) else float(per_seed.var(ddof=1)) / s_count
     total = var_seed + var_sample
+    same = var_seed == 0  # no spread to bound the seed variance by
     notes = (
-        [
-            "the same delta in every seed: the seed variance is not estimable, the test keeps the seeds' degrees of freedom"
-        ]
-        if var_seed == 0
-        else []
+        [f"the same delta in every seed: the test keeps the seeds' {s_count - 1} degree(s) of freedom"] if same else []
     )
     if not math.isfinite(total):
         notes.append("the metric is undefined on some resamples: no test")
@@ -190,8 +188,7 @@ def compare(
             return Comparison(s_count, units, 0.0, 0.0, 0.0, 1.0, math.inf, 0.0, 0.0, "identical results in every seed")
         notes.append("the same delta in every seed and sample: no variance, no test")
         return Comparison(s_count, units, delta, NAN, NAN, NAN, NAN, 0.0, 0.0, "; ".join(notes))
-    # the same delta in every seed bounds nothing: keep the seeds' degrees of freedom
-    df = s_count - 1 if var_seed == 0 else _degrees_of_freedom(var_seed, s_count - 1, var_sample, max(units - 1, 1))
+    df = s_count - 1 if same else _degrees_of_freedom(var_seed, s_count - 1, var_sample, max(units - 1, 1))
     se = math.sqrt(total)
     p = float(2 * stats.t.sf(abs(delta) / se, df))
     half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
