@@ -340,6 +340,7 @@ def test_the_fused_pair_is_found_better_and_a_noise_prior_is_not(tmp_path):
             "cache": cache,
             "out": tmp_path / "grid",
             "encoders": "A,B,N",
+            "jobs": 2,  # one thread each: small batches do not wait on a second thread
             "subsets": "k=2",
             "tasks": ["classify:label"],
             "fusers": "etfuser",
@@ -355,7 +356,60 @@ def test_the_fused_pair_is_found_better_and_a_noise_prior_is_not(tmp_path):
     assert run_grid(plan_grid(grid)).failed == []
     rows = {r["configuration"]: r for r in _csv(tmp_path / "grid" / "results.csv")}
     fused = rows["A+B etfuser"]
-    print("A+B:", fused["delta"], fused["p"], fused["p_adjusted"])
     assert fused["significant"] == "yes (better)" and float(fused["delta"]) > 0.3
     for noise in ("A+N etfuser", "B+N etfuser"):
         assert rows[noise]["significant"] == "no", rows[noise]
+
+
+def _fake_run(path: Path, splits: dict[str, list[tuple[str, np.ndarray, np.ndarray]]], norms: dict[str, float]) -> None:
+    """A finished landmarks run: predictions.csv (two points per sample) and metrics.json with
+    the NME of each split, as fit writes them."""
+    from etf.pipeline.fit import metrics
+
+    path.mkdir(parents=True)
+    cols = ["lm0_x", "lm0_y", "lm1_x", "lm1_y"]
+    lines = ["id,split," + ",".join(f"lm:true:{c}" for c in cols) + "," + ",".join(f"lm:pred:{c}" for c in cols)]
+    result = {}
+    for split, rows in splits.items():
+        for sid, y, p in rows:
+            lines.append(f"{sid},{split}," + ",".join(f"{v:.6g}" for v in [*y, *p]))
+        y, p = np.array([r[1] for r in rows]).reshape(-1, 2, 2), np.array([r[2] for r in rows]).reshape(-1, 2, 2)
+        norm = np.array([norms[r[0]] for r in rows])
+        result[split] = {"lm": {"nme": float(metrics.nme(y, p, norm).mean())}}
+    (path / "predictions.csv").write_text("\n".join(lines) + "\n")
+    (path / "metrics.json").write_text(json.dumps(result))
+
+
+def test_report_compares_nme_on_every_test_split(tmp_path):
+    """Landmarks, as on 300W: the full test set and its two subsets each get a row per
+    configuration; Δ is in NME (the dataset's normaliser), not in pixels."""
+    from etf.pipeline.ablate.report import Metric, Run, write_report
+
+    rng = np.random.default_rng(0)
+    ids = {"test_common": [f"c{i}" for i in range(30)], "test_challenging": [f"h{i}" for i in range(10)]}
+    norms = {i: float(rng.uniform(20, 60)) for group in ids.values() for i in group}
+    truth = {i: rng.uniform(0, 100, 4) for i in norms}
+    runs, nme = [], {}
+    for seed in (0, 1, 2):
+        for name, noise in (("base", 2.0), ("fused", 1.0)):
+            per = {s: [(i, truth[i], truth[i] + rng.normal(0, noise, 4)) for i in group] for s, group in ids.items()}
+            per["test"] = per["test_common"] + per["test_challenging"]
+            _fake_run(tmp_path / f"{name}{seed}", per, norms)
+            nme[name, seed] = json.loads((tmp_path / f"{name}{seed}" / "metrics.json").read_text())
+        labels = {"subset": "A", "priors": 1, "fuser": "linear", "attn": "full", "mask": "none", "seed": seed}
+        runs.append(Run(f"base{seed}", labels, f"base{seed}", tmp_path / f"base{seed}", "done"))
+        fused = {**labels, "subset": "A+B", "priors": 2, "fuser": "etfuser"}
+        runs.append(Run(f"fused{seed}", fused, f"base{seed}", tmp_path / f"fused{seed}", "done"))
+    metric = Metric("lm", "landmarks", "nme", ("test", "test_common", "test_challenging"), False)
+    write_report(runs, metric, tmp_path / "report", "landmarks", norms=norms)
+    rows = {(r["split"], r["configuration"]): r for r in _csv(tmp_path / "report" / "results.csv")}
+    assert len(rows) == 6
+    for split, units in (("test", 40), ("test_common", 30), ("test_challenging", 10)):
+        r = rows[split, "A+B etfuser"]
+        want = np.mean([nme["fused", s][split]["lm"]["nme"] - nme["base", s][split]["lm"]["nme"] for s in range(3)])
+        assert float(r["delta"]) == pytest.approx(want, rel=1e-4) and int(r["test_units"]) == units
+        assert float(r["delta"]) < 0 and r["significant"] in ("yes (better)", "no")  # lower NME is better
+    assert rows["test", "A+B etfuser"]["significant"] == "yes (better)"
+    assert float(rows["test", "A+B etfuser"]["delta_ci_high"]) < 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert all(f"## {s}\n" in report for s in metric.splits) and "all 3 comparisons" in report

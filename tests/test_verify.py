@@ -242,11 +242,10 @@ def test_single_image_identities_only_is_refused(tmp_path):
 def test_split_too_small_for_ten_folds_is_refused(tmp_path):
     identity = np.r_[np.arange(80) // 4, 20 + np.arange(6) // 3]
     splits = np.r_[["train"] * 80, ["val"] * 6]
-    _refused(
-        _tiny(tmp_path, identity, splits),
-        tmp_path,
-        "val split: 4 matched and 4 mismatched pairs; the 10-fold protocol needs at least 10",
-    )
+    data = _tiny(tmp_path, identity, splits)
+    message = "val split: 4 matched and 4 mismatched pairs; the 10-fold protocol needs at least 10"
+    with pytest.raises(EtfError, match=message):
+        _fit(data, tmp_path / "c", tmp_path / "run", encoders=["A"], epochs=1, test_split="none")
 
 
 def test_protocol_pair_without_a_usable_sample_is_refused(tmp_path):
@@ -313,6 +312,7 @@ def test_ablate_compares_verify_runs_by_their_fold_accuracies(ids, tmp_path):
             "cache": cache,
             "out": tmp_path,
             "encoders": "A,B",
+            "jobs": 2,  # one thread each: small batches do not wait on a second thread
             "subsets": "k=2",
             "tasks": [TASK],
             "fusers": "etfuser",

@@ -42,7 +42,7 @@ from etf.pipeline.ablate.report import Metric, Run, write_report
 from etf.pipeline.fit.config import FitConfig, FuserConfig, data_key
 from etf.pipeline.fit.fusers import check_fuser
 from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names
-from etf.pipeline.fit.train import fit_many, test_splits
+from etf.pipeline.fit.train import evaluated_test_splits, fit_many
 from etf.utils import canonical_json, parse_size, read_json, spec_hash, write_json_atomic
 
 BASELINE_FUSER = "linear"
@@ -288,7 +288,7 @@ def plan_grid(grid: Grid) -> Plan:
         raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
     tasks = [parse_task(t, dataset) for t in task_specs]
     unique_names(tasks)
-    splits = test_splits(dataset, grid.test_split)
+    splits = evaluated_test_splits(dataset, grid.test_split)
     if not splits:
         raise EtfError(
             f"--test-split {grid.test_split}: etf ablate compares on a test split; declare one (holdout:F or val)"

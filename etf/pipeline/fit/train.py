@@ -62,7 +62,7 @@ HOLDOUT, VAL_AS_TEST = "test_holdout", "test_val"
 
 
 @dataclass(frozen=True)
-class TestSplit:
+class ParsedTestSplit:
     """A parsed ``--test-split``: ``dataset`` (its own test splits), ``holdout`` (``fraction``
     of train's groups, seeded by ``seed``, the same for every run), ``val`` or ``none``."""
 
@@ -71,11 +71,11 @@ class TestSplit:
     seed: int = 0
 
 
-def parse_test_split(value: str | None) -> TestSplit:
+def parse_test_split(value: str | None) -> ParsedTestSplit:
     if value is None:
-        return TestSplit("dataset")
+        return ParsedTestSplit("dataset")
     if value in ("val", "none"):
-        return TestSplit(value)
+        return ParsedTestSplit(value)
     m = re.fullmatch(r"holdout:([0-9.]+)(?::([0-9]+))?", value)
     try:
         fraction = float(m[1]) if m else -1.0
@@ -83,10 +83,10 @@ def parse_test_split(value: str | None) -> TestSplit:
         fraction = -1.0
     if not 0 < fraction < 1:
         raise EtfError(f"--test-split {value!r}: use {TEST_SPLITS}, with 0 < F < 1")
-    return TestSplit("holdout", fraction, int(m[2] or 0))
+    return ParsedTestSplit("holdout", fraction, int(m[2] or 0))
 
 
-def test_splits(dataset: Dataset, test_split: str | None) -> list[str]:
+def evaluated_test_splits(dataset: Dataset, test_split: str | None) -> list[str]:
     """The splits a fit evaluates as test, in report order. Val never stands in for test: a
     dataset without a test split is refused unless ``--test-split`` declares one. Several
     ``test_*`` subsets (300W's common and challenging) are also evaluated together as
@@ -188,7 +188,7 @@ def make_splits(dataset: Dataset, usable: np.ndarray, cfg: FitConfig, first: Tas
     (subjects, identities, source images) on one side where the dataset has them."""
     split = np.array(dataset.splits)
     rows = lambda name: np.nonzero((split == name) & usable)[0]  # noqa: E731
-    names = test_splits(dataset, cfg.test_split)
+    names = evaluated_test_splits(dataset, cfg.test_split)
     spec = parse_test_split(cfg.test_split)
     units = _Units.of(dataset, first, y0)
     train, val = rows("train"), rows("val")
