@@ -285,7 +285,7 @@ def test_bad_input_is_one_clear_line(xor, tmp_path):
     assert "--subsets 'pairs'" in _bad([*common, "--encoders", "A,B", "--subsets", "pairs"])
     assert "--fusers 'nope': unknown fuser" in _bad([*common, "--encoders", "A,B", "--fusers", "etfuser,nope"])
     assert "--mask 'half'" in _bad([*common, "--encoders", "A,B", "--mask", "none,half"])
-    assert "--correction 'sidak': use one of holm, bonferroni, fdr_bh" in _bad(
+    assert "'--correction': 'sidak' is not one of 'holm', 'bonferroni', 'fdr_bh'" in _bad(
         [*common, "--encoders", "A,B", "--correction", "sidak"]
     )
     assert "has its own test split(s) (test)" in _bad([*common, "--encoders", "A,B", "--test-split", "holdout:0.2"])
@@ -305,6 +305,8 @@ def test_bad_input_is_one_clear_line(xor, tmp_path):
     assert f"{toml}: unknown key 'learning_rate'" in _bad(["--config", str(toml), *common])
     toml.write_text('encoders = ["A", "B"]\nepochs = "many"\n')
     assert f"{toml}: epochs = 'many': expected int" in _bad(["--config", str(toml), *common])
+    toml.write_text('encoders = ["A", "B"]\ncorrection = "sidak"\n')
+    assert "--correction 'sidak': use one of holm, bonferroni, fdr_bh" in _bad(["--config", str(toml), *common])
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ablations").glob("*.toml")), ids=lambda p: p.name)

@@ -75,7 +75,9 @@ class _Result:
 def _load(run: Run, metric: Metric, norms: dict[str, float] | None) -> _Result:
     metrics = read_json(run.path / "metrics.json")
     tasks = {s: metrics.get(s, {}).get(metric.task, {}) for s in metric.splits}
-    values = {s: float(t.get(metric.name, math.nan)) for s, t in tasks.items()}
+    values = {
+        s: math.nan if t.get(metric.name) is None else float(t[metric.name]) for s, t in tasks.items()
+    }  # null: NaN
     if metric.kind == "verify":  # embeddings are not predictions: the protocol's folds are the units
         terms = {
             s: mean_terms([f"fold{k}" for k in range(len(t["fold_accuracy"]))], np.array(t["fold_accuracy"], float))
@@ -247,19 +249,17 @@ def write_report(
         for r in runs
     ]
     held_out = next((res for res in (_held_out(r) for r in runs) if res), {})
-    write_json_atomic(
+    write_json_atomic(  # strict JSON: NaN as null
         out / "results.json",
-        _finite(
-            {
-                "title": title,
-                "metric": asdict(metric),
-                "alpha": ALPHA,
-                "correction": correction,
-                "held_out": held_out,
-                "configurations": rows,
-                "runs": runs_json,
-            }
-        ),
+        {
+            "title": title,
+            "metric": asdict(metric),
+            "alpha": ALPHA,
+            "correction": correction,
+            "held_out": held_out,
+            "configurations": rows,
+            "runs": runs_json,
+        },
     )
     primary = [r for r in rows if r["split"] == metric.splits[0]]
     plots = [
@@ -279,17 +279,6 @@ def write_report(
 def _held_out(run: Run) -> dict[str, str]:
     """How a finished run's hold-outs were made (metrics.json ``held_out``)."""
     return read_json(run.path / "metrics.json").get("held_out", {}) if run.status == "done" else {}
-
-
-def _finite(obj: Any) -> Any:
-    """NaN and infinities as null: strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _num(v: float, fmt: str = ".4f") -> str:
