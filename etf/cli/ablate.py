@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from etf.cli.fit import fuser_options, training_options
 from etf.cli.options import cache_option, data_options, encoders_option
-from etf.pipeline.ablate import BACKENDS, SUBSETS
+from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
 
 #: click parameter names that differ from the grid's setting names
 _SETTING = {"cache_dir": "cache", "data_spec": "data"}
@@ -36,6 +36,13 @@ _SETTING = {"cache_dir": "cache", "data_spec": "data"}
 @fuser_options
 @training_options
 @click.option("--seeds", default="0", show_default=True, help="Comma list of seeds.")
+@click.option(
+    "--correction",
+    type=click.Choice(CORRECTIONS),
+    default="holm",
+    show_default=True,
+    help="Multiple-comparison correction over every comparison of the report (fdr_bh: Benjamini-Hochberg).",
+)
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Parallel fits (groups).")
 @click.option(
     "--backend",

@@ -87,7 +87,19 @@ def training_options(fn):
                 help="Seeded (stratified) fraction of train.",
             ),
             click.option("--shots", type=POSITIVE, help="K training samples per class of the first classify task."),
-            _fit("val_fraction", type=FRACTION, help="Seeded hold-out of train when there is no val split."),
+            _fit(
+                "val_fraction",
+                type=FRACTION,
+                help="Seeded hold-out of train (by subject, identity or source image where the dataset has them) "
+                "when there is no val split.",
+            ),
+            click.option(
+                "--test-split",
+                default=None,
+                help="For a dataset without a test split: holdout:F[:SEED] (a seeded hold-out of train, by group, "
+                "reported as test_holdout), val (its val split, reported as test_val) or none (fit only: no test).  "
+                "[default: the dataset's test splits]",
+            ),
             click.option(
                 "--max-memory",
                 default=None,

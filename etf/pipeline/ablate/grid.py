@@ -37,12 +37,12 @@ except ModuleNotFoundError:  # Python 3.10
 from etf.cache.features import PriorSet
 from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
-from etf.pipeline.ablate import BACKENDS, SUBSETS
+from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
 from etf.pipeline.ablate.report import Metric, Run, write_report
 from etf.pipeline.fit.config import FitConfig, FuserConfig, data_key
 from etf.pipeline.fit.fusers import check_fuser
 from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names
-from etf.pipeline.fit.train import fit_many
+from etf.pipeline.fit.train import evaluated_test_splits, fit_many
 from etf.utils import canonical_json, parse_size, read_json, spec_hash, write_json_atomic
 
 BASELINE_FUSER = "linear"
@@ -87,6 +87,8 @@ OPTIONS = {
     "backend": "loky",
     "scheduler": None,
     "progress": False,
+    "test_split": None,
+    "correction": "holm",
 }
 
 
@@ -169,6 +171,8 @@ class Grid:
     backend: str = "loky"
     scheduler: str | None = None
     progress: bool = False
+    test_split: str | None = None
+    correction: str = "holm"
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], where: str | None = None, dry_run: bool = False) -> Grid:
@@ -185,6 +189,8 @@ class Grid:
             raise EtfError("--scheduler: needs --backend dask or ray")
         if not isinstance(s["jobs"], int) or s["jobs"] < 1:
             raise EtfError(f"--jobs {s['jobs']!r}: must be a positive integer")
+        if s["correction"] not in CORRECTIONS:
+            raise EtfError(f"--correction {s['correction']!r}: use one of {', '.join(CORRECTIONS)}")
         hints = {**typing.get_type_hints(FitConfig), **typing.get_type_hints(FuserConfig)}
         axes: dict[str, list[Any]] = {}
         for key, default in AXES.items():
@@ -214,6 +220,8 @@ class Grid:
             backend=s["backend"],
             scheduler=s["scheduler"],
             progress=bool(s["progress"]),
+            test_split=s["test_split"],
+            correction=s["correction"],
         )
 
 
@@ -280,12 +288,13 @@ def plan_grid(grid: Grid) -> Plan:
         raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
     tasks = [parse_task(t, dataset) for t in task_specs]
     unique_names(tasks)
-    split = (
-        "test"
-        if "test" in dataset.splits
-        else next((s for s in dict.fromkeys(dataset.splits) if s.startswith("test")), "val")
-    )
-    metric = Metric(tasks[0].name, tasks[0].kind, selection_metric(tasks[0], dataset), split, tasks[0].higher_is_better)
+    splits = evaluated_test_splits(dataset, grid.test_split)
+    if not splits:
+        raise EtfError(
+            f"--test-split {grid.test_split}: etf ablate compares on a test split; declare one (holdout:F or val)"
+        )
+    name = selection_metric(tasks[0], dataset)
+    metric = Metric(tasks[0].name, tasks[0].kind, name, tuple(splits), tasks[0].higher_is_better)
 
     names = list(grid.axes)
     varied = [k for k in names if len(grid.axes[k]) > 1 and k not in ("fuser", "attn", "mask", "seed")]
@@ -300,6 +309,7 @@ def plan_grid(grid: Grid) -> Plan:
             tasks=list(task_specs),
             fuser_config=fuser_cfg,
             progress=grid.progress,
+            test_split=grid.test_split,
             **{k: values[k] for k in FIT_AXES},
         )
         hashed = {k: v for k, v in cfg.to_json().items() if k not in ("out", "cache_dir", "progress")}
@@ -494,8 +504,16 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
                     echo(f"[{k}/{len(todo)}] {first['subset']} seed {first['seed']}: {ok}/{len(results)} run(s) done")
             except Exception as e:  # a worker died (out of memory, a signal): keep what finished
                 outcome.stopped = f"{type(e).__name__}: {e}"
-    write_report([_as_run(p) for p in plan.points], plan.metric, grid.out, title=_title(grid))
+    runs = [_as_run(p) for p in plan.points]
+    write_report(runs, plan.metric, grid.out, _title(grid), grid.correction, _nme_norms(plan.dataset))
     return outcome
+
+
+def _nme_norms(dataset: Dataset) -> dict[str, float] | None:
+    """The dataset's NME normaliser per sample id (in crop coordinates), when it has one."""
+    if "nme_norm" not in dataset.label_columns:
+        return None
+    return {i: float("nan") if v is None else float(v) for i, v in zip(dataset.ids, dataset.column("nme_norm"))}
 
 
 def _as_run(point: Point) -> Run:

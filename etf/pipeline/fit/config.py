@@ -97,6 +97,7 @@ class FitConfig:
     train_fraction: float = 1.0
     shots: int | None = None
     val_fraction: float = 0.1
+    test_split: str | None = None
     max_memory: int | None = None
     device: str = "auto"
     progress: bool | None = None

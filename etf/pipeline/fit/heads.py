@@ -295,12 +295,8 @@ class Landmarks(Regress):
         keep = m.all(axis=1)
         pts_true = y[keep].reshape(int(keep.sum()), -1, 2)
         pts_pred = pred[keep].reshape(pts_true.shape)
-        if "nme_norm" in extra:
-            norm = extra["nme_norm"][keep]
-        else:
-            span = pts_true.max(axis=1) - pts_true.min(axis=1)
-            norm = np.sqrt(span[:, 0] * span[:, 1])
-        per_sample = metrics.nme(pts_true, pts_pred, np.maximum(norm, 1e-8))
+        norm = metrics.landmark_norm(pts_true, extra["nme_norm"][keep] if "nme_norm" in extra else None)
+        per_sample = metrics.nme(pts_true, pts_pred, norm)
         return {**metrics.landmark_metrics(per_sample), "mae": float(np.abs(pts_true - pts_pred).mean())}
 
 
