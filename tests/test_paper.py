@@ -3,21 +3,25 @@ spatial heads, Wing loss, a model soup, and the report's two inference modes."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
 from torch import nn
 
-from etf.cache.features import Group
+from etf.cache.features import Group, PriorSet
 from etf.cache.tokens import TokenLayout, select_tokens
+from etf.cli import main
 from etf.errors import EtfError
 from etf.pipeline.fit.fusers import FuserConfig, create_fuser
 from etf.pipeline.fit.heads import LandmarkHead, Landmarks, wing_loss
 from etf.pipeline.fit.train import FusionModel
-from tests.conftest import IMG, TINY_CNN, TINY_VIT
+from tests.conftest import IMG, TINY_CNN, TINY_VIT, make_folder
 from tests.synthetic import import_prior, make_csv_dataset, standard_splits
 from tests.test_fit import _fit
 
@@ -207,3 +211,64 @@ def test_spatial_head_finds_where_a_landmark_lights_up(tmp_path):
         nme[head] = m["test"]["lm"]["nme"]
     print(f"NME on the test split: spatial head {nme['spatial']:.3f}, pooled head {nme['pooled']:.3f}")
     assert nme["spatial"] < 0.5 * nme["pooled"]
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+@pytest.fixture(scope="module")
+def imported_run(tmp_path_factory):
+    """A tiny ViT extracted from images and a second prior imported as tokens; the authors'
+    ET-Fuser fitted over both."""
+    tmp = tmp_path_factory.mktemp("canonical")
+    root = make_folder(tmp / "faces", train=6)
+    args = ["--data", f"folder:{root}", "--cache", str(tmp / "cache")]
+    r = CliRunner()
+    res = r.invoke(
+        main,
+        ["extract", *args, "--encoder", TINY_VIT, "--no-pretrained", "--img-size", str(IMG), "--workers", "0"],
+    )
+    assert res.exit_code == 0, res.output
+    from etf.data import load_dataset
+
+    dataset = load_dataset(f"folder:{root}")
+    rng = np.random.default_rng(0)
+    import_prior(tmp / "cache", dataset, "B", rng.normal(size=(len(dataset), 5, 24)).astype(np.float32), tmp)
+    res = r.invoke(
+        main, ["fit", *args, "--encoders", f"{TINY_VIT},B", "--out", str(tmp / "run"), "--epochs", "2", "--no-progress"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "canonical prior alone:" in res.output and f"etfuser over {TINY_VIT}, B" in res.output
+    return tmp, root, dataset
+
+
+def test_predict_infer_canonical_runs_only_the_canonical_encoder(imported_run):
+    from etf.pipeline.fit.predict import load_model
+
+    tmp, root, dataset = imported_run
+    rows = [r for r in csv.DictReader(open(tmp / "run" / "predictions.csv")) if r["split"] == "test:canonical"]
+    images = [str(root / r["id"]) for r in rows]
+    run = ["predict", "--run", str(tmp / "run"), *images, "--device", "cpu"]
+    refused = CliRunner().invoke(main, run)
+    assert (
+        refused.exit_code == 1 and "prior 'B' was imported" in refused.output and "--infer canonical" in refused.output
+    )
+    out = CliRunner().invoke(main, [*run, "--infer", "canonical", "--json", str(tmp / "p.json")])
+    assert out.exit_code == 0, out.output
+    got = json.loads((tmp / "p.json").read_text())
+    config, _, _, model = load_model(tmp / "run")
+    assert [g["label"] for g in got] == [config["tasks"][0]["classes"][int(r["label:pred:label"])] for r in rows]
+    priors = PriorSet(tmp / "cache", dataset, config["encoders"])
+    index = np.array([dataset.ids.index(r["id"]) for r in rows])
+    rows_sorted = np.sort(index)
+    at = torch.from_numpy(np.searchsorted(rows_sorted, index))
+    tokens = [t[at] for t in priors.load(rows_sorted)]
+    priors.close()
+    with torch.no_grad():
+        probs = model([t.float() for t in tokens], "canonical")["label"].softmax(-1).max(-1).values
+    assert [g["label_confidence"] for g in got] == pytest.approx(probs.tolist(), abs=2e-3)
+    metrics = json.loads((tmp / "run" / "metrics.json").read_text())
+    stores = json.loads((tmp / "run" / "stores.json").read_text())
+    assert "test:canonical" in metrics and metrics["priors"] == [TINY_VIT, "B"]
+    assert metrics["canonical_encoder_flops"] == stores[0]["info"]["flops_per_image"] > 0
+    assert 0 < metrics["fuser_flops_canonical"] < metrics["fuser_flops"]
