@@ -272,3 +272,65 @@ def test_predict_infer_canonical_runs_only_the_canonical_encoder(imported_run):
     assert "test:canonical" in metrics and metrics["priors"] == [TINY_VIT, "B"]
     assert metrics["canonical_encoder_flops"] == stores[0]["info"]["flops_per_image"] > 0
     assert 0 < metrics["fuser_flops_canonical"] < metrics["fuser_flops"]
+
+
+# ---------------------------------------------------------------------------- soup
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    import timm
+
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = timm.create_model(TINY_CNN, num_classes=0)
+        model(torch.randn(2, 3, IMG, IMG))  # train-mode BatchNorm statistics, so they differ
+        paths.append(tmp_path / f"task{seed}.pth")
+        torch.save(model.state_dict(), paths[-1])
+    return paths
+
+
+def test_soup_is_the_uniform_average_and_records_every_source(checkpoints, folder_dataset, tmp_path):
+    from etf.pipeline.extract.encoders import create_encoder
+
+    souped = create_encoder(TINY_CNN, weights=checkpoints, img_size=IMG)
+    a, b = (torch.load(p, weights_only=True) for p in checkpoints)
+    for k, v in souped.model.state_dict().items():
+        expected = (a[k] + b[k]) / 2 if v.is_floating_point() else a[k]  # num_batches_tracked: the first's
+        torch.testing.assert_close(v, expected.to(v.dtype), rtol=0, atol=1e-6)
+    singles = [create_encoder(TINY_CNN, weights=p, img_size=IMG).weights_sha256 for p in checkpoints]
+    assert (
+        souped.spec()["soup"] == [{"file": p.name, "weights_sha256": h} for p, h in zip(checkpoints, singles)]
+        and souped.weights_sha256 not in singles
+    )
+    assert "soup" not in create_encoder(TINY_CNN, weights=checkpoints[0], img_size=IMG).spec()  # hashes unchanged
+
+    base = ["extract", "--data", f"folder:{folder_dataset}", "--cache", str(tmp_path / "c"), "--encoder", TINY_CNN]
+    weights = [w for p in checkpoints for w in ("--weights", str(p))]
+    args = [*base, *weights, "--img-size", str(IMG), "--workers", "0"]
+    twice = CliRunner().invoke(main, args)
+    assert twice.exit_code == 2 and "--soup to average them" in twice.output
+    res = CliRunner().invoke(main, [*args, "--soup"])
+    assert res.exit_code == 0, res.output
+    assert "soup source task1.pth" in res.output
+    [store] = (tmp_path / "c").glob("*/resnet18-*.zarr")
+    from etf.cache.store import TokenStore
+
+    with TokenStore.open(store) as s:
+        assert s.spec["soup"] == souped.spec()["soup"] and s.spec["weights_sha256"] == souped.weights_sha256
+
+
+def test_soup_of_checkpoints_that_differ_is_refused(checkpoints, tmp_path):
+    from etf.pipeline.extract.encoders import create_encoder
+
+    state = torch.load(checkpoints[1], weights_only=True)
+    key = "layer1.0.conv1.weight"
+    for name, change in (("fewer", lambda s: s.pop(key)), ("wider", lambda s: s.update({key: torch.zeros(2, 2)}))):
+        other = dict(state)
+        change(other)
+        torch.save(other, tmp_path / f"{name}.pth")
+        with pytest.raises(
+            EtfError, match="--soup: .*" + ("hold different tensors" if name == "fewer" else "is \\(64")
+        ):
+            create_encoder(TINY_CNN, weights=[checkpoints[0], tmp_path / f"{name}.pth"], img_size=IMG)
