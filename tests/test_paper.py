@@ -22,7 +22,7 @@ from etf.pipeline.fit.fusers import FuserConfig, create_fuser
 from etf.pipeline.fit.heads import LandmarkHead, Landmarks, wing_loss
 from etf.pipeline.fit.train import FusionModel
 from tests.conftest import IMG, TINY_CNN, TINY_VIT, make_folder
-from tests.synthetic import import_prior, make_csv_dataset, standard_splits
+from tests.synthetic import import_prior, make_csv_dataset, standard_splits, xor_cache
 from tests.test_fit import _fit
 
 LM = Landmarks("lm", ["lm0_x", "lm0_y"])
@@ -334,3 +334,39 @@ def test_soup_of_checkpoints_that_differ_is_refused(checkpoints, tmp_path):
             EtfError, match="--soup: .*" + ("hold different tensors" if name == "fewer" else "is \\(64")
         ):
             create_encoder(TINY_CNN, weights=[checkpoints[0], tmp_path / f"{name}.pth"], img_size=IMG)
+
+
+# ---------------------------------------------------------------------------- ablate
+
+
+def test_grid_compares_the_formulations_and_both_inference_modes(tmp_path):
+    from etf.pipeline.ablate.grid import Grid, plan_grid, run_grid
+
+    _, spec, cache = xor_cache(tmp_path, n=80)
+    settings = {
+        "data": spec,
+        "cache": cache,
+        "out": tmp_path / "grid",
+        "encoders": "A,B",
+        "subsets": "k=2",
+        "tasks": ["classify:label"],
+        "fusers": "etfuser,concat",
+        "prior_tokens": "pooled,all",
+        "seeds": "0",
+        "epochs": 2,
+        "batch_size": 16,
+        "dim": 16,
+        "heads": 2,
+        "metric_infer": "canonical",
+    }
+    plan = plan_grid(Grid.from_settings(settings))
+    # the two ET-Fuser formulations, concat once (it reads neither), the linear baseline
+    labels = sorted((p.labels["fuser"], str(p.labels["prior_tokens"])) for p in plan.points)
+    assert labels == [("concat", "None"), ("etfuser", "all"), ("etfuser", "pooled"), ("linear", "None")]
+    run_grid(plan)
+    text = (tmp_path / "grid" / "report.md").read_text()
+    assert "test label accuracy, canonical prior alone" in text and "## Inference modes" in text
+    rows = {r["configuration"]: r for r in csv.DictReader(open(tmp_path / "grid" / "results.csv"))}
+    pooled = rows["A+B etfuser prior_tokens=pooled"]
+    assert float(pooled["mean"]) == pytest.approx(float(pooled["mean_all"]) + float(pooled["canonical_minus_all"]))
+    assert float(rows["A linear prior_tokens=None"]["canonical_minus_all"]) == 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,29 @@ FIXED_LABELS = ("subset", "priors", "fuser")
 
 @dataclass(frozen=True)
 class Metric:
-    """What the report compares: metric ``name`` of task ``task`` on ``split``."""
+    """What the report compares: metric ``name`` of task ``task`` on ``split``, evaluated
+    with every prior (``infer="all"``) or the canonical prior alone (``"canonical"``)."""
 
     task: str
     kind: str
     name: str
     split: str
     higher_is_better: bool
+    infer: str = "all"
+
+    @property
+    def key(self) -> str:
+        """The split's name in metrics.json and predictions.csv for this inference mode."""
+        return self.split if self.infer == "all" else f"{self.split}:{self.infer}"
+
+    def other(self) -> Metric:
+        """The same metric in the other inference mode."""
+        return replace(self, infer="canonical" if self.infer == "all" else "all")
 
     @property
     def title(self) -> str:
-        return f"{self.split} {self.task} {self.name}"
+        mode = "" if self.infer == "all" else ", canonical prior alone"
+        return f"{self.split} {self.task} {self.name}{mode}"
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,8 @@ class Run:
 @dataclass
 class _Result:
     value: float
+    #: the metric in the other inference mode (all priors / the canonical prior alone)
+    other: float
     shares: dict[str, float] | None
     # per sample id of the split: 1/0 correct (classify), else mean absolute error; for verify,
     # per fold of the pair protocol: its accuracy
@@ -62,23 +76,24 @@ class _Result:
 
 def _load(run: Run, metric: Metric) -> _Result:
     metrics = read_json(run.path / "metrics.json")
-    task = metrics.get(metric.split, {}).get(metric.task, {})
+    task = metrics.get(metric.key, {}).get(metric.task, {})
     value = task.get(metric.name, math.nan)
+    other = float(metrics.get(metric.other().key, {}).get(metric.task, {}).get(metric.name, math.nan))
     if metric.kind == "verify":  # embeddings are not predictions: pair the protocol's folds
         folds = {f"fold{k}": float(v) for k, v in enumerate(task.get("fold_accuracy", []))}
-        return _Result(float(value), metrics.get("attention_share"), folds)
+        return _Result(float(value), other, metrics.get("attention_share"), folds)
     scores = {}
     with open(run.path / "predictions.csv", newline="") as f:
         reader = csv.DictReader(f)
         true = [c for c in reader.fieldnames or [] if c.startswith(f"{metric.task}:true:")]
         for row in reader:
-            if row["split"] != metric.split:
+            if row["split"] != metric.key:
                 continue
             pairs = [(float(row[c]), float(row[c.replace(":true:", ":pred:", 1)])) for c in true if row[c] != ""]
             if pairs:
                 y, p = np.array(pairs).T
                 scores[row["id"]] = float(np.all(y == p)) if metric.kind == "classify" else float(np.abs(y - p).mean())
-    return _Result(float(value), metrics.get("attention_share"), scores)
+    return _Result(float(value), other, metrics.get("attention_share"), scores)
 
 
 def _prediction_test(pairs: list[tuple[_Result, _Result]], metric: Metric) -> tuple[str, float]:
@@ -150,6 +165,10 @@ def configurations(runs: list[Run], metric: Metric) -> tuple[list[dict[str, Any]
             row["baseline_mean"], row["delta"] = float(b.mean()), float((a - b).mean())
             row["p_ttest"], row["p_wilcoxon"] = paired_seed_tests(a, b)
             row["test"], row["p_predictions"] = _prediction_test(pairs, metric)
+        other = [d.other for d in done]
+        row[f"mean_{metric.other().infer}"] = float(np.mean(other)) if other else math.nan
+        sign = 1 if metric.infer == "canonical" else -1
+        row["canonical_minus_all"] = float(np.mean([sign * (d.value - d.other) for d in done])) if done else math.nan
         for p in priors:
             shares = [d.shares[p] for d in done if d.shares and p in d.shares]
             row[f"share_{p}"] = float(np.mean(shares)) if shares else math.nan
@@ -256,6 +275,7 @@ def _markdown(
         )
     for caption, file in plots:
         lines += ["", f"![{caption}]({file})"]
+    lines += _modes_table(rows, metric)
     failed = [r for r in runs if r.status == "failed"]
     if failed:
         lines += ["", "## Failed runs (retried by the next `etf ablate` call)", ""]
@@ -264,6 +284,29 @@ def _markdown(
             for r in failed
         ]
     return "\n".join(lines) + "\n"
+
+
+def _modes_table(rows: list[dict[str, Any]], metric: Metric) -> list[str]:
+    """Every configuration with every prior and with the canonical prior alone (the others
+    absent at test time: ET-Fuser's one-backbone inference), from the same runs."""
+    other = metric.other()
+    by_mode = {metric.infer: "mean", other.infer: f"mean_{other.infer}"}
+    lines = [
+        "",
+        "## Inference modes",
+        "",
+        f"The same runs' {metric.split} {metric.task} {metric.name} with every prior and with the canonical prior "
+        "alone (the other priors absent); Δ = canonical − all, mean over seeds.",
+        "",
+        "| configuration | all | canonical | Δ |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['configuration']} | {_num(r[by_mode['all']])} | {_num(r[by_mode['canonical']])} | "
+            f"{_num(r['canonical_minus_all'], '+.4f')} |"
+        )
+    return lines
 
 
 # ---------------------------------------------------------------------------- plots
