@@ -274,6 +274,20 @@ def test_predict_infer_canonical_runs_only_the_canonical_encoder(imported_run):
     assert 0 < metrics["fuser_flops_canonical"] < metrics["fuser_flops"]
 
 
+def test_a_run_whose_weights_are_another_model_is_one_line(imported_run, tmp_path):
+    import shutil
+
+    tmp, root, _ = imported_run
+    shutil.copytree(tmp / "run", tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["fuser_config"]["prior_tokens"] = "all"  # as a run of the token-level model would say
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    out = CliRunner().invoke(
+        main, ["predict", "--run", str(tmp_path / "run"), "--infer", "canonical", str(next(root.rglob("*.png")))]
+    )
+    assert out.exit_code == 1 and "model.safetensors does not hold the model config.json describes" in out.output
+
+
 # ---------------------------------------------------------------------------- soup
 
 

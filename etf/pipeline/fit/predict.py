@@ -59,7 +59,13 @@ def load_model(run: Path) -> tuple[dict[str, Any], list[Task], list[Group], Fusi
     tasks = [Task.from_state(s) for s in config["tasks"]]
     groups = [Group.from_json(g) for g in config["groups"]]
     model = build_model(config["fuser"], groups, tasks, FuserConfig(**config["fuser_config"]), config["seed"])
-    model.load_state_dict(load_file(str(Path(run) / "model.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(Path(run) / "model.safetensors")))
+    except RuntimeError:  # a run of an etf whose model had other parts (before the authors' ET-Fuser)
+        raise EtfError(
+            f"--run {run}: model.safetensors does not hold the model config.json describes "
+            f"(fitted by etf {config.get('etf_version', '?')} with another model layout?); fit it again"
+        ) from None
     return config, tasks, groups, model.eval()
 
 
