@@ -181,6 +181,27 @@ def test_spatial_heads_read_the_canonical_grid(model, tokens, size, layout):
     assert not isinstance(pooled.heads["lm"], LandmarkHead) and pooled.fuser.grid is None
 
 
+@pytest.mark.parametrize("fuser", ["mean", "concat", "etfuser+qface", "qface", "fra"])
+def test_every_fuser_gives_the_landmark_head_the_canonical_map(fuser):
+    """A 2x2 ViT grid (canonical) and a 3x3 CNN map: mean and concat resample B's map to
+    A's grid; the vector fusers add their representation over A's map, starting at linear's."""
+    from etf.pipeline.fit.heads import Classify
+
+    groups = [Group(0, "A", 1, TokenLayout(1, (2, 2)), 16), Group(1, "B", 1, TokenLayout(0, (3, 3)), 24)]
+    tasks = [LM, Classify("label", ["label"], ["a", "b"])]
+    tokens = [torch.randn(3, 5, 16), torch.randn(3, 9, 24)]
+    torch.manual_seed(0)
+    model = FusionModel(create_fuser(fuser, groups, tasks, FuserConfig(dim=32)), tasks).eval()
+    linear = create_fuser("linear", groups, tasks, FuserConfig()).eval()
+    assert isinstance(model.heads["lm"], LandmarkHead)
+    with torch.no_grad():
+        reps = model.fuser(tokens)
+        assert reps["lm"].shape == (3, model.fuser.map_dim, 2, 2) and reps["label"].dim() == 2
+        assert model.fuser.map_dim == {"mean": 32, "concat": 16 + 24}.get(fuser, 16)
+        if fuser not in ("mean", "concat"):
+            torch.testing.assert_close(reps["lm"], linear(tokens)["lm"])
+
+
 def test_landmark_head_downsamples_like_the_authors_on_large_maps():
     head = LandmarkHead(16, (7, 7), 10)  # their 7x7 MobileOne map: 7 -> 4 -> 2
     assert head.linear.in_features == 128 * 2 * 2 and head(torch.randn(2, 16, 7, 7)).shape == (2, 10)

@@ -117,10 +117,10 @@ class Fuser(nn.Module):
                 f"--head spatial: the canonical prior {canon.name}'s tokens have no patch grid (stored or read as cls); "
                 "extract or read them with --tokens all, patch or pool:G, or use --head pooled"
             )
-        self.spatial = cfg.head != "pooled" and canon.layout.grid is not None
-        #: the canonical grid that spatial heads read, and the tasks whose heads read it
-        self.grid: tuple[int, int] | None = tuple(canon.layout.grid) if self.spatial else None
-        self.map_tasks = [t.name for t in tasks if self.spatial and getattr(t, "spatial", False)]
+        spatial = cfg.head != "pooled" and canon.layout.grid is not None
+        #: the canonical grid that spatial heads read (None: pooled heads), and the tasks whose heads read it
+        self.grid: tuple[int, int] | None = tuple(canon.layout.grid) if spatial else None
+        self.map_tasks = [t.name for t in tasks if spatial and t.spatial]
         if self.map_tasks and not self.makes_maps:
             self.map_in = GroupInput(canon, self.grid)
             self.to_map = nn.Linear(self.out_dim, canon.dim)
