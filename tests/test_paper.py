@@ -226,7 +226,7 @@ def test_spatial_head_finds_where_a_landmark_lights_up(tmp_path):
     nme = {}
     for head in ("spatial", "pooled"):
         m = _fit(
-            dataset, tmp_path / "cache", tmp_path / head, ["G"], tasks=["landmarks:lm"], epochs=15,
+            dataset, tmp_path / "cache", tmp_path / head, ["G"], tasks=["landmarks:lm"], epochs=10,
             fuser_config=FuserConfig(head=head),
         )  # fmt: skip
         nme[head] = m["test"]["lm"]["nme"]

@@ -149,7 +149,7 @@ class ETFuser(Fuser):
         the canonical group's outputs through ``out``; token-level, the ensemble token's."""
         if not self.pooled:
             return self.out(seq[:, 0])
-        at = 1 + (which or list(range(len(self.groups)))).index(self.canonical)
+        at = 1 + (self.canonical if which is None else which.index(self.canonical))
         return self.out(seq[:, [0, at]]).mean(dim=1)
 
     def join(self, base: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -164,7 +164,9 @@ class ETFuser(Fuser):
             out, _ = self.encode(tokens, hidden=hidden)
             self.aux_loss = self.aux_weight * self.recon.loss(out[:, 1:], tokens, hidden)
 
-    def fuse_groups(self, tokens: list[torch.Tensor], which: list[int] | None):
+    def fuse_groups(
+        self, tokens: list[torch.Tensor], which: list[int] | None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
         """The representation from the sequence over the groups ``which`` (default: all)."""
         seq, _ = self.encode(tokens, which)
         return self.join(self.canonical_in(tokens[self.canonical]), self.ensemble_output(seq, which))
