@@ -347,7 +347,7 @@ def test_the_fused_pair_is_found_better_and_a_noise_prior_is_not(tmp_path):
             "tasks": ["classify:label"],
             "fusers": "etfuser",
             "seeds": "0,1,2",
-            "epochs": 10,
+            "epochs": 25,
             "batch_size": 64,
             "lr": 6e-3,
             "dim": 32,

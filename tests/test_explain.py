@@ -10,18 +10,14 @@ from click.testing import CliRunner
 from PIL import Image
 
 from etf.cli import main
-from tests.conftest import IMG, TINY_CNN, TINY_VIT, make_image
+from tests.conftest import IMG, TINY_CNN, TINY_VIT, make_folder
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two layers of a tiny ViT and a tiny CNN, extracted from images; two fusers fitted."""
     tmp = tmp_path_factory.mktemp("explain")
-    root = tmp / "faces"
-    for k, (split, n) in enumerate((("train", 8), ("val", 3), ("test", 3))):
-        for cls in ("a", "b"):
-            for i in range(n):
-                make_image(root / split / cls / f"{i}.png", seed=100 * k + 10 * (cls == "b") + i)
+    root = make_folder(tmp / "faces", train=8)
     args = ["--data", f"folder:{root}", "--cache", str(tmp / "cache")]
     r = CliRunner()
     res = r.invoke(

@@ -13,7 +13,8 @@ from etf.pipeline.fit.fusers import FuserConfig
 from etf.pipeline.fit.train import FitConfig, fit
 from tests.synthetic import import_prior, make_csv_dataset, planted_tokens, standard_splits, xor_cache
 
-SMALL = FuserConfig(dim=64, depth=2, heads=4)
+#: the token-level model this project first built (every token, gated; heads read the class token)
+SMALL = FuserConfig(dim=64, depth=2, heads=4, prior_tokens="all", head="pooled")
 
 
 def _fit(dataset, cache, out, encoders, fuser="etfuser", epochs=40, **kw):
@@ -45,11 +46,17 @@ def test_ensemble_token_combines_information_split_across_priors(xor, tmp_path):
     only_a = _fit(dataset, cache, tmp_path / "a", ["A"])
     only_b = _fit(dataset, cache, tmp_path / "b", ["B"])
     linear = _fit(dataset, cache, tmp_path / "lin", ["A", "B"], fuser="linear")
-    assert acc(both) > 0.9
+    paper = _fit(dataset, cache, tmp_path / "paper", ["A", "B"], fuser_config=FuserConfig(heads=4))
+    assert acc(both) > 0.9 and acc(paper) > 0.9  # the token-level model and the authors' (pooled tokens, added)
     for single in (only_a, only_b, linear):
         assert acc(single) < 0.65
+    for fused in (both, paper):  # with prior B absent at test time (canonical inference) no model can do XOR
+        assert fused["test:canonical"]["label"]["accuracy"] < 0.65
+        assert 0 < fused["fuser_flops_canonical"] < fused["fuser_flops"]
     assert both["fuser_params"] > linear["fuser_params"] > 0
     assert both["fuser_flops"] > 0
+    assert linear["priors"] == ["A"] and both["priors"] == ["A", "B"]
+    assert linear["test:canonical"] == linear["test"]  # it reads the canonical prior only
 
 
 def test_same_seed_same_run_bit_for_bit(xor, tmp_path):
@@ -399,5 +406,5 @@ def test_fit_without_a_test_split_refuses_in_one_line_and_names_a_declared_one(t
     assert metrics["held_out"] == {"test_holdout": "25% of train by sample, seed 0"}
     assert metrics["splits"]["test_holdout"] == 8  # a quarter of the 30 training samples
     with open(tmp_path / "r1" / "predictions.csv", newline="") as f:
-        assert {r["split"] for r in csv.DictReader(f)} == {"val", "test_holdout"}
+        assert {r["split"] for r in csv.DictReader(f)} == {"val", "test_holdout", "test_holdout:canonical"}
     assert "test_holdout" in result.output and "held out test_holdout: 25% of train by sample, seed 0" in result.output

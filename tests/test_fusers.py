@@ -85,7 +85,8 @@ def _tokens(b: int = 6) -> list[torch.Tensor]:
 @pytest.mark.parametrize("fuser,aux", [("etfuser", "recon:0.5"), ("etfuser+qface", "recon:1"), ("fra", "sinkhorn:0.1")])
 def test_auxiliary_loss_only_in_training_and_it_reaches_the_fuser(fuser, aux):
     torch.manual_seed(0)
-    f = create_fuser(fuser, GROUPS, [Classify("label", ["label"], ["a", "b"])], FuserConfig(dim=32, heads=4, aux=aux))
+    cfg = FuserConfig(dim=32, heads=4, aux=aux, prior_tokens="all" if aux.startswith("recon") else None)
+    f = create_fuser(fuser, GROUPS, [Classify("label", ["label"], ["a", "b"])], cfg)
     tokens = _tokens()
     tokens[1][:2] = 0  # prior B missing for two samples: never a reconstruction target
     f.train()
@@ -200,12 +201,14 @@ def test_qface_queries_move_to_the_stage_that_holds_their_task(tmp_path):
     assert after["t1"][0] > 0.75 and after["t2"][1] > 0.75, after
 
 
-@pytest.mark.parametrize("fuser", ["etfuser", "etfuser+qface", "qface", "fra"])
+@pytest.mark.parametrize("fuser", ["etfuser", "etfuser:pooled", "etfuser+qface", "qface", "fra"])
 def test_weight_decay_spares_tokens_embeddings_gates_norms_and_biases(fuser):
     from etf.pipeline.fit.train import _optimizer
 
     tasks = [Classify("label", ["label"], ["a", "b"])]
-    cfg = FuserConfig(dim=32, depth=1, heads=2, aux="recon:0.5" if "etfuser" in fuser else "none")
+    fuser, _, tokens = fuser.partition(":")  # etfuser: the token-level model with recon; :pooled the authors'
+    recon = "etfuser" in fuser and not tokens
+    cfg = FuserConfig(dim=32, depth=1, heads=2, aux="recon:0.5" if recon else "none", prior_tokens=tokens or "all")
     model = build_model(fuser, GROUPS, tasks, cfg, seed=0)
     decay, no_decay = _optimizer(model, 1e-3, 0.05).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
@@ -214,7 +217,7 @@ def test_weight_decay_spares_tokens_embeddings_gates_norms_and_biases(fuser):
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert spared | decayed == set(names.values()) and not spared & decayed
     learned = {
-        "etfuser": ["ensemble", "gate", "embed", "placeholder"],
+        "etfuser": ["ensemble", "gate", "embed", "placeholder"] if recon else ["ensemble"],
         "etfuser+qface": ["ensemble", "queries", "embed"],
         "qface": ["queries", "embed"],
         "fra": ["masks", "embed"],
@@ -233,7 +236,11 @@ def _token_level(**kw):
     from etf.pipeline.fit.fusers.etfuser import ETFuser
 
     torch.manual_seed(0)
-    return ETFuser(GROUPS, [Classify("label", ["label"], ["a", "b"])], FuserConfig(dim=32, depth=2, heads=4, **kw))
+    return ETFuser(
+        GROUPS,
+        [Classify("label", ["label"], ["a", "b"])],
+        FuserConfig(dim=32, depth=2, heads=4, prior_tokens="all", fuse="gate", **kw),
+    )
 
 
 @pytest.mark.parametrize("attn", ["intra", "full"])
@@ -303,4 +310,4 @@ def test_plain_etfuser_starts_exactly_at_the_linear_probe():
     with torch.no_grad():
         torch.testing.assert_close(etf.fuser(tokens)["label"], linear.fuser(tokens)["label"], rtol=0, atol=0)
         torch.testing.assert_close(etf(tokens)["label"], linear(tokens)["label"], rtol=0, atol=0)
-        assert etf.fuser.ensemble_token(tokens).abs().sum() > 0  # the ensemble token is there, gated off
+        assert etf.fuser.ensemble_output(etf.fuser.encode(tokens)[0]).abs().sum() > 0  # the ensemble token is there, gated off

@@ -54,7 +54,7 @@ def _fit(dataset, cache, out, encoders=("A", "B"), fuser="etfuser", epochs=20, t
         epochs=epochs,
         batch_size=64,
         lr=3e-3,
-        fuser_config=FuserConfig(dim=64, depth=2, heads=4),
+        fuser_config=FuserConfig(dim=64, depth=2, heads=4, prior_tokens="all", head="pooled"),  # token-level
         progress=False,
         tasks=list(tasks),
         **kw,
@@ -323,6 +323,8 @@ def test_ablate_compares_verify_runs_by_their_fold_accuracies(ids, tmp_path):
             "dim": 64,
             "depth": 2,
             "heads": 4,
+            "prior_tokens": "all",  # the token-level model, its heads on the class token
+            "head": "pooled",
         }
     )
     plan = plan_grid(grid)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +31,28 @@ RESAMPLES = 2000
 
 @dataclass(frozen=True)
 class Metric:
-    """What the report compares: metric ``name`` of task ``task`` on each of ``splits``
-    (the first is the plots')."""
+    """What the report compares: metric ``name`` of task ``task`` on each of ``splits`` (the
+    first is the plots'), evaluated with every prior (``infer="all"``) or the canonical prior
+    alone (``"canonical"``)."""
 
     task: str
     kind: str
     name: str
     splits: tuple[str, ...]
     higher_is_better: bool
+    infer: str = "all"
+
+    def key(self, split: str) -> str:
+        """The split's name in metrics.json and predictions.csv for this inference mode."""
+        return split if self.infer == "all" else f"{split}:{self.infer}"
+
+    def other(self) -> Metric:
+        """The same metric in the other inference mode."""
+        return replace(self, infer="canonical" if self.infer == "all" else "all")
 
     def title(self, split: str) -> str:
-        return f"{split} {self.task} {self.name}"
+        mode = "" if self.infer == "all" else ", canonical prior alone"
+        return f"{split} {self.task} {self.name}{mode}"
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -68,16 +79,20 @@ class Run:
 @dataclass
 class _Result:
     values: dict[str, float]  # the metric per test split, as metrics.json has it
+    others: dict[str, float]  # the same in the other inference mode
     shares: dict[str, float] | None
     terms: dict[str, Terms]  # per test split: per test sample (verify: per fold of the pair protocol)
 
 
 def _load(run: Run, metric: Metric, norms: dict[str, float] | None) -> _Result:
     metrics = read_json(run.path / "metrics.json")
-    tasks = {s: metrics.get(s, {}).get(metric.task, {}) for s in metric.splits}
-    values = {
-        s: math.nan if t.get(metric.name) is None else float(t[metric.name]) for s, t in tasks.items()
-    }  # null: NaN
+
+    def value(task: dict[str, Any]) -> float:
+        return math.nan if task.get(metric.name) is None else float(task[metric.name])  # null: NaN
+
+    tasks = {s: metrics.get(metric.key(s), {}).get(metric.task, {}) for s in metric.splits}
+    values = {s: value(t) for s, t in tasks.items()}
+    others = {s: value(metrics.get(metric.other().key(s), {}).get(metric.task, {})) for s in metric.splits}
     if metric.kind == "verify":  # embeddings are not predictions: the protocol's folds are the units
         terms = {
             s: mean_terms([f"fold{k}" for k in range(len(t["fold_accuracy"]))], np.array(t["fold_accuracy"], float))
@@ -86,12 +101,12 @@ def _load(run: Run, metric: Metric, norms: dict[str, float] | None) -> _Result:
         }
     else:
         terms = _prediction_terms(run.path / "predictions.csv", metric, norms)
-    return _Result(values, metrics.get("attention_share"), terms)
+    return _Result(values, others, metrics.get("attention_share"), terms)
 
 
 def _prediction_terms(path: Path, metric: Metric, norms: dict[str, float] | None) -> dict[str, Terms]:
     """Per test split, the metric's per-sample terms from a run's predictions.csv."""
-    rows: dict[str, list[tuple[str, list[str], list[str]]]] = {s: [] for s in metric.splits}
+    rows: dict[str, list[tuple[str, list[str], list[str]]]] = {metric.key(s): [] for s in metric.splits}
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         true = [c for c in reader.fieldnames or [] if c.startswith(f"{metric.task}:true:")]
@@ -100,7 +115,8 @@ def _prediction_terms(path: Path, metric: Metric, norms: dict[str, float] | None
             if row["split"] in rows:
                 rows[row["split"]].append((row["id"], [row[c] for c in true], [row[c] for c in pred]))
     out = {}
-    for split, entries in rows.items():
+    for split in metric.splits:
+        entries = rows[metric.key(split)]
         if not entries:
             continue
         ids = [i for i, _, _ in entries]
@@ -195,6 +211,12 @@ def configurations(
             }
             if is_baseline:
                 row["note"] = row["seed_note"] = ""
+            other = [d.others[split] for d in done]
+            row[f"mean_{metric.other().infer}"] = float(np.mean(other)) if other else math.nan
+            sign = 1 if metric.infer == "canonical" else -1
+            row["canonical_minus_all"] = (
+                float(np.mean([sign * (d.values[split] - d.others[split]) for d in done])) if done else math.nan
+            )
             for p in priors:
                 shares = [d.shares[p] for d in done if d.shares and p in d.shares]
                 row[f"share_{p}"] = float(np.mean(shares)) if shares else math.nan
@@ -347,6 +369,7 @@ def _markdown(
             )
     for caption, file in plots:
         lines += ["", f"![{caption}]({file})"]
+    lines += _modes_table(rows, metric)
     failed = [r for r in runs if r.status == "failed"]
     if failed:
         lines += ["", "## Failed runs (retried by the next `etf ablate` call)", ""]
@@ -355,6 +378,29 @@ def _markdown(
             for r in failed
         ]
     return "\n".join(lines) + "\n"
+
+
+def _modes_table(rows: list[dict[str, Any]], metric: Metric) -> list[str]:
+    """Every configuration with every prior and with the canonical prior alone (the others
+    absent at test time: ET-Fuser's one-backbone inference), from the same runs."""
+    other = metric.other()
+    by_mode = {metric.infer: "mean", other.infer: f"mean_{other.infer}"}
+    lines = [
+        "",
+        "## Inference modes",
+        "",
+        f"The same runs' {metric.task} {metric.name} with every prior and with the canonical prior alone (the "
+        "other priors absent); Δ = canonical − all, mean over seeds.",
+        "",
+        "| split | configuration | all | canonical | Δ |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['split']} | {r['configuration']} | {_num(r[by_mode['all']])} | {_num(r[by_mode['canonical']])} | "
+            f"{_num(r['canonical_minus_all'], '+.4f')} |"
+        )
+    return lines
 
 
 # ---------------------------------------------------------------------------- plots

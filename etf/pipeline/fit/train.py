@@ -27,7 +27,7 @@ from etf.cache.features import Batches, PriorSet, default_memory_budget
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.extract.run import resolve_device
-from etf.pipeline.fit.config import FitConfig, FuserConfig, data_key
+from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key
 from etf.pipeline.fit.fusers import create_fuser
 from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
 from etf.pipeline.fit.heads import Classify, Task, parse_task, selection_metric, unique_names
@@ -36,15 +36,23 @@ from etf.utils import read_json, staged_dir, write_json_atomic
 
 
 class FusionModel(nn.Module):
-    """A fuser and one head per task."""
+    """A fuser and one head per task (a map head for the fuser's ``map_tasks``)."""
 
     def __init__(self, fuser: nn.Module, tasks: list[Task]) -> None:
         super().__init__()
         self.fuser = fuser
-        self.heads = nn.ModuleDict({t.name: t.make_head(fuser.out_dim) for t in tasks})
+        self.heads = nn.ModuleDict(
+            {
+                t.name: t.make_head(fuser.map_dim, fuser.grid)
+                if t.name in fuser.map_tasks
+                else t.make_head(fuser.out_dim)
+                for t in tasks
+            }
+        )
 
-    def forward(self, tokens: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        reps = self.fuser(tokens)
+    def forward(self, tokens: list[torch.Tensor], infer: str = "all") -> dict[str, torch.Tensor]:
+        """``infer``: ``all`` priors, or the ``canonical`` prior alone (the others absent)."""
+        reps = self.fuser(tokens, infer)
         return {name: head(reps[name]) for name, head in self.heads.items()}
 
 
@@ -269,9 +277,15 @@ def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.opti
 
 @torch.no_grad()
 def predict_rows(
-    models: list[FusionModel], tasks: list[Task], batches: Batches, rows: np.ndarray, device: torch.device
+    models: list[FusionModel],
+    tasks: list[Task],
+    batches: Batches,
+    rows: np.ndarray,
+    device: torch.device,
+    infer: str = "all",
 ) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
-    """Row order and, per model and task, decoded predictions for ``rows``: one read for all models."""
+    """Row order and, per model and task, decoded predictions for ``rows`` in inference mode
+    ``infer``: one read for all models."""
     for model in models:
         model.eval()
     order, preds = [], [{t.name: [] for t in tasks} for _ in models]
@@ -279,7 +293,7 @@ def predict_rows(
         tokens = [t.to(device) for t in tokens]
         order.append(idx)
         for model, p in zip(models, preds):
-            out = model(tokens)
+            out = model(tokens, infer)
             for t in tasks:
                 p[t.name].append(t.decode(out[t.name]))
     return np.concatenate(order), [{k: np.concatenate(v) for k, v in p.items()} for p in preds]
@@ -502,27 +516,33 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
         results = [{"val": m.best_val[0]} for m in members]
         predictions = [[("val", *m.best_val[1])] for m in members]
         for name, rows in splits.tests.items():
-            order, preds = predict_rows(models, tasks, batches, rows, device)
-            for k, p in enumerate(preds):
-                results[k][name] = evaluate(tasks, order, p, targets, extra)
-                predictions[k].append((name, order, p))
+            for infer in INFER_MODES:  # every prior, then the canonical prior alone
+                split = name if infer == "all" else f"{name}:{infer}"
+                order, preds = predict_rows(models, tasks, batches, rows, device, infer)
+                for k, p in enumerate(preds):
+                    results[k][split] = evaluate(tasks, order, p, targets, extra)
+                    predictions[k].append((split, order, p))
         test_rows = np.unique(np.concatenate(list(splits.tests.values()))) if splits.tests else splits.val
         shares = attention_shares(models, batches, test_rows, priors.names, device)
         sample = [t[:1].to(device) for t in next(batches.iterate(splits.val[:1], shuffle=False))[1]]
-        encoder_flops = sum(int(s["info"].get("flops_per_image") or 0) for s in priors.specs())
+        flops = [int(s["info"].get("flops_per_image") or 0) for s in priors.specs()]
         seconds = time.perf_counter() - t0
         out = []
         for member, result, prediction, share in zip(members, results, predictions, shares):
+            reads = member.model.fuser.reads
             cost = {
                 "fuser_params": count_parameters(member.model),
                 "fuser_flops": flops_per_sample(member.model, sample),
-                "encoder_flops": encoder_flops,
+                "fuser_flops_canonical": flops_per_sample(member.model, sample, "canonical"),
+                "encoder_flops": sum(flops[p] for p in reads),
+                "canonical_encoder_flops": flops[0],
             }
             metrics = {
                 **result,
                 "best_epoch": member.best_epoch,
                 "selected_by": f"val {tasks[0].name} {selection}",
                 **cost,
+                "priors": [priors.names[p] for p in reads],
                 "splits": splits.counts(),
                 **({"held_out": splits.held_out} if splits.held_out else {}),
                 "streamed": batches.streamed,
@@ -582,9 +602,10 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
                     row += [_fmt(y[i, j]) if m[i, j] else "" for j in range(len(t.columns))]
                     row += [_fmt(v) for v in preds[t.name][k][: len(t.pred_columns)]]
                 w.writerow(row)
-    evaluated = [ids[i] for _, order, _ in predictions for i in order]
+    every_prior = [p for p in predictions if not p[0].endswith(":canonical")]  # embeddings: all-prior only
+    evaluated = [ids[i] for _, order, _ in every_prior for i in order]
     for t in tasks:
-        t.save_outputs(out, evaluated, np.concatenate([preds[t.name] for _, _, preds in predictions]))
+        t.save_outputs(out, evaluated, np.concatenate([preds[t.name] for _, _, preds in every_prior]))
     summary = format_summary(cfg, tasks, metrics)
     (out / "summary.txt").write_text(summary + "\n")
     return summary
@@ -596,24 +617,31 @@ def _fmt(v: float) -> str:
 
 def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -> str:
     lines = [
-        f"run {cfg.out}: {cfg.fuser} over {', '.join(cfg.encoders)}; best epoch {metrics['best_epoch']}/{cfg.epochs} by {metrics['selected_by']}"
+        f"run {cfg.out}: {cfg.fuser} over {', '.join(metrics['priors'])}; best epoch {metrics['best_epoch']}/{cfg.epochs} by {metrics['selected_by']}"
         + (" (streamed from the stores)" if metrics["streamed"] else ""),
         "samples  " + "  ".join(f"{k} {v}" for k, v in metrics["splits"].items()),
         *(f"held out {k}: {v}" for k, v in metrics.get("held_out", {}).items()),
     ]
     if not any(s.startswith("test") for s in metrics["splits"]):
         lines.append("no test split (--test-split none): val picked the epoch and is not a test")
-    for split in [s for s in metrics if s == "val" or s.startswith("test")]:
+    splits = [s for s in metrics if s == "val" or s.startswith("test")]
+    width = max(8, *map(len, splits))
+    for split in splits:
         for t in tasks:
             ms = metrics[split].get(t.name)
             if ms:
-                lines.append(f"{split:<8} {t.name:<12} " + format_metrics(ms))
-    f, e = metrics["fuser_flops"], metrics["encoder_flops"]
-    share = f" ({100 * f / e:.2f}% of the encoders' {e / 1e9:.2f} GFLOPs)" if e else ""
-    lines.append(
-        f"cost     {metrics['fuser_params'] / 1e6:.3f} M trainable parameters, {f / 1e6:.2f} MFLOPs/sample{share}"
-    )
+                lines.append(f"{split:<{width}} {t.name:<12} " + format_metrics(ms))
+    lines.append(f"cost     {metrics['fuser_params'] / 1e6:.3f} M trainable parameters, " + _cost(metrics, ""))
+    lines.append(f"         canonical prior alone: {_cost(metrics, '_canonical')}")
     return "\n".join(lines)
+
+
+def _cost(metrics: dict[str, Any], mode: str) -> str:
+    """The fuser's MFLOPs/sample in one inference mode, against its encoders'."""
+    f = metrics[f"fuser_flops{mode}"]
+    e = metrics["canonical_encoder_flops" if mode else "encoder_flops"]
+    which = f"{metrics['priors'][0]}'s" if mode else "the encoders'"
+    return f"{f / 1e6:.2f} MFLOPs/sample" + (f" ({100 * f / e:.2f}% of {which} {e / 1e9:.2f} GFLOPs)" if e else "")
 
 
 def load_run(run: Path) -> dict[str, Any]:
