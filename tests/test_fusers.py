@@ -310,4 +310,6 @@ def test_plain_etfuser_starts_exactly_at_the_linear_probe():
     with torch.no_grad():
         torch.testing.assert_close(etf.fuser(tokens)["label"], linear.fuser(tokens)["label"], rtol=0, atol=0)
         torch.testing.assert_close(etf(tokens)["label"], linear(tokens)["label"], rtol=0, atol=0)
-        assert etf.fuser.ensemble_output(etf.fuser.encode(tokens)[0]).abs().sum() > 0  # the ensemble token is there, gated off
+        assert (
+            etf.fuser.ensemble_output(etf.fuser.encode(tokens)[0]).abs().sum() > 0
+        )  # the ensemble token is there, gated off
