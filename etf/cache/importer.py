@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from etf.cache.catalog import write_manifest
-from etf.cache.store import StoreWriter, encode_tokens, plan_arrays, store_path
-from etf.cache.tokens import TokenLayout
+from etf.cache.store import StoreWriter, plan_arrays, store_path
+from etf.cache.tokens import TokenLayout, encode_tokens
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.utils import sha256_file
