@@ -108,7 +108,8 @@ def store_info(path: Path) -> dict[str, Any]:
             or (f"random init, seed {spec['init_seed']}" if spec.get("init_seed") is not None else None),
             "layers": store.layers,
             "tokens": spec["tokens"],
-            "arrays": {a.name: [store.n, *a.shape] for a in store.array_specs},
+            "arrays": {a.name: [store.n, *a.shape] for a in store.array_specs + store.view_specs},
+            "views": spec.get("views"),
             "layouts": {k: v.to_json() for k, v in store.layouts.items()},
             "dtype": spec["dtype"],
             "precision": spec.get("precision"),
@@ -145,10 +146,11 @@ def verify_store(path: Path, cache_dir: Path | None = None) -> list[str]:
         except EtfError as e:
             problems.append(f"manifest: {e}")
         ids, skipped = _row_ids(cache_dir, store), set(store.skipped)
-        for a in store.array_specs:
-            arr = store._arrays[a.name]
-            if tuple(arr.shape) != (store.n, *a.shape):
-                problems.append(f"{a.name}: shape {tuple(arr.shape)}, expected {(store.n, *a.shape)}")
+        for a in store.array_specs + store.view_specs:
+            arr = store._arrays.get(a.name)
+            if arr is None or tuple(arr.shape) != (store.n, *a.shape):
+                found = "missing" if arr is None else f"shape {tuple(arr.shape)}"
+                problems.append(f"{a.name}: {found}, expected {(store.n, *a.shape)}")
                 continue
             problems += _scan_values(store, a, ids, skipped)
         problems[:0] = store.damage()
@@ -168,8 +170,11 @@ def _row_ids(cache_dir: Path, store: TokenStore) -> list[str]:
 
 
 def _scan_values(store: TokenStore, a: ArraySpec, ids: list[str], skipped: set[str]) -> list[str]:
-    """Read every chunk of one array: unreadable chunks and non-finite samples, per layer."""
-    dtype, step = store.spec["dtype"], store.chunk_rows
+    """Read every chunk of one array: unreadable chunks and non-finite samples, per layer
+    (of any view, for the views arrays)."""
+    dtype, step = (a.dtype or store.spec["dtype"]), store.chunk_rows
+    if not a.layers:
+        return _scan_geometry(store, a, ids)
     bad: dict[int, list[str]] = {layer: [] for layer in a.layers}
     problems = []
     for start in range(0, store.n, step):
@@ -179,15 +184,33 @@ def _scan_values(store: TokenStore, a: ArraySpec, ids: list[str], skipped: set[s
         except EtfError:
             problems.append(f"{a.name}: rows {start}:{stop} cannot be read")
             continue
-        per_layer = block if a.name == "tokens" else block[:, None]
-        finite = np.isfinite(per_layer.reshape(*per_layer.shape[:2], -1)).all(axis=2)
+        views = block.reshape(len(block), -1 if a.is_views else 1, *block.shape[1 + a.is_views :])
+        per_layer = views if a.name in ("tokens", "views") else views[:, :, None]
+        finite = np.isfinite(per_layer.reshape(*per_layer.shape[:3], -1)).all(axis=(1, 3))
         for k, layer in enumerate(a.layers):
             bad[layer] += [ids[start + i] for i in np.nonzero(~finite[:, k])[0] if ids[start + i] not in skipped]
+    what = "views of layer" if a.is_views else "layer"
     problems += [
-        f"layer {layer}: non-finite values for {', '.join(b[:5])}" + (f" (+{len(b) - 5} more)" if len(b) > 5 else "")
+        f"{what} {layer}: non-finite values for {', '.join(b[:5])}" + (f" (+{len(b) - 5} more)" if len(b) > 5 else "")
         for layer, b in bad.items()
         if b
     ]
+    return problems
+
+
+def _scan_geometry(store: TokenStore, a: ArraySpec, ids: list[str]) -> list[str]:
+    """Read every chunk of a views geometry array: unreadable chunks and non-finite matrices."""
+    problems, bad = [], []
+    for start in range(0, store.n, store.chunk_rows):
+        stop = min(store.n, start + store.chunk_rows)
+        try:
+            block = store._rows(a.name, start, stop)
+        except EtfError:
+            problems.append(f"{a.name}: rows {start}:{stop} cannot be read")
+            continue
+        bad += [ids[start + i] for i in np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0]]
+    if bad:
+        problems.append(f"{a.name}: non-finite values for {', '.join(bad[:5])}")
     return problems
 
 

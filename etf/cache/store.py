@@ -9,7 +9,10 @@ On disk (documented in the README, readable without etf)::
         done/<c>.json  one file per finished chunk c (its skipped sample ids and why)
 
 Arrays are ``tokens`` (N, L, T, D) when every layer has the same shape, else one
-``tokens_<layer>`` (N, T, D) per layer. Rows are written a whole chunk at a time and a
+``tokens_<layer>`` (N, T, D) per layer. A store of augmented views (``--views K``) also
+holds ``views`` (N, K-1, L, T, D) or ``views_<layer>`` (N, K-1, T, D), views 1..K-1 chunked
+one view at a time, and the geometry of every view, view 0 (the clean image) included:
+``view_matrix`` (N, K, 3, 3) and ``view_flip`` (N, K). Rows are written a whole chunk at a time and a
 chunk's marker is written after its data, so a run killed at any moment resumes by
 redoing only unmarked chunks. A store appears at its final path only once complete
 (an atomic rename), and its ``etf`` attributes then say ``"complete": true``.
@@ -62,23 +65,48 @@ class ArraySpec:
 
     name: str
     layers: tuple[int, ...]
-    shape: tuple[int, ...]  # (L, T, D) for ``tokens``, (T, D) for ``tokens_<layer>``
+    shape: tuple[int, ...]  # (L, T, D) for ``tokens``, (T, D) for ``tokens_<layer>``, views first for ``views*``
+    #: physical dtype of a geometry array; None: the store's token dtype
+    dtype: str | None = None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "layers": list(self.layers), "shape": list(self.shape)}
+        return {
+            "name": self.name,
+            "layers": list(self.layers),
+            "shape": list(self.shape),
+            **({"dtype": self.dtype} if self.dtype else {}),
+        }
+
+    @property
+    def is_views(self) -> bool:
+        """An array of augmented views' tokens: chunked one view at a time."""
+        return self.name.startswith("views")
+
+    def chunks(self, rows: int) -> tuple[int, ...]:
+        return (rows, 1, *self.shape[1:]) if self.is_views else (rows, *self.shape)
 
     @property
     def dimension_names(self) -> tuple[str, ...]:
         """Zarr v3 dimension names, so that xarray and dask open the arrays by name. Per-layer
         arrays (whose token counts and widths differ) name their own token and channel axes."""
-        if self.name == "tokens":
-            return ("sample", "layer", "token", "channel")
+        if self.name in GEOMETRY:
+            return GEOMETRY[self.name][1]
+        view = ("view",) if self.is_views else ()
+        if self.name in ("tokens", "views"):
+            return ("sample", *view, "layer", "token", "channel")
         layer = self.layers[0]
-        return ("sample", f"token_{layer}", f"channel_{layer}")
+        return ("sample", *view, f"token_{layer}", f"channel_{layer}")
 
     @classmethod
     def from_json(cls, d: dict) -> ArraySpec:
-        return cls(d["name"], tuple(d["layers"]), tuple(d["shape"]))
+        return cls(d["name"], tuple(d["layers"]), tuple(d["shape"]), d.get("dtype"))
+
+
+#: the geometry arrays of a views store: name -> (physical dtype, dimension names)
+GEOMETRY = {
+    "view_matrix": ("float64", ("sample", "view", "row", "column")),
+    "view_flip": ("bool", ("sample", "view")),
+}
 
 
 def plan_arrays(layers: list[int], shapes: list[tuple[int, int]]) -> list[ArraySpec]:
@@ -86,6 +114,17 @@ def plan_arrays(layers: list[int], shapes: list[tuple[int, int]]) -> list[ArrayS
     if len(set(shapes)) == 1:
         return [ArraySpec("tokens", tuple(layers), (len(layers), *shapes[0]))]
     return [ArraySpec(f"tokens_{layer}", (layer,), shape) for layer, shape in zip(layers, shapes)]
+
+
+def plan_views(arrays: list[ArraySpec], views: int) -> list[ArraySpec]:
+    """The arrays a store of ``views`` views adds to its token ``arrays``: views 1..K-1 of
+    each (``tokens`` -> ``views``, ``tokens_<layer>`` -> ``views_<layer>``) and the geometry
+    of all K views (view 0 the identity)."""
+    if views <= 1:
+        return []
+    tokens = [ArraySpec(a.name.replace("tokens", "views", 1), a.layers, (views - 1, *a.shape)) for a in arrays]
+    shapes = {"view_matrix": (views, 3, 3), "view_flip": (views,)}
+    return tokens + [ArraySpec(name, (), shapes[name], dtype) for name, (dtype, _) in GEOMETRY.items()]
 
 
 def store_path(cache_dir: Path, dataset_key: str, name: str, spec: dict[str, Any], fmt: str = "zarr") -> Path:
@@ -101,9 +140,10 @@ MIN_CHUNKS = 8
 
 
 def _chunk_rows(arrays: list[ArraySpec], itemsize: int, target: int, n: int) -> int:
-    """Samples per chunk: about ``target`` bytes and at most 1/MIN_CHUNKS of the samples,
-    balanced over ``n`` samples so that the last chunk is nearly full (both formats store an
-    edge chunk at full size)."""
+    """Samples per chunk: about ``target`` bytes of the token ``arrays`` (a view's chunk is
+    as large as the clean one's) and at most 1/MIN_CHUNKS of the samples, balanced over ``n``
+    samples so that the last chunk is nearly full (both formats store an edge chunk at full
+    size)."""
     row = sum(int(np.prod(a.shape)) for a in arrays) * itemsize
     rows = int(min(4096, -(-n // MIN_CHUNKS), max(1, target // max(row, 1))))
     return -(-n // -(-n // rows))
@@ -138,11 +178,14 @@ class StoreWriter:
         codec: str = "none",
         chunk_rows: int | None = None,
         info: dict[str, Any] | None = None,
+        views: list[ArraySpec] | None = None,
     ) -> None:
         self.path = Path(path)
         self.fmt = "hdf5" if self.path.suffix == ".h5" else "zarr"
         self.spec = spec
         self.arrays = arrays
+        self.view_arrays = views or []
+        self.all_arrays = arrays + self.view_arrays
         self.n = int(spec["n"])
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.done_dir = self.partial / "done"
@@ -155,6 +198,7 @@ class StoreWriter:
             "format_version": FORMAT_VERSION,
             "spec_hash": spec_hash(spec),
             "arrays": [a.to_json() for a in arrays],
+            **({"view_arrays": [a.to_json() for a in self.view_arrays]} if self.view_arrays else {}),
             "layouts": {str(k): v.to_json() for k, v in layouts.items()},
             "chunk_rows": self.chunk_rows,
             "codec": codec,
@@ -189,9 +233,9 @@ class StoreWriter:
         """
         with zarr.config.set({"array.write_empty_chunks": True}):
             group = zarr.open_group(str(self.partial / "data.zarr"), mode="r+")
-            staged = {a.name: group[a.name] for a in self.arrays if a.name in group}
+            staged = {a.name: group[a.name] for a in self.all_arrays if a.name in group}
         found = group.attrs.get("etf", {})
-        if canonical_json(found.get("spec")) != canonical_json(self.spec) or len(staged) != len(self.arrays):
+        if canonical_json(found.get("spec")) != canonical_json(self.spec) or len(staged) != len(self.all_arrays):
             raise EtfError(f"{self.partial}: holds a different spec than this run; remove it to start over")
         self.chunk_rows = int(found["chunk_rows"])
         self.attrs = {**found, "info": {**found.get("info", {}), **self.attrs["info"]}}
@@ -219,12 +263,12 @@ class StoreWriter:
         tmp = self.partial / f".data.zarr.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        for a in self.arrays:
+        for a in self.all_arrays:
             group.create_array(
                 a.name,
                 shape=(self.n, *a.shape),
-                chunks=(self.chunk_rows, *a.shape),
-                dtype=physical_dtype(self.spec["dtype"]),
+                chunks=a.chunks(self.chunk_rows),
+                dtype=a.dtype or physical_dtype(self.spec["dtype"]),
                 compressors=_zarr_compressors(self._codec),
                 fill_value=0,
                 dimension_names=a.dimension_names,
@@ -238,13 +282,13 @@ class StoreWriter:
     def write_chunk(self, c: int, data: dict[str, np.ndarray], skipped: dict[str, str]) -> None:
         """Write chunk ``c`` of every array, then mark it done (the marker is the commit)."""
         start, stop = self.chunk_range(c)
-        for a in self.arrays:
+        for a in self.all_arrays:
             block = data[a.name]
             if block.shape != (stop - start, *a.shape):
                 raise EtfError(f"chunk {c} of {a.name}: shape {block.shape}, expected {(stop - start, *a.shape)}")
         try:
             staging = self._staging()
-            for a in self.arrays:
+            for a in self.all_arrays:
                 staging[a.name][start:stop] = data[a.name]
             write_json_atomic(self.done_dir / f"{c}.json", skipped)
         except OSError as e:
@@ -280,20 +324,23 @@ class StoreWriter:
                 os.rename(data, self.path)
             else:
                 rows = _chunk_rows(self.arrays, self._itemsize, HDF5_CHUNK_BYTES, self.n)
-                _zarr_to_hdf5(zarr.open_group(str(data), mode="r"), self.path, {**attrs, "chunk_rows": rows})
+                _zarr_to_hdf5(
+                    zarr.open_group(str(data), mode="r"), self.path, {**attrs, "chunk_rows": rows}, self.all_arrays
+                )
         shutil.rmtree(self.partial, ignore_errors=True)
         return True
 
 
-def _zarr_to_hdf5(group, path: Path, attrs: dict[str, Any]) -> None:
+def _zarr_to_hdf5(group, path: Path, attrs: dict[str, Any], arrays: list[ArraySpec]) -> None:
     """Copy the staged arrays into an HDF5 file with ``attrs["chunk_rows"]`` samples per
-    chunk (every array alike), written beside and renamed into place."""
+    chunk (every array alike, views one view per chunk), written beside and renamed into place."""
     import h5py
 
     rows = int(attrs["chunk_rows"])
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        for name, arr in group.arrays():
-            ds = f.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=(rows, *arr.shape[1:]))
+        for a in arrays:
+            name, arr = a.name, group[a.name]
+            ds = f.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=a.chunks(rows))
             step = rows * -(-arr.chunks[0] // rows)  # whole HDF5 chunks, at least one Zarr chunk
             for start in range(0, arr.shape[0], step):
                 ds[start : start + step] = arr[start : start + step]
@@ -321,6 +368,7 @@ class TokenStore:
         self._arrays = arrays
         self._handle = handle
         self.array_specs = [ArraySpec.from_json(a) for a in attrs["arrays"]]
+        self.view_specs = [ArraySpec.from_json(a) for a in attrs.get("view_arrays", [])]
         self.layouts = {int(k): TokenLayout.from_json(v) for k, v in attrs["layouts"].items()}
 
     @classmethod
@@ -407,6 +455,18 @@ class TokenStore:
         return int(self.attrs["chunk_rows"])
 
     @property
+    def views(self) -> int:
+        """Views per sample: 1 (the clean image) unless extracted with ``--views K``."""
+        return int((self.spec.get("views") or {}).get("count", 1))
+
+    def geometry(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(rows, K, 3, 3): per sample and view, the matrix from clean to view pixels."""
+        stop = self.n if stop is None else stop
+        if self.views == 1:
+            return np.broadcast_to(np.eye(3), (stop - start, 1, 3, 3)).copy()
+        return self._rows("view_matrix", start, stop).astype(np.float64)
+
+    @property
     def skipped(self) -> list[str]:
         return list(self.attrs.get("skipped", []))
 
@@ -446,26 +506,34 @@ class TokenStore:
         """What is wrong with the stored chunks, from one listing: chunk objects that are missing
         or (uncompressed) of the wrong size. Empty for a sound store."""
         problems = []
-        for a in self.array_specs:
+        for a in self.array_specs + self.view_specs:
+            if a.name not in self._arrays:
+                problems.append(f"{a.name}: array missing")
+                continue
             arr = self._arrays[a.name]
-            expected = -(-self.n // self.chunk_rows)
+            grid = [-(-s // c) for s, c in zip((self.n, *a.shape), a.chunks(self.chunk_rows))]
             if self.path.suffix == ".h5":
-                found = arr.id.get_num_chunks()
+                expected, found = int(np.prod(grid)), arr.id.get_num_chunks()
                 bad = [] if found == expected else [f"{a.name}: {expected - found} of {expected} chunks missing"]
             else:
-                bad = _zarr_chunk_damage(arr, a.name, expected, self.attrs.get("codec", "none") == "none")
+                bad = _zarr_chunk_damage(arr, a.name, grid, self.attrs.get("codec", "none") == "none")
             problems += bad
         return problems
 
-    def read_layers(self, layers: list[int], start: int = 0, stop: int | None = None) -> dict[int, np.ndarray]:
-        """Several layers of rows ``start:stop``, reading each array's chunks once."""
+    def read_layers(
+        self, layers: list[int], start: int = 0, stop: int | None = None, view: int = 0
+    ) -> dict[int, np.ndarray]:
+        """Several layers of rows ``start:stop`` in one view (0: the clean image), reading
+        each array's chunks of that view once."""
         stop = self.n if stop is None else stop
+        if not 0 <= view < self.views:
+            raise EtfError(f"{self.path}: has no view {view} (views 0..{self.views - 1})")
         out: dict[int, np.ndarray] = {}
-        for a in self.array_specs:
+        for a, source in zip(self.array_specs, self.view_specs if view else self.array_specs):
             wanted = [layer for layer in layers if layer in a.layers]
             if not wanted:
                 continue
-            block = decode_tokens(self._rows(a.name, start, stop), self.spec["dtype"])
+            block = decode_tokens(self._rows(source.name, start, stop, view - 1 if view else None), self.spec["dtype"])
             for layer in wanted:
                 out[layer] = block[:, a.layers.index(layer)] if a.name == "tokens" else block
         missing = [layer for layer in layers if layer not in out]
@@ -489,9 +557,11 @@ class TokenStore:
 REPAIR = "run etf cache verify on it, then delete it and re-run etf extract"
 
 
-def _zarr_chunk_damage(arr: zarr.Array, name: str, chunks: int, uncompressed: bool) -> list[str]:
+def _zarr_chunk_damage(arr: zarr.Array, name: str, grid: list[int], uncompressed: bool) -> list[str]:
     """Missing and (for uncompressed arrays, whose chunks all have one size) truncated chunk
-    objects of a row-chunked Zarr array, from one listing of its keys."""
+    objects of a Zarr array chunked by rows (and views), from one listing of its keys."""
+    import itertools
+
     from zarr.core.sync import sync
 
     store, prefix = arr.store_path.store, arr.store_path.path
@@ -502,14 +572,15 @@ def _zarr_chunk_damage(arr: zarr.Array, name: str, chunks: int, uncompressed: bo
 
     found = sync(sizes())
     encode = arr.metadata.chunk_key_encoding.encode_chunk_key
-    rest = (0,) * (arr.ndim - 1)
-    keys = [f"{prefix}/{encode((c, *rest))}" for c in range(chunks)]
-    missing = [c for c, k in enumerate(keys) if k not in found]
+    index = list(itertools.product(*(range(g) for g in grid)))
+    keys = [f"{prefix}/{encode(i)}" for i in index]
+    missing = [index[c] for c, k in enumerate(keys) if k not in found]
     out = []
     if missing:
-        rows = arr.chunks[0]
+        rows, first = arr.chunks[0], missing[0]
+        view = f", view {first[1] + 1}" if name.startswith("views") else ""
         out.append(
-            f"{name}: {len(missing)} of {chunks} chunks missing (first: rows {missing[0] * rows}:{(missing[0] + 1) * rows})"
+            f"{name}: {len(missing)} of {len(keys)} chunks missing (first: rows {first[0] * rows}:{(first[0] + 1) * rows}{view})"
         )
     if uncompressed:
         size = int(np.prod(arr.chunks)) * arr.dtype.itemsize

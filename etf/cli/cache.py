@@ -24,6 +24,11 @@ def describe_store(path: Path) -> None:
             ("samples", f"{info['samples']}" + (f" ({info['skipped']} skipped)" if info["skipped"] else "")),
             ("arrays", ", ".join(f"{k} {tuple(v)}" for k, v in info["arrays"].items())),
             ("layers", ",".join(map(str, info["layers"]))),
+            *(
+                [("views", f"{v['count']} (0: clean, 1..{v['count'] - 1}: --augment {v['augment']}, seed {v['seed']})")]
+                if (v := info["views"])
+                else []
+            ),
             (
                 "tokens",
                 f"{info['tokens']}; "

@@ -118,6 +118,21 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int] | None:
 @click.option(
     "--shard", callback=_shard, help="Fill only part I of N of the store (0-based); set automatically under torchrun."
 )
+@click.option(
+    "--views",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Views per sample: view 0 the clean image (in tokens), views 1..K-1 seeded augmentations (in views).",
+)
+@click.option(
+    "--augment",
+    help="The views' augmentation: parts and strengths, e.g. flip,crop:0.8,rotate:10,color:0.3, "
+    "or the preset face; flip alone makes view 1 the mirror image.  [default with --views: face]",
+)
+@click.option(
+    "--view-seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the views' random draws."
+)
 @progress_option
 def command(
     data_spec,
@@ -143,6 +158,9 @@ def command(
     chunk_rows,
     on_error,
     shard,
+    views,
+    augment,
+    view_seed,
     progress,
 ) -> None:
     """Run each frozen --encoder once over --data and cache its tokens (resumable)."""
@@ -159,6 +177,9 @@ def command(
     if soup and len(weights) < 2:
         raise click.BadParameter("needs two or more --weights checkpoints to average", param_hint="--soup")
     parse_tokens(tokens)
+    from etf.pipeline.extract.augment import check_view_options
+
+    check_view_options(views, augment)
     writable_dir(cache_dir, "--cache")
     dataset = open_dataset(data_spec, crop)
 
@@ -182,6 +203,9 @@ def command(
         on_error=on_error,
         shard=shard,
         progress=progress,
+        views=views,
+        augment=augment,
+        view_seed=view_seed,
     )
     click.echo(f"dataset {dataset.describe()}: {len(dataset)} samples, key {dataset.key}")
     for name in encoders:

@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from PIL import Image
 
 from etf.errors import EtfError
+
+if TYPE_CHECKING:  # parsing a spec (on the command line) loads neither torch nor PIL
+    from PIL import Image
 
 #: name -> (default strength, kind); geometric parts run before photometric ones
 PARTS: dict[str, tuple[float, str]] = {
@@ -86,6 +87,16 @@ def parse_augment(text: str) -> AugmentSpec:
     return AugmentSpec(tuple((n, parts[n]) for n in order))
 
 
+def check_view_options(views: int, augment: str | None) -> None:
+    """``--views`` and ``--augment`` together, before any work."""
+    if views < 1:
+        raise EtfError(f"--views {views}: must be at least 1 (1: the clean image only)")
+    if augment is not None and views == 1:
+        raise EtfError(f"--augment {augment}: needs --views K with K >= 2 (view 0 is the clean image)")
+    if views > 1:
+        parse_augment(augment or "face")
+
+
 def _check_ranges(parts: dict[str, float], text: str) -> None:
     limits = {
         "flip": (0, 1),
@@ -109,6 +120,7 @@ def _check_ranges(parts: dict[str, float], text: str) -> None:
 
 def _pipeline(spec: AugmentSpec, size: tuple[int, int]) -> Any:
     """The torchvision v2 pipeline of ``spec`` for images of ``size`` (height, width)."""
+    import torch
     from torchvision.transforms import v2
 
     p = dict(spec.parts)
@@ -163,6 +175,7 @@ class Augmenter:
     def view(self, img: Image.Image, sample_id: str, view: int) -> tuple[Image.Image, np.ndarray]:
         """View ``view`` (>= 1) of ``img``: the augmented image, the same size, and the 3x3
         matrix mapping pixel coordinates of ``img`` to those of the view."""
+        import torch
         from torchvision import tv_tensors
 
         w, h = img.size

@@ -30,6 +30,7 @@ from etf.cache.store import (
     library_versions,
     physical_dtype,
     plan_arrays,
+    plan_views,
     store_path,
 )
 from etf.cache.tokens import encode_tokens, parse_tokens, select_tokens
@@ -37,6 +38,7 @@ from etf.data.base import Dataset
 from etf.data.images import check_image
 from etf.errors import EtfError
 from etf.pipeline.extract import PRECISIONS
+from etf.pipeline.extract.augment import Augmenter, check_view_options, parse_augment
 from etf.pipeline.extract.encoders import Encoder
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,6 +62,10 @@ class ExtractOptions:
     on_error: str = "fail"
     shard: tuple[int, int] | None = None
     progress: bool | None = None
+    #: views per sample: view 0 the clean image, 1..K-1 seeded augmentations (``--augment``)
+    views: int = 1
+    augment: str | None = None
+    view_seed: int = 0
 
 
 @dataclass
@@ -124,23 +130,41 @@ def store_spec(
         "norm": opts.norm,
         "dtype": opts.dtype,
         "precision": precision,
+        **({"views": views_spec(opts)} if opts.views > 1 else {}),
     }
 
 
-class _Images(torch.utils.data.Dataset):
-    """Decoded, preprocessed images; a failure becomes an error string, not an exception."""
+def views_spec(opts: ExtractOptions) -> dict[str, Any]:
+    """What the augmented views are made by (part of the store key): their count, the
+    canonical ``--augment`` spec and the seed of their draws."""
+    return {"count": opts.views, "augment": str(parse_augment(opts.augment or "face")), "seed": opts.view_seed}
 
-    def __init__(self, dataset: Dataset, transform: Any, input_size: tuple[int, ...]) -> None:
+
+class _Images(torch.utils.data.Dataset):
+    """Decoded, preprocessed images, (K, C, H, W) per sample with the matrix of each view
+    (view 0 the clean image); a failure becomes an error string, not an exception."""
+
+    def __init__(
+        self, dataset: Dataset, transform: Any, input_size: tuple[int, ...], augmenter: Augmenter | None, views: int
+    ) -> None:
         self.dataset, self.transform, self.input_size = dataset, transform, input_size
+        self.augmenter, self.views = augmenter, views
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor, str]:
+        matrices = torch.eye(3, dtype=torch.float64).repeat(self.views, 1, 1)
         try:
-            return i, self.transform(self.dataset.load_image(i)), ""
+            img = self.dataset.load_image(i)
+            xs = [self.transform(img)]
+            for v in range(1, self.views):
+                view, matrix = self.augmenter.view(img, self.dataset.ids[i], v)
+                xs.append(self.transform(view))
+                matrices[v] = torch.from_numpy(matrix)
+            return i, torch.stack(xs), matrices, ""
         except Exception as e:  # PIL and OS errors of many kinds; reported per sample
-            return i, torch.zeros(self.input_size), f"{type(e).__name__}: {e}"
+            return i, torch.zeros(self.views, *self.input_size), matrices, f"{type(e).__name__}: {e}"
 
 
 class _ChunkBatches(Sampler[list[int]]):
@@ -195,6 +219,7 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     if opts.batch_size < 1:
         raise EtfError("--batch-size must be at least 1")
     opts.tokens = parse_tokens(opts.tokens)
+    check_view_options(opts.views, opts.augment)
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
     shard = resolve_shard(opts.shard)
@@ -216,12 +241,15 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     selected = [select_tokens(t, lay, opts.tokens) for t, lay in probe]
     layouts = {layer: lay for layer, (_, lay) in zip(layers, selected)}
     arrays = plan_arrays(layers, [tuple(t.shape[1:]) for t, _ in selected])
+    views = plan_views(arrays, opts.views)
     info = {
         "flops_per_image": flops,
         "versions": library_versions(),
         "load_report": encoder.load_report.summary() if encoder.load_report else None,
     }
-    writer = StoreWriter(path, spec, arrays, layouts, codec=opts.codec, chunk_rows=opts.chunk_rows, info=info)
+    writer = StoreWriter(
+        path, spec, arrays, layouts, codec=opts.codec, chunk_rows=opts.chunk_rows, info=info, views=views
+    )
 
     todo = sorted(set(range(writer.num_chunks)) - writer.done_chunks())
     if shard is not None:
@@ -264,7 +292,7 @@ class _ChunkBuffer:
         self.c = c
         self.start, stop = writer.chunk_range(c)
         dtype = physical_dtype(writer.spec["dtype"])
-        self.data = {a.name: np.zeros((stop - self.start, *a.shape), dtype) for a in writer.arrays}
+        self.data = {a.name: np.zeros((stop - self.start, *a.shape), a.dtype or dtype) for a in writer.all_arrays}
         rows = range(self.start, stop)
         self.skipped = {dataset.ids[r]: skip[r] for r in rows if r in skip}  # sample id -> why
         self.missing = len(rows) - len(self.skipped)
@@ -313,8 +341,8 @@ def _run(
         for c in todo:  # chunks of skipped rows only: no batch will come for them
             if all(r in skip for r in range(*writer.chunk_range(c))):
                 flush(_ChunkBuffer(writer, c, dataset, skip))
-        batches = _loader(dataset, encoder, sampler, workers, device) if total else []  # no workers for an idle shard
-        for idx, x, errors in batches:
+        loader = _loader(dataset, encoder, sampler, workers, device, opts) if total else []  # none for an idle shard
+        for idx, x, matrices, errors in loader:
             idx = idx.tolist()
             failed = {i: e for i, e in zip(idx, errors) if e}
             if failed and opts.on_error == "fail":
@@ -329,11 +357,13 @@ def _run(
             keep = [k for k, i in enumerate(idx) if i not in failed]
             if keep:
                 ok = [idx[k] for k in keep]
-                x = x[keep] if failed else x
-                per_layer = compute_tokens(
-                    encoder, x.to(device, non_blocking=True), layers, opts, [dataset.ids[i] for i in ok], autocast
-                )
-                buf.put(ok, {a.name: _stack(a, per_layer) for a in writer.arrays})
+                x, matrices = (x[keep], matrices[keep]) if failed else (x, matrices)
+                ids = [dataset.ids[i] for i in ok]
+                per_view = [
+                    compute_tokens(encoder, x[:, v].to(device, non_blocking=True), layers, opts, ids, autocast)
+                    for v in range(opts.views)
+                ]
+                buf.put(ok, _blocks(writer, per_view, matrices.numpy()))
             buf.skipped.update({dataset.ids[i]: why for i, why in failed.items()})
             buf.missing -= len(failed)
             bar.update(len(idx))
@@ -349,11 +379,23 @@ def _stack(a: ArraySpec, per_layer: dict[int, np.ndarray]) -> np.ndarray:
     return np.stack([per_layer[la] for la in a.layers], axis=1) if a.name == "tokens" else per_layer[a.layers[0]]
 
 
+def _blocks(writer: StoreWriter, per_view: list[dict[int, np.ndarray]], matrices: np.ndarray) -> dict[str, np.ndarray]:
+    """Every array's block of a batch: view 0's tokens, views 1..K-1 on their axis, geometry."""
+    out = {a.name: _stack(a, per_view[0]) for a in writer.arrays}
+    if len(per_view) > 1:
+        for a in writer.arrays:
+            out[a.name.replace("tokens", "views", 1)] = np.stack([_stack(a, p) for p in per_view[1:]], axis=1)
+        out["view_matrix"] = matrices
+        out["view_flip"] = np.linalg.det(matrices[:, :, :2, :2]) < 0
+    return out
+
+
 def _loader(
-    dataset: Dataset, encoder: Encoder, sampler: _ChunkBatches, workers: int, device: torch.device
+    dataset: Dataset, encoder: Encoder, sampler: _ChunkBatches, workers: int, device: torch.device, opts: ExtractOptions
 ) -> DataLoader:
+    augmenter = Augmenter(parse_augment(opts.augment or "face"), opts.view_seed) if opts.views > 1 else None
     return DataLoader(
-        _Images(dataset, encoder.transform(), tuple(encoder.data_config["input_size"])),
+        _Images(dataset, encoder.transform(), tuple(encoder.data_config["input_size"]), augmenter, opts.views),
         batch_sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
