@@ -251,18 +251,19 @@ def test_block_stream_visits_each_row_once_in_full_mixed_batches(xor):
     seen = []
     batches = list(stream.epoch(1))
     assert len(batches) == len(stream) == -(-len(rows) // 32)
-    assert [len(i) for i, _ in batches[:-1]] == [32] * (len(batches) - 1)
-    for idx, tokens in batches:
+    assert [len(i) for i, _, _ in batches[:-1]] == [32] * (len(batches) - 1)
+    for idx, views, tokens in batches:
+        assert not views.any(), "a store without views is read in the clean view"
         for full, got in zip(everything, tokens):
             assert np.array_equal(full[torch.from_numpy(idx)].numpy(), got.numpy())
         seen.extend(idx.tolist())
     assert sorted(seen) == rows.tolist()
     assert seen != sorted(seen)  # shuffled
     # a shuffled batch mixes several blocks of the pool, not one run of neighbours
-    assert np.mean([len(np.unique(i // 45)) for i, _ in batches[:-1]]) >= 3
-    assert [i.tolist() for i, _ in stream.epoch(1)] == [i.tolist() for i, _ in batches]  # seeded
+    assert np.mean([len(np.unique(i // 45)) for i, _, _ in batches[:-1]]) >= 3
+    assert [i.tolist() for i, _, _ in stream.epoch(1)] == [i.tolist() for i, _, _ in batches]  # seeded
     in_order = BlockStream(priors, rows, batch_size=32, block_rows=45, shuffle=False, seed=0, pool_blocks=4)
-    assert np.concatenate([i for i, _ in in_order.epoch()]).tolist() == rows.tolist()
+    assert np.concatenate([i for i, _, _ in in_order.epoch()]).tolist() == rows.tolist()
     priors.close()
 
 

@@ -111,6 +111,9 @@ class PriorSet:
                     f"(dataset key {store.spec['dataset_key']}, {store.n} samples) than --data (key {dataset.key}, {len(dataset)} samples)"
                 )
             skipped.update(store.skipped)
+        self.view_specs = [store.spec.get("views") for store in self.stores]
+        #: views per sample every prior holds alike (count, augmentation, seed); else 1, the clean view
+        self.views = self.stores[0].views if len({canonical_json(v) for v in self.view_specs}) == 1 else 1
         self.valid = np.array([sid not in skipped for sid in dataset.ids])
         self.groups: list[Group] = []
         self._source: list[tuple[int, int]] = []  # (store index, layer) of each group
@@ -150,6 +153,15 @@ class PriorSet:
         for s in self.stores:
             s.close()
 
+    def geometry(self) -> np.ndarray:
+        """(N, K, 3, 3): every sample's view matrices, the same in every prior's store (their
+        views were drawn from the same spec and seed)."""
+        matrices = self.stores[0].geometry()
+        for name, store in zip(self.names[1:], self.stores[1:]):
+            if not np.allclose(store.geometry(), matrices, atol=1e-6):
+                raise EtfError(f"--encoders {name}: {store.path} holds other view geometry than {self.names[0]}'s")
+        return matrices
+
     def specs(self) -> list[dict[str, Any]]:
         """What a run records about its inputs: name, path, spec hash and spec of each store."""
         return [
@@ -172,10 +184,11 @@ class PriorSet:
     def block_rows(self) -> int:
         return max(s.chunk_rows for s in self.stores)
 
-    def read_block(self, start: int, stop: int) -> list[torch.Tensor]:
-        """Rows ``start:stop`` of every group, with the read-time token selection applied."""
+    def read_block(self, start: int, stop: int, view: int = 0) -> list[torch.Tensor]:
+        """Rows ``start:stop`` of every group in one view (0: the clean image), with the
+        read-time token selection applied."""
         read = {
-            p: store.read_layers([layer for q, layer in self._source if q == p], start, stop)
+            p: store.read_layers([layer for q, layer in self._source if q == p], start, stop, view)
             for p, store in enumerate(self.stores)
         }
         out = []
@@ -187,9 +200,9 @@ class PriorSet:
             out.append(x.contiguous())
         return out
 
-    def load(self, rows: np.ndarray, block_rows: int | None = None) -> list[torch.Tensor]:
-        """The selected tokens of ``rows`` (sorted sample indices) in memory, read block-wise
-        into preallocated tensors: peak memory is the result plus one block."""
+    def load(self, rows: np.ndarray, block_rows: int | None = None, view: int = 0) -> list[torch.Tensor]:
+        """The selected tokens of ``rows`` (sorted sample indices) in one view in memory, read
+        block-wise into preallocated tensors: peak memory is the result plus one block."""
         step = block_rows or self.block_rows * max(1, (64 << 20) // max(1, self.row_bytes() * self.block_rows))
         out = [
             torch.empty((len(rows), g.tokens, g.dim), dtype=_TORCH_DTYPE[self.stores[g.prior].spec["dtype"]])
@@ -201,7 +214,7 @@ class PriorSet:
             sel = rows_between(rows, start, stop)
             if len(sel):
                 local = torch.from_numpy(sel - start)
-                for o, b in zip(out, self.read_block(start, stop)):
+                for o, b in zip(out, self.read_block(start, stop, view)):
                     o[filled : filled + len(sel)] = b[local]
                 filled += len(sel)
         return out
@@ -270,24 +283,32 @@ class BlockStream:
         shuffle: bool,
         seed: int,
         pool_blocks: int = 8,
+        views: int = 1,
     ) -> None:
         self.priors, self.rows, self.batch_size = priors, np.sort(rows), batch_size
         self.shuffle, self.seed, self.pool_blocks = shuffle, seed, max(1, pool_blocks)
+        self.views = views
         n = len(priors.dataset)
         self.blocks = [(b * block_rows, min(n, (b + 1) * block_rows)) for b in np.unique(self.rows // block_rows)]
 
     def __len__(self) -> int:
         return -(-len(self.rows) // self.batch_size)
 
-    def epoch(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
+    def epoch(self, epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, list[torch.Tensor]]]:
+        """(rows, their views, tokens) batches. With ``views`` > 1 each block is read in one
+        view drawn per block and epoch: an epoch reads as many bytes as with the clean view
+        alone, whatever K."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.blocks)) if self.shuffle else range(len(self.blocks))
+        drawn = draw_views(self.seed, epoch, len(self.blocks), self.views)
 
         def read() -> Iterator[list[Any]]:
             for i in order:
                 start, stop = self.blocks[i]
                 sel = rows_between(self.rows, start, stop)
-                yield [sel, torch.from_numpy(sel - start), self.priors.read_block(start, stop)]
+                view = int(drawn[i])
+                block = self.priors.read_block(start, stop, view)
+                yield [sel, torch.from_numpy(sel - start), block, np.full(len(sel), view)]
 
         blocks = prefetch(read(), depth=1)
         pool_blocks = self.pool_blocks if self.shuffle else 1  # in order, a pool only delays the first batch
@@ -313,30 +334,46 @@ class BlockStream:
             blocks.close()  # stops the reader thread when the consumer stops early
 
     @staticmethod
-    def _take(pool: list[list[Any]], drawn: np.ndarray) -> tuple[np.ndarray, list[torch.Tensor]]:
+    def _take(pool: list[list[Any]], drawn: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor]]:
         """The rows at sorted positions ``drawn`` of the pool's remaining rows (block after
-        block), gathered straight from their blocks and removed from the pool."""
-        idx, parts, offset = [], [], 0
+        block), with their views, gathered straight from their blocks and removed from the pool."""
+        idx, views, parts, offset = [], [], [], 0
         for p in pool:
-            rows, local, block = p
+            rows, local, block, view = p
             mine = drawn[(drawn >= offset) & (drawn < offset + len(rows))] - offset
             offset += len(rows)
             if len(mine):
                 idx.append(rows[mine])
+                views.append(view[mine])
                 parts.append([x[local[mine]] for x in block])
                 keep = np.ones(len(rows), dtype=bool)
                 keep[mine] = False
-                p[0], p[1] = rows[keep], local[torch.from_numpy(keep)]
+                p[0], p[1], p[3] = rows[keep], local[torch.from_numpy(keep)], view[keep]
         tokens = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)]
-        return np.concatenate(idx), tokens
+        return np.concatenate(idx), np.concatenate(views), tokens
+
+
+def draw_views(seed: int, epoch: int, count: int, views: int) -> np.ndarray:
+    """Which view each of ``count`` units (samples, or streamed blocks) is seen in this
+    epoch: a seeded draw, all 0 (the clean view) when there is only one."""
+    if views <= 1:
+        return np.zeros(count, dtype=np.int64)
+    return np.random.default_rng([seed, epoch, 0x71E5]).integers(views, size=count)
 
 
 class Batches:
-    """Batches of selected tokens for given rows, from memory or streamed from the stores."""
+    """Batches of selected tokens for given rows, from memory or streamed from the stores.
 
-    def __init__(self, priors: PriorSet, rows: np.ndarray, budget: int, batch_size: int, seed: int) -> None:
-        self.batch_size, self.seed = batch_size, seed
-        self.streamed = priors.row_bytes() * len(rows) > budget
+    ``views`` > 1 (``etf fit --views random``) makes :meth:`train_epoch` draw each training
+    sample's view: per sample from memory (every view is loaded), per block when streamed
+    (one view of each block is read). Evaluation (:meth:`iterate`) reads view 0.
+    """
+
+    def __init__(
+        self, priors: PriorSet, rows: np.ndarray, budget: int, batch_size: int, seed: int, views: int = 1
+    ) -> None:
+        self.batch_size, self.seed, self.views = batch_size, seed, views
+        self.streamed = priors.row_bytes() * len(rows) * views > budget
         if self.streamed:
             # blocks: a multiple of the chunk size, about 1/24 of the budget; a shuffle pool of
             # blocks up to half of it (the reader's copies and batches take the rest)
@@ -346,14 +383,25 @@ class Batches:
             self.priors = priors
         else:
             self.rows = np.sort(rows)
-            self.tokens = priors.load(self.rows)
+            self.tokens = [priors.load(self.rows, view=v) for v in range(views)]  # per view, per group
 
     def iterate(
         self, rows: np.ndarray, shuffle: bool, epoch: int = 0
     ) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
+        """Batches of ``rows`` in the clean view (what evaluation reads)."""
+        for idx, _, tokens in self._batches(rows, shuffle, epoch, 1):
+            yield idx, tokens
+
+    def train_epoch(self, rows: np.ndarray, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[torch.Tensor]]]:
+        """Shuffled batches of ``rows`` as (rows, the view each is seen in, tokens)."""
+        return self._batches(rows, True, epoch, self.views)
+
+    def _batches(
+        self, rows: np.ndarray, shuffle: bool, epoch: int, views: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, list[torch.Tensor]]]:
         if self.streamed:
             stream = BlockStream(
-                self.priors, rows, self.batch_size, self.block_rows, shuffle, self.seed, self.pool_blocks
+                self.priors, rows, self.batch_size, self.block_rows, shuffle, self.seed, self.pool_blocks, views
             )
             yield from stream.epoch(epoch)
             return
@@ -361,6 +409,15 @@ class Batches:
         if shuffle:
             order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
         pos = np.searchsorted(self.rows, order)
+        seen_in = draw_views(self.seed, epoch, len(self.rows), views)[pos]
         for b in range(0, len(order), self.batch_size):
-            sel = torch.from_numpy(pos[b : b + self.batch_size])
-            yield order[b : b + self.batch_size], [t[sel] for t in self.tokens]
+            sel, view = pos[b : b + self.batch_size], seen_in[b : b + self.batch_size]
+            if views == 1:
+                yield order[b : b + self.batch_size], view, [t[torch.from_numpy(sel)] for t in self.tokens[0]]
+                continue
+            tokens = [torch.empty((len(sel), *t.shape[1:]), dtype=t.dtype) for t in self.tokens[0]]
+            for v in np.unique(view):
+                which = torch.from_numpy(np.nonzero(view == v)[0])
+                for out, t in zip(tokens, self.tokens[v]):
+                    out[which] = t[torch.from_numpy(sel[view == v])]
+            yield order[b : b + self.batch_size], view, tokens

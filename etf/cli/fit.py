@@ -26,6 +26,7 @@ from etf.pipeline.fit.config import (
     MARGINS,
     POSITION_CODES,
     PRIOR_TOKENS,
+    VIEW_MODES,
     FitConfig,
     FuserConfig,
 )
@@ -113,6 +114,13 @@ def fuser_options(fn):
     return fn
 
 
+def _feature_aug(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from etf.pipeline.fit.feature_aug import parse_feature_aug
+
+    parse_feature_aug(value)
+    return value
+
+
 def training_options(fn):
     """Optimisation and protocol options, shared with ``etf ablate``."""
     for opt in reversed(
@@ -150,6 +158,19 @@ def training_options(fn):
                 default=None,
                 callback=lambda ctx, param, v: parse_size(v) if v else None,
                 help="Load tokens into memory up to this size (e.g. 8G), else stream.  [default: 40% of RAM, at most 16G]",
+            ),
+            click.option(
+                "--views",
+                type=click.Choice(VIEW_MODES),
+                default=None,
+                help="random: each epoch, each training sample in one of its stored views (seeded); clean: view 0 "
+                "only. Evaluation reads view 0.  [default: random where the stores hold views (etf extract --views)]",
+            ),
+            _fit(
+                "feature_aug",
+                callback=_feature_aug,
+                help="Feature-space augmentation of training tokens: none, or drop:P,scale:S,noise:S "
+                "(token dropout, per-channel scaling, Gaussian noise).",
             ),
             device_option,
             progress_option,

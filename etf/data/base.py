@@ -67,6 +67,12 @@ class Dataset:
     "same": [1 or 0], "fold": [k]}}`` (``fold`` optional); both samples of a pair belong
     to that split. ``group_by`` names what the samples' ``group`` is (``subject``, ...);
     ``meta_sources`` says where each kind of crop metadata comes from.
+
+    What augmented views need to carry the labels (:mod:`etf.data.geometry`): ``mirrors``
+    maps each landmark prefix to its left/right mirror permutation (a landmark dataset
+    without one cannot train on flipped views); ``flip_sign`` names the columns whose sign
+    a mirror reverses (head-pose yaw and roll); ``rotation_sensitive`` those an in-plane
+    rotation changes (the pose angles), so that rotating views are refused for them.
     """
 
     name: str
@@ -79,6 +85,9 @@ class Dataset:
     skipped: list[dict[str, str]] = field(default_factory=list)
     group_by: str | None = None
     meta_sources: dict[str, MetaSource] = field(default_factory=dict)
+    mirrors: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    flip_sign: tuple[str, ...] = ()
+    rotation_sensitive: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.samples:

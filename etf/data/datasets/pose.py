@@ -41,6 +41,8 @@ TASK = "regress:yaw,pitch,roll"
 #: subsets whose 300W names carry a face index before the view index
 FACE_INDEXED = ("AFW", "HELEN", "IBUG")
 BOX = {"box": MetaSource("the tight box of the 3DDFA fit's 2-D landmarks (pt2d)")}
+#: how augmented views change the labels: a mirror negates yaw and roll; a rotation changes every angle
+VIEWS = {"flip_sign": ("yaw", "roll"), "rotation_sensitive": ("yaw", "pitch", "roll")}
 _NUMBER = re.compile(r"_\d+$")
 
 
@@ -119,7 +121,7 @@ def load_aflw2000(root: Path, train: bool = True, val: float = 0.0, seed: int = 
     samples = lp_samples(root, root / "300W_LP") if train else []
     samples += pose_samples(root, test_dir, "test")
     samples = hold_out(samples, val, seed, f"aflw2000:{root}")
-    return Dataset("aflw2000", root, samples, group_by="source image", meta_sources=dict(BOX))
+    return Dataset("aflw2000", root, samples, group_by="source image", meta_sources=dict(BOX), **VIEWS)
 
 
 @register_dataset(
@@ -132,4 +134,4 @@ def load_aflw2000(root: Path, train: bool = True, val: float = 0.0, seed: int = 
 def load_300w_lp(root: Path, val: float = 0.0, seed: int = 0) -> Dataset:
     base = root / "300W_LP" if (root / "300W_LP").is_dir() else root
     samples = hold_out(lp_samples(root, base), val, seed, f"300w-lp:{root}")
-    return Dataset("300w-lp", root, samples, group_by="source image", meta_sources=dict(BOX))
+    return Dataset("300w-lp", root, samples, group_by="source image", meta_sources=dict(BOX), **VIEWS)

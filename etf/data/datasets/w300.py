@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from etf.data.base import Dataset, MetaSource, Sample, register_dataset
+from etf.data.geometry import MIRROR_68
 from etf.data.datasets._common import (
     FIVE_FROM_68,
     annotation_error,
@@ -111,4 +112,4 @@ def load_300w(root: Path, val: float = 0.0, seed: int = 0) -> Dataset:
             group = f"{folder}/{face[1]}" if face else None
             samples.append(Sample(image.relative_to(root).as_posix(), image, split, labels, meta, group))
     samples = hold_out(samples, val, seed, f"300w:{root}")
-    return Dataset("300w", root, samples, group_by="photograph", meta_sources=dict(SOURCES))
+    return Dataset("300w", root, samples, group_by="photograph", meta_sources=dict(SOURCES), mirrors={"lm": MIRROR_68})

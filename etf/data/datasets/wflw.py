@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from etf.data.base import Dataset, MetaSource, Sample, register_dataset
+from etf.data.geometry import MIRROR_98
 from etf.data.datasets._common import (
     FIVE_FROM_98,
     annotation_error,
@@ -82,4 +83,4 @@ def load_wflw(root: Path, val: float = 0.0, seed: int = 0) -> Dataset:
             k = faces[rel] = faces.get(rel, -1) + 1
             samples.append(Sample(f"{rel}#{k}", image, split, labels, meta, rel))
     samples = hold_out(samples, val, seed, f"wflw:{root}")
-    return Dataset("wflw", root, samples, group_by="image", meta_sources=dict(SOURCES))
+    return Dataset("wflw", root, samples, group_by="image", meta_sources=dict(SOURCES), mirrors={"lm": MIRROR_98})

@@ -67,6 +67,8 @@ FIT_AXES = (
     "val_fraction",
     "max_memory",
     "device",
+    "views",
+    "feature_aug",
 )
 FUSER_AXES = tuple(f.name for f in fields(FuserConfig))
 AXES = {f.name: f.default for f in fields(FitConfig) if f.name in FIT_AXES} | {
@@ -74,7 +76,7 @@ AXES = {f.name: f.default for f in fields(FitConfig) if f.name in FIT_AXES} | {
 }
 #: axes whose option has a plural name, and axes given as comma lists on the command line
 PLURAL = {"fuser": "fusers", "seed": "seeds"}
-COMMA_AXES = ("fuser", "seed", "attn", "mask", "prior_tokens", "fuse", "position_code", "head")
+COMMA_AXES = ("fuser", "seed", "attn", "mask", "prior_tokens", "fuse", "position_code", "head", "views")
 #: settings that are not axes, with their defaults
 OPTIONS = {
     "data": None,

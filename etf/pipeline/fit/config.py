@@ -21,6 +21,8 @@ POSITION_CODES = ("sinusoidal", "single")
 HEADS = ("auto", "spatial", "pooled")
 #: ``etf predict --infer`` and the two modes every fit evaluates its test splits in
 INFER_MODES = ("all", "canonical")
+#: ``etf fit --views``: train on a random view of each sample per epoch, or on the clean view only
+VIEW_MODES = ("random", "clean")
 #: landmark losses (``--loss``)
 LANDMARK_LOSSES = ("wing", "l1")
 
@@ -170,9 +172,17 @@ class FitConfig:
     max_memory: int | None = None
     device: str = "auto"
     progress: bool | None = None
+    #: ``random`` or ``clean``; None: random where the stores hold augmented views
+    views: str | None = None
+    feature_aug: str = "none"
 
     def __post_init__(self) -> None:
+        from etf.pipeline.fit.feature_aug import parse_feature_aug
+
         self.fuser_config = resolve(self.fuser, self.fuser_config)  # config.json records what was built
+        if self.views is not None and self.views not in VIEW_MODES:
+            raise EtfError(f"--views {self.views!r}: use {' or '.join(VIEW_MODES)}")
+        parse_feature_aug(self.feature_aug)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -183,7 +193,7 @@ class FitConfig:
 #: FitConfig fields that shape only a model and its optimisation. Configs that differ in
 #: nothing else read the same batches in the same order, so :func:`fit_many` trains them
 #: together over one read of the data.
-MODEL_FIELDS = ("fuser", "fuser_config", "lr", "weight_decay", "warmup_epochs", "out", "progress")
+MODEL_FIELDS = ("fuser", "fuser_config", "lr", "weight_decay", "warmup_epochs", "feature_aug", "out", "progress")
 
 
 def data_key(cfg: FitConfig) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import csv
 import math
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,12 @@ from tqdm.auto import tqdm
 import etf
 from etf.cache.features import Batches, PriorSet, default_memory_budget
 from etf.data.base import Dataset
+from etf.data.geometry import check_views, view_samples
+from etf.data.labels import point_columns
 from etf.errors import EtfError
 from etf.pipeline.extract.run import resolve_device
 from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key
+from etf.pipeline.fit.feature_aug import feature_augment, parse_feature_aug
 from etf.pipeline.fit.fusers import create_fuser
 from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
 from etf.pipeline.fit.heads import Classify, Task, parse_task, selection_metric, unique_names
@@ -242,7 +245,52 @@ def make_splits(dataset: Dataset, usable: np.ndarray, cfg: FitConfig, first: Tas
     return Splits(train, val, {k: v for k, v in tests.items() if len(v)}, held_out)
 
 
-# ---------------------------------------------------------------------------- batches
+# ---------------------------------------------------------------------------- views
+
+
+def training_views(cfg: FitConfig, priors: PriorSet) -> int:
+    """How many views training draws from: the stores' K under ``--views random`` (the
+    default where they hold views), 1 under ``clean``."""
+    held = priors.views
+    if cfg.views == "clean" or (cfg.views is None and held == 1):
+        return 1
+    if held == 1:
+        differ = len({str(v) for v in priors.view_specs}) > 1
+        raise EtfError(
+            "--views random: the priors' stores hold different views ("
+            + "; ".join(f"{n}: {v or 'none'}" for n, v in zip(priors.names, priors.view_specs))
+            + "); extract every prior with the same --views, --augment and --view-seed"
+            if differ
+            else "--views random: the stores of --encoders hold no augmented views; extract with --views K --augment SPEC"
+        )
+    return held
+
+
+def view_targets(
+    dataset: Dataset,
+    tasks: list[Task],
+    targets: dict[str, tuple[np.ndarray, np.ndarray]],
+    geometry: np.ndarray,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per task, (K, N, k) targets and masks: view v's labels as they are in that view
+    (landmarks mapped and mirrored, pose signs), view 0 the clean ones. Views the labels
+    cannot follow are refused first."""
+    columns = [c for t in tasks for c in t.columns]
+    check_views(columns, geometry, dataset.mirrors, dataset.rotation_sensitive, "--views random")
+    moved = [t for t in tasks if set(t.columns) & ({*_point_columns(columns), *dataset.flip_sign})]
+    per_view = [targets]
+    for v in range(1, geometry.shape[1]):
+        if moved:
+            samples = view_samples(dataset.samples, geometry[:, v], dataset.mirrors, dataset.flip_sign)
+            seen = replace(dataset, samples=samples)
+            per_view.append({**targets, **{t.name: t.targets(seen) for t in moved}})
+        else:
+            per_view.append(targets)
+    return {t.name: tuple(np.stack([p[t.name][i] for p in per_view]) for i in (0, 1)) for t in tasks}
+
+
+def _point_columns(columns: list[str]) -> list[str]:
+    return [c for pairs in point_columns(columns).values() for pair in pairs for c in pair]
 
 
 # ---------------------------------------------------------------------------- training
@@ -363,6 +411,7 @@ class _Member:
         self.rng = self._rng_state()
         self.opt = _optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.sched = _schedule(self.opt, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+        self.feature_aug = parse_feature_aug(cfg.feature_aug)
         self.history: list[dict[str, Any]] = []
         self.best, self.best_state, self.best_epoch = -math.inf, None, 0
         self.best_val: tuple[dict[str, Any], tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
@@ -379,7 +428,7 @@ class _Member:
             torch.set_rng_state(self.rng[0])
             for d, state in zip(self.cuda, self.rng[1:]):
                 torch.cuda.set_rng_state(state, d)
-            out = self.model(tokens)
+            out = self.model(feature_augment(tokens, self.feature_aug) if self.feature_aug else tokens)
             loss = sum(t.loss(out[t.name], *targets[t.name]) for t in tasks)
             if self.model.fuser.aux_loss is not None:
                 loss = loss + self.model.fuser.aux_loss
@@ -481,21 +530,27 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
         )
         all_rows = np.unique(np.concatenate([splits.train, *splits.evaluate.values()]))
         budget = cfg.max_memory or default_memory_budget()
-        batches = Batches(priors, all_rows, budget, cfg.batch_size, cfg.seed)
+        views = training_views(cfg, priors)
+        train_targets = (
+            view_targets(dataset, tasks, targets, priors.geometry())
+            if views > 1
+            else {k: (y[None], m[None]) for k, (y, m) in targets.items()}
+        )
+        batches = Batches(priors, all_rows, budget, cfg.batch_size, cfg.seed, views)
         steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
         selection = selection_metric(tasks[0], dataset)
         members = [_Member(c, priors.groups, tasks, steps_per_epoch, device) for c in configs]
         models = [m.model for m in members]
         disable = None if cfg.progress is None else not cfg.progress
         bar = tqdm(range(cfg.epochs), desc=f"fit {'+'.join(c.fuser for c in configs)}", unit="epoch", disable=disable)
-        y_dev = {t.name: (torch.from_numpy(targets[t.name][0]), torch.from_numpy(targets[t.name][1])) for t in tasks}
+        y_dev = {name: (torch.from_numpy(y), torch.from_numpy(m)) for name, (y, m) in train_targets.items()}
         for epoch in bar:
             for model in models:
                 model.train()
             te, seen = time.perf_counter(), 0
-            for idx, tokens in batches.iterate(splits.train, shuffle=True, epoch=epoch):
+            for idx, seen_in, tokens in batches.train_epoch(splits.train, epoch):
                 tokens = [t.to(device, non_blocking=True) for t in tokens]
-                sel = torch.from_numpy(idx)
+                sel = (torch.from_numpy(seen_in), torch.from_numpy(idx))
                 batch_targets = {name: (y[sel].to(device), m[sel].to(device)) for name, (y, m) in y_dev.items()}
                 for member in members:
                     member.step(tokens, batch_targets, tasks)
@@ -546,6 +601,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
                 "splits": splits.counts(),
                 **({"held_out": splits.held_out} if splits.held_out else {}),
                 "streamed": batches.streamed,
+                "views": views,
                 "seconds": seconds,
             }
             if share is not None:
