@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from etf.data.base import Dataset, MetaSource, Sample, register_dataset
-from etf.data.geometry import MIRROR_68
 from etf.data.datasets._common import (
     FIVE_FROM_68,
     annotation_error,
@@ -41,6 +40,7 @@ from etf.data.datasets._common import (
     points_array,
     read_rows,
 )
+from etf.data.geometry import MIRROR_68
 from etf.errors import EtfError
 
 SUBSETS = {

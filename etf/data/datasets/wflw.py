@@ -26,7 +26,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from etf.data.base import Dataset, MetaSource, Sample, register_dataset
-from etf.data.geometry import MIRROR_98
 from etf.data.datasets._common import (
     FIVE_FROM_98,
     annotation_error,
@@ -38,6 +37,7 @@ from etf.data.datasets._common import (
     points_array,
     read_rows,
 )
+from etf.data.geometry import MIRROR_98
 from etf.data.labels import SUBSET_PREFIX
 
 LISTS = "WFLW_annotations/list_98pt_rect_attr_train_test/list_98pt_rect_attr_{}.txt"
