@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from etf.cache.catalog import write_manifest
-from etf.cache.store import StoreWriter, plan_arrays, store_path
+from etf.cache.store import StoreWriter, plan_arrays, plan_views, store_path
 from etf.cache.tokens import TokenLayout, encode_tokens
 from etf.data.base import Dataset
 from etf.errors import EtfError
@@ -61,20 +61,26 @@ def import_tokens(
     dtype: str = "float16",
     prefix: int | None = None,
     store_format: str = "zarr",
+    geometry_file: Path | None = None,
 ) -> Path:
-    """Write ``tokens_file`` ((N, T, D) or (N, L, T, D) .npy) as the complete store ``name``."""
-    try:
-        src = np.load(tokens_file, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise EtfError(f"--array {tokens_file}: cannot read as .npy ({e})") from None
-    if src.ndim not in (3, 4) or not np.issubdtype(src.dtype, np.floating):
-        raise EtfError(
-            f"--array {tokens_file}: expected a float array (N,T,D) or (N,L,T,D), got {src.dtype} {src.shape}"
-        )
-    if src.ndim == 3:
-        src = src[:, None]
+    """Write ``tokens_file`` ((N, T, D) or (N, L, T, D) .npy) as the complete store ``name``.
+
+    With ``geometry_file`` ((N, K, 3, 3) .npy: per sample and view, the matrix from clean to
+    view pixels, view 0 the identity) the array has a view axis after the sample axis,
+    (N, K, T, D) or (N, K, L, T, D), and its views 1..K-1 become the store's views.
+    """
+    src = _load(tokens_file, "--array")
+    shapes = "(N,K,T,D) or (N,K,L,T,D)" if geometry_file else "(N,T,D) or (N,L,T,D)"
+    if src.ndim not in (3 + bool(geometry_file), 4 + bool(geometry_file)) or not np.issubdtype(src.dtype, np.floating):
+        raise EtfError(f"--array {tokens_file}: expected a float array {shapes}, got {src.dtype} {src.shape}")
+    if not geometry_file:
+        src = src[:, None]  # one view
+    if src.ndim == 4:
+        src = src[:, :, None]  # one layer
+    views = src.shape[1]
     order = _row_order(dataset, src.shape[0], ids_file)
-    n_layers, t, d = src.shape[1:]
+    geometry = _geometry(geometry_file, src.shape[:2]) if geometry_file else None
+    n_layers, t, d = src.shape[2:]
     layers = list(range(1, n_layers + 1))
     layout = guess_layout(t, prefix)
     spec = {
@@ -88,18 +94,44 @@ def import_tokens(
         "layout": layout.to_json(),
         "tokens": "all",
         "dtype": dtype,
+        **({"views": {"count": views, "geometry_sha256": sha256_file(geometry_file)}} if views > 1 else {}),
     }
     path = store_path(cache_dir, dataset.key, name, spec, store_format)
     write_manifest(cache_dir, dataset)
     if path.exists():
         return path
     arrays = plan_arrays(layers, [(t, d)] * n_layers)
-    writer = StoreWriter(path, spec, arrays, {layer: layout for layer in layers})
+    writer = StoreWriter(path, spec, arrays, {layer: layout for layer in layers}, views=plan_views(arrays, views))
     for c in sorted(set(range(writer.num_chunks)) - writer.done_chunks()):
         start, stop = writer.chunk_range(c)
         rows = order[start:stop]
         block = torch.from_numpy(np.ascontiguousarray(src[rows], dtype=np.float32))
         ids = dataset.ids[start:stop]
-        writer.write_chunk(c, {"tokens": encode_tokens(block.flatten(1, 2), dtype, ids).reshape(block.shape)}, {})
+        stored = encode_tokens(block.flatten(2, 3).flatten(0, 1), dtype, [i for i in ids for _ in range(views)])
+        stored = stored.reshape(block.shape)
+        data = {"tokens": stored[:, 0]}
+        if views > 1:
+            data |= {"views": stored[:, 1:], "view_matrix": geometry[rows]}
+            data["view_flip"] = np.linalg.det(geometry[rows][:, :, :2, :2]) < 0
+        writer.write_chunk(c, data, {})
     writer.finalize()
     return path
+
+
+def _load(file: Path, flag: str) -> np.ndarray:
+    try:
+        return np.load(file, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise EtfError(f"{flag} {file}: cannot read as .npy ({e})") from None
+
+
+def _geometry(file: Path, shape: tuple[int, int]) -> np.ndarray:
+    """``--geometry``: (N, K, 3, 3) finite matrices, view 0 the identity."""
+    g = np.asarray(_load(file, "--geometry"), dtype=np.float64)
+    if g.shape != (*shape, 3, 3):
+        raise EtfError(f"--geometry {file}: expected shape {(*shape, 3, 3)} (N, K, 3, 3) for --array, got {g.shape}")
+    if not np.isfinite(g).all():
+        raise EtfError(f"--geometry {file}: holds non-finite values")
+    if not np.allclose(g[:, 0], np.eye(3)):
+        raise EtfError(f"--geometry {file}: view 0 must be the clean image (the identity matrix for every sample)")
+    return g

@@ -25,7 +25,7 @@ def describe_store(path: Path) -> None:
             ("arrays", ", ".join(f"{k} {tuple(v)}" for k, v in info["arrays"].items())),
             ("layers", ",".join(map(str, info["layers"]))),
             *(
-                [("views", f"{v['count']} (0: clean, 1..{v['count'] - 1}: --augment {v['augment']}, seed {v['seed']})")]
+                [("views", f"{v['count']} (0: clean, 1..{v['count'] - 1}: " + _made_by(v) + ")")]
                 if (v := info["views"])
                 else []
             ),
@@ -43,6 +43,12 @@ def describe_store(path: Path) -> None:
             ("format", f"version {info['format_version']}; written by {_versions(info['versions'])}"),
         ]
     )
+
+
+def _made_by(views: dict) -> str:
+    if "augment" in views:
+        return f"--augment {views['augment']}, seed {views['seed']}"
+    return f"imported, geometry sha256 {views['geometry_sha256'][:12]}"
 
 
 def _versions(versions: dict[str, str] | None) -> str:
@@ -119,14 +125,21 @@ def verify(store: Path) -> None:
     type=click.IntRange(min=0),
     help="Leading non-patch tokens.  [default: 0 or 1, whichever leaves a square grid]",
 )
+@click.option(
+    "--geometry",
+    "geometry_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Augmented views: .npy (N,K,3,3), per sample and view the matrix from clean to view pixels (view 0 the "
+    "identity); --array then has a view axis, (N,K,T,D) or (N,K,L,T,D).",
+)
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True)
 @click.option("--store", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-def import_(cache_dir, data_spec, crop, name, array_file, ids_file, prefix, dtype, store_format) -> None:
+def import_(cache_dir, data_spec, crop, name, array_file, ids_file, prefix, geometry_file, dtype, store_format) -> None:
     """Bring tokens computed elsewhere into the cache as a store."""
     from etf.cache.importer import import_tokens
     from etf.cli.options import writable_dir
 
     writable_dir(cache_dir, "--cache")
     dataset = open_dataset(data_spec, crop)
-    path = import_tokens(cache_dir, dataset, name, array_file, ids_file, dtype, prefix, store_format)
+    path = import_tokens(cache_dir, dataset, name, array_file, ids_file, dtype, prefix, store_format, geometry_file)
     describe_store(path)
