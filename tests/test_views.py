@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from etf.cache.audit import verify_store
+from etf.cache.features import Batches, PriorSet, draw_views
 from etf.cache.importer import import_tokens
 from etf.cache.store import TokenStore
 from etf.data import load_dataset
@@ -185,6 +186,24 @@ def test_fit_over_views_from_memory_and_streamed(faces, encoder, tmp_path):
     assert (streamed.metrics["views"], streamed.metrics["streamed"]) == (4, True)
     clean = fit(dataset, FitConfig(out=tmp_path / "c", views="clean", **base))
     assert clean.metrics["views"] == 1
+    priors = PriorSet(cache, dataset, [TINY_VIT])
+    stored = [priors.stores[0].read_layers([12], 0, len(dataset), v)[12] for v in range(4)]
+    rows = np.arange(len(dataset))
+    for budget in (1 << 30, 1 << 12):  # from memory, streamed
+        batches = Batches(priors, rows, budget, 3, seed=0, views=4)
+        assert batches.streamed == (budget < 1 << 20)
+        seen = []
+        for epoch in range(3):
+            for idx, views, (tokens,) in batches.train_epoch(rows, epoch):
+                for i, v, t in zip(idx, views, tokens):
+                    np.testing.assert_array_equal(t.numpy(), stored[v][i])
+                    if batches.streamed:  # one seeded view per block and epoch
+                        assert (
+                            v == draw_views(0, epoch, -(-len(rows) // batches.block_rows), 4)[i // batches.block_rows]
+                        )
+                seen += list(views)
+        assert len(set(seen)) == 4, "every view is drawn"
+    priors.close()
     unmirrored = dataclasses.replace(dataset, mirrors={})
     with pytest.raises(EtfError, match="no left/right mirror map for landmarks 'lm'"):
         fit(unmirrored, FitConfig(out=tmp_path / "x", **base))

@@ -300,13 +300,13 @@ class BlockStream:
         alone, whatever K."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.blocks)) if self.shuffle else range(len(self.blocks))
-        drawn = draw_views(self.seed, epoch, len(self.blocks), self.views)
+        block_view = draw_views(self.seed, epoch, len(self.blocks), self.views)
 
         def read() -> Iterator[list[Any]]:
             for i in order:
                 start, stop = self.blocks[i]
                 sel = rows_between(self.rows, start, stop)
-                view = int(drawn[i])
+                view = int(block_view[i])
                 block = self.priors.read_block(start, stop, view)
                 yield [sel, torch.from_numpy(sel - start), block, np.full(len(sel), view)]
 
