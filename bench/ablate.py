@@ -80,19 +80,20 @@ def extract_all(dataset, cache: Path, names: list[str], img_size: int, views: in
         )
 
 
-def online_epoch(dataset, name: str, img_size: int, epoch: int) -> float:
-    """Wall seconds of one epoch of a prior under online augmentation: every training image
-    decoded, freshly augmented (seeded by the epoch), transformed and forwarded, batch 32."""
+def online_epoch(dataset, name: str, img_size: int, epoch: int) -> tuple[float, float]:
+    """Wall and CPU seconds of one epoch of a prior under online augmentation: every
+    training image decoded, freshly augmented (seeded by the epoch), transformed and
+    forwarded, batch 32."""
     encoder = create_encoder(name, pretrained=False, img_size=img_size)
     layers = encoder.resolve_layers(None)
     augmenter, transform = Augmenter(parse_augment("face"), seed=epoch), encoder.transform()
     rows = [i for i, s in enumerate(dataset.splits) if s == "train"]
-    t0 = time.perf_counter()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     for b in range(0, len(rows), 32):
         batch = [augmenter.view(dataset.load_image(i), dataset.ids[i], 1)[0] for i in rows[b : b + 32]]
         with torch.inference_mode():
             encoder.tokens(torch.stack([transform(img) for img in batch]), layers)
-    return time.perf_counter() - t0
+    return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
 def main() -> None:
@@ -129,19 +130,24 @@ def main() -> None:
             outcome = run_grid(plan)
             get_reusable_executor().shutdown(wait=True)  # so that the workers' CPU time is counted
         assert outcome.done == runs and not outcome.failed
-        epoch = {name: np.mean([online_epoch(dataset, name, args.img_size, e) for e in range(2)]) for name in encoders}
+        epoch = {
+            name: np.mean([online_epoch(dataset, name, args.img_size, e) for e in range(2)], axis=0)
+            for name in encoders
+        }
         forwards = sum(args.epochs * epoch[name] for p in plan.points for name in p.config.encoders)
-        online = forwards + cached[0]
+        online = forwards + np.array(cached)
         print(
-            "online augmentation, one epoch of each prior: "
-            + ", ".join(f"{name} {epoch[name]:.1f} s" for name in encoders)
-            + f"; the grid: {forwards:.1f} s of prior forwards + the fits {cached[0]:.1f} s = {online:.1f} s wall",
+            "online augmentation, one epoch of each prior (wall, cpu): "
+            + ", ".join(f"{name} {epoch[name][0]:.1f} s, {epoch[name][1]:.1f} s" for name in encoders)
+            + f"; the grid: prior forwards {forwards[0]:.1f} s + the fits {cached[0]:.1f} s = {online[0]:.1f} s wall, "
+            f"{online[1]:.1f} s cpu",
             flush=True,
         )
-        print(
-            f"ratio (wall): online augmentation / (extract once + cached) {online / (once[0] + cached[0]):.1f}x, "
-            f"online / cached {online / cached[0]:.1f}x"
-        )
+        for name, k in (("wall", 0), ("cpu", 1)):
+            print(
+                f"ratio ({name}): online augmentation / (extract once + cached) {online[k] / (once[k] + cached[k]):.1f}x, "
+                f"online / cached {online[k] / cached[k]:.1f}x"
+            )
         if args.skip_reextract:
             return
         with clock("grid re-extracting for every run", runs) as naive:

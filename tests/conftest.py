@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +38,24 @@ def make_image(path: Path, seed: int, size: int = 40, mode: str = "RGB") -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def etf_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "etf.cli", *args]
+
+
+def kill_after_chunks(args: list[str], cache: Path, env: dict[str, str], chunks: int = 3) -> int:
+    """Run ``etf ARGS --cache CACHE`` and SIGKILL it (a real kill, no clean-up) once
+    ``chunks`` chunks are marked done; the number of chunks done when it died."""
+    proc = subprocess.Popen(
+        etf_command(*args, "--cache", str(cache)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(cache.glob("*/*.partial/done/*.json"))) < chunks:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return len(list(cache.glob("*/*.partial/done/*.json")))
 
 
 def make_folder(root: Path, train: int, val: int = 3, test: int = 3) -> Path:

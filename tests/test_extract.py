@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from etf.data import load_dataset
 from etf.errors import EtfError
 from etf.pipeline.extract.encoders import create_encoder
 from etf.pipeline.extract.run import ExtractOptions, extract
-from tests.conftest import IMG, TINY_VIT
+from tests.conftest import IMG, TINY_VIT, kill_after_chunks
 
 OPTS = dict(workers=0, progress=False)
 
@@ -141,16 +139,8 @@ def test_resume_after_sigkill_gives_identical_arrays(tmp_path):
     ref_path = next((tmp_path / "ref").glob("*/*.zarr"))
 
     cache = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _etf(*args, "--cache", str(cache)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(cache.glob("*/*.partial/done/*.json"))) < 3:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    done = kill_after_chunks(args, cache, env)
     partial = next(cache.glob("*/*.partial"))
-    done = len(list(partial.glob("done/*.json")))
     assert 3 <= done < 25, "the kill must land mid-extraction"
     assert not list(cache.glob("*/*.zarr")), "no complete store may exist after a kill"
     with pytest.raises(EtfError, match="incomplete"):

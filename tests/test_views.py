@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,7 @@ from etf.pipeline.fit.config import FitConfig
 from etf.pipeline.fit.heads import parse_task
 from etf.pipeline.fit.train import fit, view_targets
 from etf.utils import spec_hash
-from tests.conftest import IMG, TINY_VIT, make_image
+from tests.conftest import IMG, TINY_VIT, etf_command, kill_after_chunks, make_image
 
 H, W = 48, 40
 #: five points (eyes, nose, mouth corners) and a colour for each, far apart in RGB
@@ -233,10 +230,6 @@ def test_import_with_a_view_axis(faces, tmp_path):
         import_tokens(tmp_path / "x", dataset, "ext", tmp_path / "t.npy", geometry_file=tmp_path / "g.npy")
 
 
-def _etf(*args: str) -> list[str]:
-    return [sys.executable, "-m", "etf.cli", *args]
-
-
 def test_resume_of_a_views_store_killed_mid_run(tmp_path):
     root = tmp_path / "faces"
     for i in range(32):
@@ -245,28 +238,20 @@ def test_resume_of_a_views_store_killed_mid_run(tmp_path):
     args += ["--views", "3", "--augment", "face", "--chunk-rows", "4", "--batch-size", "4", "--workers", "0"]
     args += ["--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(_etf(*args, "--cache", str(tmp_path / "ref")), check=True, env=env, capture_output=True)
+    subprocess.run(etf_command(*args, "--cache", str(tmp_path / "ref")), check=True, env=env, capture_output=True)
     reference = next((tmp_path / "ref").glob("*/*.zarr"))
 
     cache = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _etf(*args, "--cache", str(cache)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(cache.glob("*/*.partial/done/*.json"))) < 3:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(list(cache.glob("*/*.partial/done/*.json")))
+    done = kill_after_chunks(args, cache, env)
     assert 3 <= done < 8, "the kill must land mid-extraction"
     assert not list(cache.glob("*/*.zarr"))
-    subprocess.run(_etf(*args, "--cache", str(cache)), check=True, env=env, capture_output=True)
+    subprocess.run(etf_command(*args, "--cache", str(cache)), check=True, env=env, capture_output=True)
     path = next(cache.glob("*/*.zarr"))
     assert path.name == reference.name
     with TokenStore.open(path) as a, TokenStore.open(reference) as b:
         for name in ("tokens", "views", "view_matrix", "view_flip"):
             np.testing.assert_array_equal(a._rows(name, 0, a.n), b._rows(name, 0, b.n), err_msg=name)
-    out = subprocess.run(_etf("cache", "info", str(path)), env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(etf_command("cache", "info", str(path)), env=env, capture_output=True, text=True, check=True)
     assert "views" in out.stdout and "views (32, 2, 1, 5, 192)" in out.stdout
 
 
@@ -279,7 +264,7 @@ def test_resume_of_a_views_store_killed_mid_run(tmp_path):
 )
 def test_bad_view_options_are_one_line(args, message, tmp_path):
     res = subprocess.run(
-        _etf("extract", "--data", "lfw-subset", "--encoder", TINY_VIT, "--cache", str(tmp_path), *args),
+        etf_command("extract", "--data", "lfw-subset", "--encoder", TINY_VIT, "--cache", str(tmp_path), *args),
         capture_output=True,
         text=True,
     )
