@@ -5,6 +5,7 @@ and a killed views extraction resumes to the same arrays."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -12,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from etf.cache.audit import verify_store
 from etf.cache.features import Batches, PriorSet, draw_views
 from etf.cache.importer import import_tokens
 from etf.cache.store import TokenStore
+from etf.cli import main
 from etf.data import load_dataset
 from etf.data.geometry import MIRROR_5, is_mirror
 from etf.errors import EtfError
@@ -183,6 +186,12 @@ def test_fit_over_views_from_memory_and_streamed(faces, encoder, tmp_path):
     assert (streamed.metrics["views"], streamed.metrics["streamed"]) == (4, True)
     clean = fit(dataset, FitConfig(out=tmp_path / "c", views="clean", **base))
     assert clean.metrics["views"] == 1
+    images = [str(dataset.samples[i].path) for i in (4, 9)]  # test samples
+    out = CliRunner().invoke(
+        main, ["predict", "--run", str(tmp_path / "m"), *images, "--json", str(tmp_path / "p.json")]
+    )
+    assert out.exit_code == 0, out.output
+    assert len(json.loads((tmp_path / "p.json").read_text())) == 2, "predict reads a run trained on views"
     priors = PriorSet(cache, dataset, [TINY_VIT])
     stored = [priors.stores[0].read_layers([12], 0, len(dataset), v)[12] for v in range(4)]
     rows = np.arange(len(dataset))
@@ -270,3 +279,18 @@ def test_bad_view_options_are_one_line(args, message, tmp_path):
     )
     assert res.returncode != 0 and message in res.stderr and "Traceback" not in res.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_ablate_puts_views_and_feature_aug_on_axes(faces, encoder, tmp_path):
+    dataset, root = faces
+    extract(dataset, encoder, root / "flip", ExtractOptions(views=4, augment="flip", view_seed=5, **OPTS))
+    (tmp_path / "grid.toml").write_text('feature_aug = ["none", "drop:0.1,noise:0.1"]\n')
+    args = ["ablate", "--dry-run", "--config", str(tmp_path / "grid.toml"), "--data", f"csv:{root / 'd.csv'}"]
+    args += ["--cache", str(root / "flip"), "--encoders", TINY_VIT, "--fusers", "concat", "--task", "landmarks:lm"]
+    res = CliRunner().invoke(main, [*args, "--views", "random,clean"])
+    assert res.exit_code == 0, res.output
+    runs = [line for line in res.output.splitlines() if "fuser=concat" in line]
+    assert len(runs) == 4 and {"views=random", "views=clean"} <= set(" ".join(runs).split())
+    assert res.output.count("group ") == 2, "feature augmentation is a model setting: one pass per views value"
+    bad = CliRunner().invoke(main, [*args, "--views", "random,sideways"])
+    assert bad.exit_code != 0 and "--views 'sideways': use random or clean" in bad.output

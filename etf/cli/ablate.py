@@ -106,11 +106,11 @@ def command(ctx: click.Context, config_file: Path | None, dry_run: bool, **optio
 
 def _as_grid_options(cmd: click.Command) -> None:
     """The shared fit options as a grid takes them: --data may come from --config, and
-    --attn and --mask take comma lists (each value a grid axis)."""
+    --attn, --mask, --views and the formulation flags take comma lists (each value a grid axis)."""
     for param in cmd.params:
         if param.name == "data_spec":
             param.required = False
-        elif param.name in ("attn", "mask", "prior_tokens", "fuse", "position_code", "head"):
+        elif param.name in ("attn", "mask", "prior_tokens", "fuse", "position_code", "head", "views"):
             param.type = click.STRING
             param.help = f"{param.help or ''} Comma list: a grid axis.".strip()
         elif param.name == "progress":

@@ -200,13 +200,15 @@ def _records(p: Predictor, images: list[Path], out: dict[str, Any]) -> list[dict
 
 
 DATASET_FIELDS = ("dataset_key", "n", "tokens_sha256", "ids_sha256")  # store spec fields that name the data
+#: store spec fields only training reads: a store's view 0 is the same with or without its views
+VIEW_FIELDS = ("views",)
 
 
 def _check_priors(run: Path, config: dict[str, Any], priors: PriorSet) -> None:
     """The dataset's stores must hold what the run's priors held for its training data."""
     recorded = read_json(run / "stores.json")
     for old, new in zip(recorded, priors.specs()):
-        a, b = ({k: v for k, v in s["spec"].items() if k not in DATASET_FIELDS} for s in (old, new))
+        a, b = ({k: v for k, v in s["spec"].items() if k not in DATASET_FIELDS + VIEW_FIELDS} for s in (old, new))
         if a != b:
             differs = ", ".join(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
             raise EtfError(
