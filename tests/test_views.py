@@ -294,3 +294,19 @@ def test_ablate_puts_views_and_feature_aug_on_axes(faces, encoder, tmp_path):
     assert res.output.count("group ") == 2, "feature augmentation is a model setting: one pass per views value"
     bad = CliRunner().invoke(main, [*args, "--views", "random,sideways"])
     assert bad.exit_code != 0 and "--views 'sideways': use random or clean" in bad.output
+
+
+def test_views_store_from_two_shards_and_in_hdf5_equals_one_process(faces, encoder, tmp_path):
+    dataset, root = faces
+    opts = ExtractOptions(views=3, augment="flip,crop:0.8", **OPTS)
+    one = extract(dataset, encoder, root / "flip,crop:0.8", opts)
+    first = extract(dataset, encoder, tmp_path / "s", dataclasses.replace(opts, shard=(0, 2)))
+    second = extract(dataset, encoder, tmp_path / "s", dataclasses.replace(opts, shard=(1, 2)))
+    assert not first.complete and second.complete and second.path.name == one.path.name
+    h5 = extract(dataset, encoder, tmp_path / "h", dataclasses.replace(opts, store="hdf5"))
+    with TokenStore.open(one.path) as a, TokenStore.open(second.path) as b, TokenStore.open(h5.path) as c:
+        for name in ("tokens", "views", "view_matrix", "view_flip"):
+            np.testing.assert_array_equal(a._rows(name, 0, a.n), b._rows(name, 0, b.n), err_msg=name)
+            np.testing.assert_array_equal(a._rows(name, 0, a.n), c._rows(name, 0, c.n), err_msg=name)
+        assert c._arrays["views"].chunks[1] == 1, "HDF5 chunks hold one view too"
+    assert verify_store(h5.path) == []
