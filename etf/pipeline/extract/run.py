@@ -293,6 +293,8 @@ class _ChunkBuffer:
         self.start, stop = writer.chunk_range(c)
         dtype = physical_dtype(writer.spec["dtype"])
         self.data = {a.name: np.zeros((stop - self.start, *a.shape), a.dtype or dtype) for a in writer.all_arrays}
+        if "view_matrix" in self.data:  # a skipped row's views are the clean image: labels stay finite
+            self.data["view_matrix"][:] = np.eye(3)
         rows = range(self.start, stop)
         self.skipped = {dataset.ids[r]: skip[r] for r in rows if r in skip}  # sample id -> why
         self.missing = len(rows) - len(self.skipped)
