@@ -35,6 +35,8 @@ bench: install
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/fit.py
 	$(BIN)/python bench/ablate.py
+	$(BIN)/python bench/ablate.py --views 4 --skip-reextract
+	$(BIN)/python bench/views.py
 	$(BIN)/python bench/paper_fuser.py
 
 # Random-init tiny encoders: the demo must run offline. Drop --no-pretrained with network access.
