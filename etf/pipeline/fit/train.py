@@ -670,7 +670,8 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
 def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -> str:
     lines = [
         f"run {cfg.out}: {cfg.fuser} over {', '.join(metrics['priors'])}; best epoch {metrics['best_epoch']}/{cfg.epochs} by {metrics['selected_by']}"
-        + (" (streamed from the stores)" if metrics["streamed"] else ""),
+        + (" (streamed from the stores)" if metrics["streamed"] else "")
+        + (f"; trained on a random one of {metrics['views']} views per epoch" if metrics.get("views", 1) > 1 else ""),
         "samples  " + "  ".join(f"{k} {v}" for k, v in metrics["splits"].items()),
         *(f"held out {k}: {v}" for k, v in metrics.get("held_out", {}).items()),
     ]
