@@ -205,7 +205,7 @@ class TaskUncertainty(nn.Module):
         return torch.exp(-s) * loss + s
 
     def values(self) -> dict[str, float]:
-        return {n: float(self.log_var[k]) for n, k in self.index.items()}
+        return {n: float(self.log_var[k].detach()) for n, k in self.index.items()}
 
 
 class _JointMember(_Member):
