@@ -135,10 +135,10 @@ def test_run_directory_groups_by_dataset_and_agrees_with_sklearn(pair, tmp_path)
     rows = list(csv.DictReader(open(run / "predictions.csv")))
     truth = dict(zip(a.ids, a.column("expression")))
     test_a = [r for r in rows if r["dataset"] == "csv1" and r["split"] == "test"]
-    assert len(test_a) == 100 and all(r["AU1:true:AU1"] == r["AU1:pred:AU1"] == "" for r in test_a)
-    y = [int(r["expression:true:expression"]) for r in test_a]
+    assert len(test_a) == 100 and all(r["AU1_true"] == r["AU1_pred"] == "" for r in test_a)
+    y = [int(r["expression_true"]) for r in test_a]
     assert y == [truth[r["id"]] for r in test_a]  # a sample's own dataset's labels, nothing else
-    p = [int(r["expression:pred:expression"]) for r in test_a]
+    p = [int(r["expression_pred"]) for r in test_a]
     assert m["datasets"]["csv1"]["test"]["expression"]["accuracy"] == pytest.approx(accuracy_score(y, p))
     history = list(csv.DictReader(open(run / "history.csv")))
     assert len(history) == 3 and float(history[0]["selection_score"]) == 0.0  # the first epoch is the reference

@@ -39,7 +39,6 @@ from etf.pipeline.fit.train import (
     FitResult,
     Splits,
     _cost,
-    _fmt,
     _Member,
     _optimizer,
     _schedule,
@@ -50,6 +49,7 @@ from etf.pipeline.fit.train import (
     evaluated_test_splits,
     predict_rows,
     prepare_data,
+    task_cells,
     write_model_files,
 )
 from etf.utils import staged_dir
@@ -480,7 +480,7 @@ def _write_predictions(path: Path, parts: list[Part], tasks: list[Task], predict
         w = csv.writer(f)
         header = ["id", "split", "dataset"]
         for t in tasks:
-            header += [f"{t.name}:true:{c}" for c in t.columns] + [f"{t.name}:pred:{c}" for c in t.pred_columns]
+            header += [c for side in t.csv_columns() for c in side]
         w.writerow(header)
         for p in parts:
             mine = {t.name for t in p.tasks}
@@ -489,11 +489,9 @@ def _write_predictions(path: Path, parts: list[Part], tasks: list[Task], predict
                     row = [p.dataset.ids[i], split, p.label]
                     for t in tasks:
                         if t.name not in mine:
-                            row += [""] * (len(t.columns) + len(t.pred_columns))
+                            row += [""] * sum(map(len, t.csv_columns()))
                             continue
-                        y, m = p.targets[t.name]
-                        row += [_fmt(y[i, c]) if m[i, c] else "" for c in range(len(t.columns))]
-                        row += [_fmt(v) for v in preds[t.name][k][: len(t.pred_columns)]]
+                        row += task_cells(t, *p.targets[t.name], i, preds[t.name][k])
                     w.writerow(row)
 
 

@@ -602,16 +602,14 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
         w = csv.writer(f)
         header = ["id", "split"]
         for t in tasks:
-            header += [f"{t.name}:true:{c}" for c in t.columns] + [f"{t.name}:pred:{c}" for c in t.pred_columns]
+            header += [c for side in t.csv_columns() for c in side]
         w.writerow(header)
         ids = dataset.ids
         for split, order, preds in predictions:
             for k, i in enumerate(order):
                 row = [ids[i], split]
                 for t in tasks:
-                    y, m = targets[t.name]
-                    row += [_fmt(y[i, j]) if m[i, j] else "" for j in range(len(t.columns))]
-                    row += [_fmt(v) for v in preds[t.name][k][: len(t.pred_columns)]]
+                    row += task_cells(t, *targets[t.name], i, preds[t.name][k])
                 w.writerow(row)
     every_prior = [p for p in predictions if not p[0].endswith(":canonical")]  # embeddings: all-prior only
     evaluated = [ids[i] for _, order, _ in every_prior for i in order]
@@ -641,8 +639,11 @@ def write_model_files(
         w.writerows(history)
 
 
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:.6g}"
+def task_cells(task: Task, y: np.ndarray, m: np.ndarray, i: int, pred: np.ndarray) -> list[str]:
+    """A task's predictions.csv cells for sample ``i``: its labels (empty where missing),
+    then its decoded prediction ``pred``."""
+    true = [task.cell(y[i, j]) if m[i, j] else "" for j in range(len(task.columns))]
+    return true + [task.cell(v) for v in pred[: len(task.pred_columns)]]
 
 
 def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -> str:
