@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from etf.cli.fit import fuser_options, training_options
+from etf.cli.fit import fuser_options, joint_options, training_options
 from etf.cli.options import cache_option, data_options, encoders_option
 from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
 from etf.pipeline.fit.config import INFER_MODES
@@ -24,9 +24,15 @@ _SETTING = {"cache_dir": "cache", "data_spec": "data"}
     help="TOML experiment file (keys as these options); options given here override it.",
 )
 @cache_option
-@data_options
+@data_options(multiple=True)
 @encoders_option("Priors, in order: the first encoder of a subset is its canonical prior.", required=False)
-@click.option("--task", "tasks", multiple=True, help="As for etf fit; repeat for multi-task.  [default: the dataset's]")
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    help="As for etf fit (K=SPEC or NAME=SPEC with several --data); repeat for multi-task.  [default: the dataset's]",
+)
+@joint_options
 @click.option("--subsets", default="all", show_default=True, help=SUBSETS.replace(" or ", ", ") + ".")
 @click.option(
     "--fusers",
@@ -110,7 +116,7 @@ def _as_grid_options(cmd: click.Command) -> None:
     for param in cmd.params:
         if param.name == "data_spec":
             param.required = False
-        elif param.name in ("attn", "mask", "prior_tokens", "fuse", "position_code", "head", "views"):
+        elif param.name in ("attn", "mask", "prior_tokens", "fuse", "position_code", "head", "views", "mix"):
             param.type = click.STRING
             param.help = f"{param.help or ''} Comma list: a grid axis.".strip()
         elif param.name == "progress":

@@ -240,9 +240,92 @@ def pop_task_specs(kw: dict[str, Any], default: list[str]) -> list[str]:
     )
 
 
+def joint_options(fn):
+    """Options of joint fits over several --data, shared with ``etf ablate``."""
+    for opt in reversed(
+        [
+            click.option(
+                "--mix",
+                default=None,
+                help="Joint fits: how steps draw on the datasets: balanced, proportional (to train sizes) or "
+                "temperature:T (p ~ n^(1/T)).  [default: proportional]",
+            ),
+            click.option(
+                "--task-weight",
+                "task_weights",
+                multiple=True,
+                metavar="NAME=W",
+                help="Joint fits: a task's loss weight (default 1); repeat for several tasks.",
+            ),
+            click.option(
+                "--uncertainty",
+                is_flag=True,
+                default=None,
+                help="Joint fits: weigh each task's loss by a learned log-variance (Kendall et al.).",
+            ),
+            click.option(
+                "--steps-per-epoch",
+                type=POSITIVE,
+                default=None,
+                help="Joint fits: training steps per epoch.  [default: one pass over the largest train split]",
+            ),
+            click.option(
+                "--select",
+                default=None,
+                metavar="TASK",
+                help="Joint fits: pick the epoch by this task's protocol metric.  "
+                "[default: the mean relative change over all tasks]",
+            ),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+#: the ``joint_options`` and their flags
+JOINT_FLAGS = {
+    "mix": "--mix",
+    "task_weights": "--task-weight",
+    "uncertainty": "--uncertainty",
+    "steps_per_epoch": "--steps-per-epoch",
+    "select": "--select",
+}
+
+
+def pop_joint_config(kw: dict[str, Any], datasets: int) -> Any:
+    """The ``joint_options`` values as a JointConfig (None for one dataset, which takes none)."""
+    from etf.errors import EtfError
+    from etf.pipeline.fit.mixing import JointConfig, parse_task_weights
+
+    values = {k: kw.pop(k) for k in JOINT_FLAGS}
+    given = [JOINT_FLAGS[k] for k, v in values.items() if v not in (None, ())]
+    if datasets == 1:
+        if given:
+            raise EtfError(f"{', '.join(given)}: for a joint fit over several --data; this fit has one")
+        return None
+    values["task_weights"] = parse_task_weights(list(values["task_weights"]))
+    return JointConfig(**{k: v for k, v in values.items() if v not in (None, {})})
+
+
+def joint_task_specs(kw: dict[str, Any], datasets: list[Any]) -> list[str]:
+    """Every dataset's task strings as ``K=SPEC`` (its ``--task K=...`` values, else its
+    defaults), with the ``verify_options`` filled in as for a single fit."""
+    from etf.pipeline.fit.mixing import assign, dataset_labels
+
+    per = assign(list(kw["tasks"]), dataset_labels([d.name for d in datasets]), "--task")
+    per = [mine or list(d.tasks) for mine, d in zip(per, datasets)]
+    kw["tasks"] = [s for mine in per for s in mine]
+    flat = pop_task_specs(kw, [])
+    out, at = [], 0
+    for k, mine in enumerate(per):
+        out += [f"{k + 1}={s}" for s in flat[at : at + len(mine)]]
+        at += len(mine)
+    return out
+
+
 @click.command("fit")
 @cache_option
-@data_options
+@data_options(multiple=True)
 @encoders_option("Priors (store names, NAME-HASHPREFIX, or store paths); the first is canonical.")
 @click.option(
     "--task",
@@ -251,6 +334,7 @@ def pop_task_specs(kw: dict[str, Any], default: list[str]) -> list[str]:
     help="classify:COL, multilabel:C1,C2, regress:COL, landmarks:PREFIX, verify:COL; repeat for multi-task.  [default: the dataset's]",
 )
 @verify_options
+@joint_options
 @_fit("fuser", type=click.Choice(fuser_names()))
 @fuser_options
 @training_options
@@ -258,15 +342,28 @@ def pop_task_specs(kw: dict[str, Any], default: list[str]) -> list[str]:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (must be new or empty).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory at --out.")
 def command(**kw: Any) -> None:
-    """Train --fuser and task heads on cached tokens of --encoders; write the run to --out."""
+    """Train --fuser and task heads on cached tokens of --encoders; write the run to --out.
+
+    With several --data, one fuser and every dataset's task heads train jointly."""
     from etf.pipeline.extract.run import resolve_device
     from etf.pipeline.fit.train import check_out, fit
 
     resolve_device(kw["device"])
     fuser_config = pop_fuser_config(kw)
     overwrite = kw.pop("overwrite")
+    specs, crop = kw.pop("data_spec"), kw.pop("crop")
+    joint = pop_joint_config(kw, len(specs))
     check_out(writable_dir(kw["out"], "--out"), overwrite)
-    dataset = open_dataset(kw.pop("data_spec"), kw.pop("crop"))
-    tasks = pop_task_specs(kw, dataset.tasks)
+    datasets = [open_dataset(s, crop) for s in specs]
+    if joint is None:
+        from etf.pipeline.fit.mixing import assign, dataset_labels
+
+        kw["tasks"] = assign(list(kw["tasks"]), dataset_labels([datasets[0].name]), "--task")[0]
+        tasks = pop_task_specs(kw, datasets[0].tasks)
+        click.echo(fit(datasets[0], FitConfig(tasks=tasks, fuser_config=fuser_config, **kw), overwrite).summary)
+        return
+    from etf.pipeline.fit.joint import fit_joint
+
+    tasks = joint_task_specs(kw, datasets)
     cfg = FitConfig(tasks=tasks, fuser_config=fuser_config, **kw)
-    click.echo(fit(dataset, cfg, overwrite).summary)
+    click.echo(fit_joint(datasets, [cfg], joint, overwrite)[0].summary)

@@ -40,8 +40,11 @@ def cache_option(fn: Callable) -> Callable:
     )(fn)
 
 
-def data_options(fn: Callable) -> Callable:
-    """``--data SPEC`` plus the options every dataset format accepts."""
+def data_options(fn: Callable | None = None, *, multiple: bool = False) -> Callable:
+    """``--data SPEC`` plus the options every dataset format accepts; ``multiple``: ``--data``
+    may repeat (a joint fit over several datasets)."""
+    if fn is None:
+        return lambda f: data_options(f, multiple=multiple)
     fn = click.option(
         "--crop",
         default=None,
@@ -51,8 +54,14 @@ def data_options(fn: Callable) -> Callable:
         "--data",
         "data_spec",
         required=True,
+        multiple=multiple,
         metavar="SPEC",
-        help="FORMAT:PATH[?key=value&...] (folder:, csv:, a dataset name) or an embedded name (lfw-subset).",
+        help="FORMAT:PATH[?key=value&...] (folder:, csv:, a dataset name) or an embedded name (lfw-subset)."
+        + (
+            " Repeat for a joint fit over several datasets (their own stores of the same --encoders)."
+            if multiple
+            else ""
+        ),
     )(fn)
 
 

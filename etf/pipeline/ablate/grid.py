@@ -43,6 +43,7 @@ from etf.pipeline.ablate.report import Metric, Run, write_report
 from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key
 from etf.pipeline.fit.fusers import check_fuser
 from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names
+from etf.pipeline.fit.mixing import JointConfig, assign, dataset_labels, parse_task_weights
 from etf.pipeline.fit.train import evaluated_test_splits, fit_many
 from etf.utils import canonical_json, parse_size, read_json, spec_hash, write_json_atomic
 
@@ -74,9 +75,11 @@ FUSER_AXES = tuple(f.name for f in fields(FuserConfig))
 AXES = {f.name: f.default for f in fields(FitConfig) if f.name in FIT_AXES} | {
     f.name: f.default for f in fields(FuserConfig)
 }
+#: the axis of joint grids (several ``data``): how steps draw on the datasets
+JOINT_AXES = {"mix": JointConfig.mix}
 #: axes whose option has a plural name, and axes given as comma lists on the command line
 PLURAL = {"fuser": "fusers", "seed": "seeds"}
-COMMA_AXES = ("fuser", "seed", "attn", "mask", "prior_tokens", "fuse", "position_code", "head", "views")
+COMMA_AXES = ("fuser", "seed", "attn", "mask", "prior_tokens", "fuse", "position_code", "head", "views", "mix")
 #: settings that are not axes, with their defaults
 OPTIONS = {
     "data": None,
@@ -93,6 +96,11 @@ OPTIONS = {
     "test_split": None,
     "correction": "holm",
     "metric_infer": "all",
+    # joint grids: fixed settings of every fit (see JointConfig)
+    "task_weights": [],
+    "uncertainty": False,
+    "steps_per_epoch": None,
+    "select": None,
 }
 
 
@@ -130,7 +138,7 @@ def load_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise EtfError(f"{path}: malformed TOML: {e}") from None
     settings = {k.replace("-", "_"): v for k, v in raw.items()}
-    known = {*OPTIONS, *(PLURAL.get(k, k) for k in AXES)}
+    known = {*OPTIONS, *(PLURAL.get(k, k) for k in AXES), *JOINT_AXES}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise EtfError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -161,9 +169,10 @@ def _check_type(name: str, value: Any, hint: Any, where: str | None) -> Any:
 
 @dataclass
 class Grid:
-    """What ``etf ablate`` runs: the subsets of ``encoders`` times every combination of ``axes``."""
+    """What ``etf ablate`` runs: the subsets of ``encoders`` times every combination of ``axes``.
+    Several ``data`` make every point a joint fit (``joint`` its fixed settings, ``mix`` an axis)."""
 
-    data: str
+    data: list[str]
     cache: Path
     out: Path | None
     encoders: list[str]
@@ -179,6 +188,7 @@ class Grid:
     correction: str = "holm"
     #: the inference mode of the report's metric: every prior, or the canonical prior alone
     metric_infer: str = "all"
+    joint: JointConfig | None = None
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], where: str | None = None, dry_run: bool = False) -> Grid:
@@ -214,9 +224,15 @@ class Grid:
             axes[key] = list(dict.fromkeys(_check_type(key, v, hints[key], where) for v in values))
         for f in axes["fuser"]:
             check_fuser(f, "--fusers")
+        data = list(s["data"]) if isinstance(s["data"], (list, tuple)) else [s["data"]]
+        joint = _joint_settings(s, len(data))
+        if joint is not None:
+            axes["mix"] = list(dict.fromkeys(_listed(s.get("mix") or joint.mix)))
+            for mix in axes["mix"]:
+                JointConfig(mix=mix)
         tasks = s["tasks"]
         return cls(
-            data=s["data"],
+            data=data,
             cache=Path(s["cache"]),
             out=Path(s["out"]) if s.get("out") else None,
             encoders=_listed(s["encoders"]),
@@ -231,7 +247,26 @@ class Grid:
             test_split=s["test_split"],
             correction=s["correction"],
             metric_infer=s["metric_infer"],
+            joint=joint,
         )
+
+
+def _joint_settings(s: dict[str, Any], datasets: int) -> JointConfig | None:
+    """The fixed joint-fit settings of a grid over several datasets (None for one, which takes none)."""
+    flags = {"mix": "--mix", "task_weights": "--task-weight", "uncertainty": "--uncertainty"}
+    flags |= {"steps_per_epoch": "--steps-per-epoch", "select": "--select"}
+    if datasets == 1:
+        given = [flag for k, flag in flags.items() if s.get(k) not in (None, [], (), False)]
+        if given:
+            raise EtfError(f"{', '.join(given)}: for a joint grid over several --data; this grid has one")
+        return None
+    weights = s["task_weights"]
+    return JointConfig(
+        task_weights=weights if isinstance(weights, dict) else parse_task_weights(list(weights)),
+        uncertainty=bool(s["uncertainty"]),
+        steps_per_epoch=s["steps_per_epoch"],
+        select=s["select"],
+    )
 
 
 def _int(value: Any, flag: str) -> int:
@@ -252,6 +287,8 @@ class Point:
     config: FitConfig
     labels: dict[str, Any]
     baseline: str
+    #: a joint fit's settings (None: a fit of one dataset)
+    joint: JointConfig | None = None
 
     @property
     def dir(self) -> Path:
@@ -263,16 +300,26 @@ class Plan:
     """A grid resolved against the cache: every point with its run id, grouped for fit_many."""
 
     grid: Grid
-    dataset: Dataset
+    datasets: list[Dataset]
     points: list[Point]
-    metric: Metric
+    #: what the report compares: the first task's metric, or for a joint grid every task's
+    metrics: list[Metric]
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.datasets[0]
+
+    @property
+    def metric(self) -> Metric:
+        return self.metrics[0]
 
     def groups(self) -> list[list[Point]]:
-        """Points that share the data (same subset, seed and data settings), seed-major so
-        an interrupted grid has complete seeds first."""
+        """Points that share the data (same subset, seed, data and joint settings), seed-major
+        so an interrupted grid has complete seeds first."""
         groups: dict[str, list[Point]] = {}
         for p in self.points:
-            groups.setdefault(canonical_json(data_key(p.config)), []).append(p)
+            joint = p.joint.to_json() if p.joint else None
+            groups.setdefault(canonical_json([data_key(p.config), joint]), []).append(p)
         return sorted(groups.values(), key=lambda g: g[0].config.seed)
 
 
@@ -285,25 +332,39 @@ def plan_grid(grid: Grid) -> Plan:
     if len(set(grid.encoders)) != len(grid.encoders):
         raise EtfError(f"--encoders {','.join(grid.encoders)}: an encoder is named twice")
     subsets = parse_subsets(grid.subsets, grid.encoders)
-    dataset = load_dataset(grid.data, crop=grid.crop)
-    try:
-        priors = PriorSet(grid.cache, dataset, grid.encoders)
-    except EtfError as e:
-        raise EtfError(f"--encoders: {e}") from None
-    stores = {s["name"]: s["spec_hash"] for s in priors.specs()}
-    priors.close()
-    task_specs = grid.tasks or dataset.tasks
-    if not task_specs:
-        raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
-    tasks = [parse_task(t, dataset) for t in task_specs]
-    unique_names(tasks)
-    splits = evaluated_test_splits(dataset, grid.test_split)
-    if not splits:
-        raise EtfError(
-            f"--test-split {grid.test_split}: etf ablate compares on a test split; declare one (holdout:F or val)"
-        )
-    name = selection_metric(tasks[0], dataset)
-    metric = Metric(tasks[0].name, tasks[0].kind, name, tuple(splits), tasks[0].higher_is_better, grid.metric_infer)
+    datasets = [load_dataset(d, crop=grid.crop) for d in grid.data]
+    stores_by = _stores(grid, datasets)
+    stores = stores_by[0]
+    if grid.joint is None:
+        dataset = datasets[0]
+        task_specs = grid.tasks or dataset.tasks
+        if not task_specs:
+            raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
+        tasks = [parse_task(t, dataset) for t in task_specs]
+        unique_names(tasks)
+        t = tasks[0]
+        metrics = [
+            Metric(t.name, t.kind, selection_metric(t, dataset), _test_splits(dataset, grid), t.higher_is_better,
+                   grid.metric_infer)
+        ]  # fmt: skip
+        data_id: dict[str, Any] = {"dataset": dataset.key}
+    else:
+        from etf.pipeline.fit.joint import resolve_tasks
+
+        labels = dataset_labels([d.name for d in datasets])
+        per = [mine or list(d.tasks) for mine, d in zip(assign(grid.tasks, labels, "--task"), datasets)]
+        task_specs = [f"{k + 1}={spec}" for k, mine in enumerate(per) for spec in mine]
+        metrics = [
+            Metric(t.name, t.kind, selection_metric(t, d), _test_splits(d, grid), t.higher_is_better,
+                   grid.metric_infer, label)
+            for label, d, ts in zip(labels, datasets, resolve_tasks(datasets, task_specs, labels))
+            for t in ts
+        ]  # fmt: skip
+        if grid.joint.select is not None and grid.joint.select not in {m.task for m in metrics}:
+            raise EtfError(
+                f"--select {grid.joint.select!r}: no such task (tasks: {', '.join(m.task for m in metrics)})"
+            )
+        data_id = {"datasets": [d.key for d in datasets], "joint": grid.joint.to_json()}
 
     names = list(grid.axes)
     varied = [k for k in names if len(grid.axes[k]) > 1 and k not in ("fuser", "attn", "mask", "seed")]
@@ -322,7 +383,12 @@ def plan_grid(grid: Grid) -> Plan:
             **{k: values[k] for k in FIT_AXES},
         )
         hashed = {k: v for k, v in cfg.to_json().items() if k not in ("out", "cache_dir", "progress")}
-        run_id = spec_hash({"fit": hashed, "dataset": dataset.key, "stores": [stores[e] for e in subset]})
+        joint = replace(grid.joint, mix=values["mix"]) if grid.joint else None
+        if joint is None:
+            run_id = spec_hash({"fit": hashed, **data_id, "stores": [stores[e] for e in subset]})
+        else:
+            by_data = [[st[e] for e in subset] for st in stores_by]
+            run_id = spec_hash({"fit": hashed, **data_id, "mix": joint.mix, "stores": by_data})
         if run_id not in points:
             baseline = run_id if values["fuser"] == BASELINE_FUSER else add(subset[:1], _as_baseline(values))
             labels = {
@@ -333,9 +399,11 @@ def plan_grid(grid: Grid) -> Plan:
                 "mask": values["mask"],
                 # as resolved: a setting the fuser does not read shows as None (and its points merge)
                 **{k: getattr(cfg.fuser_config, k) if k in FUSER_AXES else values[k] for k in varied},
+                **({"mix": values["mix"]} if joint else {}),
                 "seed": values["seed"],
             }
-            points[run_id] = Point(run_id, replace(cfg, out=(grid.out or Path()) / "runs" / run_id), labels, baseline)
+            out = (grid.out or Path()) / "runs" / run_id
+            points[run_id] = Point(run_id, replace(cfg, out=out), labels, baseline, joint)
         return run_id
 
     for subset in subsets:
@@ -345,7 +413,38 @@ def plan_grid(grid: Grid) -> Plan:
                 add(subset[:1], _as_baseline(values))
             else:
                 add(subset, values)
-    return Plan(grid, dataset, list(points.values()), metric)
+    return Plan(grid, datasets, list(points.values()), metrics)
+
+
+def _stores(grid: Grid, datasets: list[Dataset]) -> list[dict[str, str]]:
+    """Per dataset, the spec hash of each encoder's store (a joint grid's must match)."""
+    priors: list[PriorSet] = []
+    try:
+        for d in datasets:
+            priors.append(PriorSet(grid.cache, d, grid.encoders))
+        if len(priors) > 1:
+            from etf.pipeline.fit.joint import check_priors_match
+
+            check_priors_match(priors, dataset_labels([d.name for d in datasets]))
+        return [{s["name"]: s["spec_hash"] for s in p.specs()} for p in priors]
+    except EtfError as e:
+        raise EtfError(f"--encoders: {e}") from None
+    finally:
+        for p in priors:
+            p.close()
+
+
+def _test_splits(dataset: Dataset, grid: Grid) -> tuple[str, ...]:
+    """The test splits a grid compares on (for a joint grid, ``--test-split`` declares those
+    of the datasets without their own)."""
+    own = any(s.startswith("test") for s in dataset.splits)
+    declared = None if grid.joint is not None and own else grid.test_split
+    splits = evaluated_test_splits(dataset, declared)
+    if not splits:
+        raise EtfError(
+            f"--test-split {grid.test_split}: etf ablate compares on a test split; declare one (holdout:F or val)"
+        )
+    return tuple(splits)
 
 
 #: the fuser settings the baseline reads: its heads read what the point's heads read
@@ -408,19 +507,25 @@ def limit_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_group(dataset: Dataset, group: list[Point], threads: int) -> list[tuple[str, str, str]]:
+def run_group(datasets: list[Dataset], group: list[Point], threads: int) -> list[tuple[str, str, str]]:
     """One parallel job: fit a group in one pass and record each run. Never raises for a run's
     error: it returns (run id, ``done``/``failed``, message) per point."""
     with limit_threads(threads):
-        return _fit_group(dataset, group)
+        return _fit_group(datasets, group)
 
 
-def _fit_group(dataset: Dataset, group: list[Point]) -> list[tuple[str, str, str]]:
-    try:
-        results = fit_many(dataset, [p.config for p in group], overwrite=True)  # the grid owns its run directories
+def _fit_group(datasets: list[Dataset], group: list[Point]) -> list[tuple[str, str, str]]:
+    configs = [p.config for p in group]
+    try:  # the grid owns its run directories
+        if group[0].joint is None:
+            results = fit_many(datasets[0], configs, overwrite=True)
+        else:
+            from etf.pipeline.fit.joint import fit_joint
+
+            results = fit_joint(datasets, configs, group[0].joint, overwrite=True)
     except Exception as e:  # any run's error is recorded, the grid goes on
         if len(group) > 1:  # one model's failure must not sink the others: fit them one by one
-            return [r for p in group for r in _fit_group(dataset, [p])]
+            return [r for p in group for r in _fit_group(datasets, [p])]
         return [(group[0].run_id, "failed", _record_failure(group[0], e))]
     for p, r in zip(group, results):
         _record_done(p, r.metrics["seconds"], group)
@@ -503,7 +608,7 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
         with _backend(grid, threads) as config, joblib.parallel_config(**config):
             as_ = "list" if grid.backend == "ray" else "generator_unordered"
             jobs = joblib.Parallel(n_jobs=grid.jobs, return_as=as_)(
-                joblib.delayed(run_group)(plan.dataset, g, threads) for g in todo
+                joblib.delayed(run_group)(plan.datasets, g, threads) for g in todo
             )
             try:
                 for k, results in enumerate(jobs, 1):
@@ -519,7 +624,12 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
             except Exception as e:  # a worker died (out of memory, a signal): keep what finished
                 outcome.stopped = f"{type(e).__name__}: {e}"
     runs = [_as_run(p) for p in plan.points]
-    write_report(runs, plan.metric, grid.out, _title(grid), grid.correction, _nme_norms(plan.dataset))
+    if grid.joint is None:
+        norms = _nme_norms(plan.dataset)
+    else:
+        labels = dataset_labels([d.name for d in plan.datasets])
+        norms = {label: _nme_norms(d) for label, d in zip(labels, plan.datasets)}
+    write_report(runs, plan.metrics, grid.out, _title(grid), grid.correction, norms)
     return outcome
 
 
@@ -537,4 +647,4 @@ def _as_run(point: Point) -> Run:
 
 
 def _title(grid: Grid) -> str:
-    return f"{grid.data}: {', '.join(grid.encoders)} ({grid.subsets})"
+    return f"{' + '.join(grid.data)}: {', '.join(grid.encoders)} ({grid.subsets})"

@@ -41,6 +41,8 @@ class Metric:
     splits: tuple[str, ...]
     higher_is_better: bool
     infer: str = "all"
+    #: a joint fit's dataset label: the task's metrics sit under ``datasets`` in metrics.json
+    dataset: str | None = None
 
     def key(self, split: str) -> str:
         """The split's name in metrics.json and predictions.csv for this inference mode."""
@@ -52,7 +54,8 @@ class Metric:
 
     def title(self, split: str) -> str:
         mode = "" if self.infer == "all" else ", canonical prior alone"
-        return f"{split} {self.task} {self.name}{mode}"
+        where = f"{self.dataset} " if self.dataset else ""
+        return f"{where}{split} {self.task} {self.name}{mode}"
 
     @property
     def bounds(self) -> tuple[float, float]:
@@ -86,6 +89,9 @@ class _Result:
 
 def _load(run: Run, metric: Metric, norms: dict[str, float] | None) -> _Result:
     metrics = read_json(run.path / "metrics.json")
+    shares = metrics.get("attention_share")
+    if metric.dataset is not None:
+        metrics = metrics["datasets"][metric.dataset]
 
     def value(task: dict[str, Any]) -> float:
         return math.nan if task.get(metric.name) is None else float(task[metric.name])  # null: NaN
@@ -101,7 +107,7 @@ def _load(run: Run, metric: Metric, norms: dict[str, float] | None) -> _Result:
         }
     else:
         terms = _prediction_terms(run.path, metric, norms)
-    return _Result(values, others, metrics.get("attention_share"), terms)
+    return _Result(values, others, shares, terms)
 
 
 def _prediction_terms(run: Path, metric: Metric, norms: dict[str, float] | None) -> dict[str, Terms]:
@@ -115,7 +121,7 @@ def _prediction_terms(run: Path, metric: Metric, norms: dict[str, float] | None)
     rows: dict[str, list[tuple[str, list[str], list[str]]]] = {metric.key(s): [] for s in metric.splits}
     with open(run / "predictions.csv", newline="") as f:
         for row in csv.DictReader(f):
-            if row["split"] in rows:
+            if row["split"] in rows and row.get("dataset") == metric.dataset:  # a joint fit's: its dataset's rows
                 rows[row["split"]].append((row["id"], [row[c] for c in true], [row[c] for c in pred]))
     out = {}
     for split in metric.splits:
@@ -173,12 +179,38 @@ def _comparison(pairs: list[tuple[_Result, _Result]], split: str, metric: Metric
     }
 
 
+def _norms_for(norms: dict[str, Any] | None, metric: Metric) -> dict[str, float] | None:
+    """A metric's NME normalisers: ``norms`` per sample id, or per dataset label and sample
+    id where the metric is a joint fit's."""
+    if norms is None or metric.dataset is None:
+        return norms
+    return norms.get(metric.dataset)
+
+
 def configurations(
-    runs: list[Run], metric: Metric, correction: str = "holm", norms: dict[str, float] | None = None
+    runs: list[Run], metric: Metric | list[Metric], correction: str = "holm", norms: dict[str, Any] | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per test split and configuration (in grid order) with its statistics, and the
-    prior names of the attention-share columns. ``norms``: the dataset's NME normaliser per
-    sample id (landmark tasks)."""
+    """One row per metric, test split and configuration (in grid order) with its statistics,
+    and the prior names of the attention-share columns; the p-values are adjusted over every
+    row. ``norms``: the dataset's NME normaliser per sample id (landmark tasks; per dataset
+    label first for a joint fit's metrics)."""
+    metrics = [metric] if isinstance(metric, Metric) else list(metric)
+    rows, priors, of = [], [], []
+    for m in metrics:
+        mine, shared = _metric_rows(runs, m, _norms_for(norms, m))
+        rows += mine
+        of += [m] * len(mine)
+        priors = list(dict.fromkeys([*priors, *shared]))
+    adjusted = adjust([math.nan if r["is_baseline"] else r["p"] for r in rows], correction)
+    for row, p, m in zip(rows, adjusted, of):
+        row["p_adjusted"] = float(p)
+        row["significant"] = _verdict(row, m)
+    return rows, priors
+
+
+def _metric_rows(
+    runs: list[Run], metric: Metric, norms: dict[str, float] | None
+) -> tuple[list[dict[str, Any]], list[str]]:
     results = {r.run_id: _load(r, metric, norms) for r in runs if r.status == "done"}
     by_id = {r.run_id: r for r in runs}
     keys = [k for k in dict.fromkeys(k for r in runs for k in r.labels) if k not in (*FIXED_LABELS, "seed")]
@@ -200,6 +232,7 @@ def configurations(
             ]
             row = {
                 "split": split,
+                **({"dataset": metric.dataset, "task": metric.task, "metric": metric.name} if metric.dataset else {}),
                 "configuration": name,
                 "variant": _variant(members[0].labels, shown),
                 **{k: v for k, v in members[0].labels.items() if k != "seed"},
@@ -225,10 +258,6 @@ def configurations(
                 row[f"share_{p}"] = float(np.mean(shares)) if shares else math.nan
             row["is_baseline"] = is_baseline
             rows.append(row)
-    adjusted = adjust([math.nan if r["is_baseline"] else r["p"] for r in rows], correction)
-    for row, p in zip(rows, adjusted):
-        row["p_adjusted"] = float(p)
-        row["significant"] = _verdict(row, metric)
     return rows, priors
 
 
@@ -247,16 +276,20 @@ def _verdict(row: dict[str, Any], metric: Metric) -> str:
 
 def write_report(
     runs: list[Run],
-    metric: Metric,
+    metric: Metric | list[Metric],
     out: Path,
     title: str,
     correction: str = "holm",
-    norms: dict[str, float] | None = None,
+    norms: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the report files into ``out``; return the path of ``report.md``."""
+    """Write the report files into ``out``; return the path of ``report.md``. With several
+    metrics (a joint grid: every task of every dataset) each has its tables, the correction
+    runs over all of them, and the plots show the first."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, priors = configurations(runs, metric, correction, norms)
+    metrics = [metric] if isinstance(metric, Metric) else list(metric)
+    metric = metrics[0]
+    rows, priors = configurations(runs, metrics, correction, norms)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
@@ -279,6 +312,7 @@ def write_report(
         {
             "title": title,
             "metric": asdict(metric),
+            **({"metrics": [asdict(m) for m in metrics]} if len(metrics) > 1 else {}),
             "alpha": ALPHA,
             "correction": correction,
             "held_out": held_out,
@@ -286,7 +320,7 @@ def write_report(
             "runs": runs_json,
         },
     )
-    primary = [r for r in rows if r["split"] == metric.splits[0]]
+    primary = [r for r in rows if r["split"] == metric.splits[0] and r.get("task", metric.task) == metric.task]
     plots = [
         p
         for p in (
@@ -297,13 +331,18 @@ def write_report(
         if p
     ]
     path = out / "report.md"
-    path.write_text(_markdown(runs, rows, metric, title, plots, correction, held_out))
+    path.write_text(_markdown(runs, rows, metrics, title, plots, correction, held_out))
     return path
 
 
 def _held_out(run: Run) -> dict[str, str]:
-    """How a finished run's hold-outs were made (metrics.json ``held_out``)."""
-    return read_json(run.path / "metrics.json").get("held_out", {}) if run.status == "done" else {}
+    """How a finished run's hold-outs were made (metrics.json ``held_out``; a joint fit's per dataset)."""
+    if run.status != "done":
+        return {}
+    metrics = read_json(run.path / "metrics.json")
+    if "datasets" not in metrics:
+        return metrics.get("held_out", {})
+    return {f"{d} {k}": v for d, m in metrics["datasets"].items() for k, v in m.get("held_out", {}).items()}
 
 
 def _num(v: float, fmt: str = ".4f") -> str:
@@ -330,33 +369,61 @@ def method(metric: Metric, correction: str, comparisons: int) -> str:
     )
 
 
+def _mine(rows: list[dict[str, Any]], metric: Metric) -> list[dict[str, Any]]:
+    """The rows of ``metric`` (all of them where the report has one metric)."""
+    return [r for r in rows if r.get("dataset") == metric.dataset and r.get("task", metric.task) == metric.task]
+
+
 def _markdown(
     runs: list[Run],
     rows: list[dict[str, Any]],
-    metric: Metric,
+    metrics: list[Metric],
     title: str,
     plots: list[tuple[str, str]],
     correction: str,
     held_out: dict[str, str],
 ) -> str:
     counts = {s: sum(r.status == s for r in runs) for s in ("done", "failed", "pending")}
-    better = "higher" if metric.higher_is_better else "lower"
     comparisons = sum(not math.isnan(r["p"]) for r in rows)
+    described = [
+        f"**{m.dataset + ' ' if m.dataset else ''}{m.task} {m.name}** "
+        f"({'higher' if m.higher_is_better else 'lower'} is better) on the test split(s) {', '.join(m.splits)}"
+        for m in metrics
+    ]
+    several = len(metrics) > 1
     lines = [
         f"# Ablation: {title}",
         "",
-        f"Metric: **{metric.task} {metric.name}** ({better} is better) on the test split(s) "
-        f"{', '.join(metric.splits)}; mean over seeds with a 95% t-interval. "
+        f"Metric{'s' if several else ''}: {'; '.join(described)}; mean over seeds with a 95% t-interval. "
         f"Runs: {counts['done']} done, {counts['failed']} failed, {counts['pending']} not run.",
         "",
-        method(metric, correction, comparisons),
+        method(replace(metrics[0], name="each task's metric") if several else metrics[0], correction, comparisons),
     ]
     if held_out:
         lines += ["", "Hold-outs: " + "; ".join(f"`{k}`: {v}" for k, v in held_out.items()) + "."]
+    for metric in metrics:
+        lines += _tables(_mine(rows, metric), metric, correction, several)
+    for caption, file in plots:
+        lines += ["", f"![{caption}]({file})"]
+    for metric in metrics:
+        lines += _modes_table(_mine(rows, metric), metric)
+    failed = [r for r in runs if r.status == "failed"]
+    if failed:
+        lines += ["", "## Failed runs (retried by the next `etf ablate` call)", ""]
+        lines += [
+            f"- `{r.run_id}` {r.labels['subset']} {r.labels['fuser']} seed {r.labels['seed']}: {r.error}"
+            for r in failed
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _tables(rows: list[dict[str, Any]], metric: Metric, correction: str, named: bool) -> list[str]:
+    """A metric's table per test split; ``named``: headings say the dataset, task and metric."""
+    lines: list[str] = []
     for split in metric.splits:
         lines += [
             "",
-            f"## {split}",
+            f"## {metric.title(split)}" if named else f"## {split}",
             "",
             f"| configuration | seeds | mean ± std | 95% CI | Δ vs baseline | 95% CI of Δ | p | p ({correction}) "
             "| significant | note |",
@@ -370,17 +437,7 @@ def _markdown(
                 f"[{_num(r['delta_ci_low'], '+.4f')}, {_num(r['delta_ci_high'], '+.4f')}] | "
                 f"{_num(r['p'], '.3g')} | {_num(r['p_adjusted'], '.3g')} | {r['significant']} | {r['note']} |"
             )
-    for caption, file in plots:
-        lines += ["", f"![{caption}]({file})"]
-    lines += _modes_table(rows, metric)
-    failed = [r for r in runs if r.status == "failed"]
-    if failed:
-        lines += ["", "## Failed runs (retried by the next `etf ablate` call)", ""]
-        lines += [
-            f"- `{r.run_id}` {r.labels['subset']} {r.labels['fuser']} seed {r.labels['seed']}: {r.error}"
-            for r in failed
-        ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _modes_table(rows: list[dict[str, Any]], metric: Metric) -> list[str]:
@@ -390,7 +447,7 @@ def _modes_table(rows: list[dict[str, Any]], metric: Metric) -> list[str]:
     by_mode = {metric.infer: "mean", other.infer: f"mean_{other.infer}"}
     lines = [
         "",
-        "## Inference modes",
+        "## Inference modes" + (f": {metric.dataset} {metric.task}" if metric.dataset else ""),
         "",
         f"The same runs' {metric.task} {metric.name} with every prior and with the canonical prior alone (the "
         "other priors absent); Δ = canonical − all, mean over seeds.",

@@ -429,7 +429,7 @@ class _Member:
             for d, state in zip(self.cuda, self.rng[1:]):
                 torch.cuda.set_rng_state(state, d)
             out = self.model(feature_augment(tokens, self.feature_aug) if self.feature_aug else tokens)
-            loss = sum(t.loss(out[t.name], *targets[t.name]) for t in tasks)
+            loss = self.task_loss(out, targets, tasks)
             if self.model.fuser.aux_loss is not None:
                 loss = loss + self.model.fuser.aux_loss
             self.opt.zero_grad(set_to_none=True)
@@ -439,17 +439,23 @@ class _Member:
             self.rng = self._rng_state()
         self.loss_sum += float(loss.detach()) * len(tokens[0])
 
+    def task_loss(
+        self, out: dict[str, torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor]], tasks: list[Task]
+    ) -> torch.Tensor:
+        """The batch's loss over ``tasks``: their sum (a joint fit weighs them)."""
+        return sum(t.loss(out[t.name], *targets[t.name]) for t in tasks)
+
     def end_epoch(
         self,
         epoch: int,
         seen: int,
         rate: float,
         val: dict[str, dict[str, float]],
-        predicted: tuple[np.ndarray, dict[str, np.ndarray]],
-        first: Task,
-        metric: str,
+        predicted: Any,
+        score: float,
     ) -> None:
-        score = _score(first, metric, val)
+        """Record the epoch; keep the state (and what it ``predicted`` on val) when its
+        selection ``score`` (higher is better) is the best so far."""
         if score > self.best or self.best_state is None:
             self.best, self.best_epoch, self.best_state = score, epoch, copy.deepcopy(self.model.state_dict())
             self.best_val = (val, predicted)  # what the best state predicts on val: not predicted again
@@ -480,15 +486,31 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise EtfError(f"--out {out}: holds {what} already; choose a new directory or pass --overwrite to replace it")
 
 
-def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False) -> list[FitResult]:
-    """Train one model per config over a single read of the data (the linear-eval idea: many
-    heads from one pass) and write each run directory.
+def prepare_data(
+    dataset: Dataset, priors: PriorSet, tasks: list[Task], cfg: FitConfig
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Splits, dict[str, np.ndarray]]:
+    """The tasks' targets, the splits (of samples with tokens and a label) and the extra
+    per-sample values metrics need (``nme_norm``); the tasks learn their training statistics."""
+    targets = {t.name: t.targets(dataset) for t in tasks}
+    labelled = np.any([m.any(axis=1) for _, m in targets.values()], axis=0)
+    splits = make_splits(dataset, priors.valid & labelled, cfg, tasks[0], targets[tasks[0].name][0])
+    for t in tasks:
+        y, m = targets[t.name]
+        t.check_splits(dataset, splits.train, splits.evaluate)
+        if not m[splits.train].any():
+            raise EtfError(f"--task {t.spec}: no training sample has this label")
+        t.fit_stats(y[splits.train], m[splits.train])
+    extra = (
+        {"nme_norm": np.array([v if v is not None else np.nan for v in dataset.column("nme_norm")], dtype=np.float64)}
+        if "nme_norm" in dataset.label_columns
+        else {}
+    )
+    return targets, splits, extra
 
-    The configs may differ only in :data:`MODEL_FIELDS`. Each model keeps its own seeded init
-    and RNG stream, so every result is bit-identical to ``fit(dataset, cfg)`` on its own;
-    ``metrics["seconds"]`` is the wall time of the whole group.
-    """
-    t0 = time.perf_counter()
+
+def check_group(configs: list[FitConfig], overwrite: bool) -> FitConfig:
+    """The first of ``configs`` once every run directory is free and the configs differ only
+    in model settings (they share one pass over the data)."""
     if not configs:
         raise EtfError("fit_many: no configs")
     for c in configs:
@@ -500,6 +522,19 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
             raise EtfError(
                 f"fit_many: {other.out} differs from {cfg.out} in {', '.join(differs)}, not only in model settings"
             )
+    return cfg
+
+
+def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False) -> list[FitResult]:
+    """Train one model per config over a single read of the data (the linear-eval idea: many
+    heads from one pass) and write each run directory.
+
+    The configs may differ only in :data:`MODEL_FIELDS`. Each model keeps its own seeded init
+    and RNG stream, so every result is bit-identical to ``fit(dataset, cfg)`` on its own;
+    ``metrics["seconds"]`` is the wall time of the whole group.
+    """
+    t0 = time.perf_counter()
+    cfg = check_group(configs, overwrite)
     specs = cfg.tasks or dataset.tasks
     if not specs:
         raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
@@ -510,24 +545,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
     device = resolve_device(cfg.device)
     priors = PriorSet(cfg.cache_dir, dataset, cfg.encoders, cfg.layers, cfg.tokens)
     try:
-        targets = {t.name: t.targets(dataset) for t in tasks}
-        labelled = np.any([m.any(axis=1) for _, m in targets.values()], axis=0)
-        splits = make_splits(dataset, priors.valid & labelled, cfg, tasks[0], targets[tasks[0].name][0])
-        for t in tasks:
-            y, m = targets[t.name]
-            t.check_splits(dataset, splits.train, splits.evaluate)
-            if not m[splits.train].any():
-                raise EtfError(f"--task {t.spec}: no training sample has this label")
-            t.fit_stats(y[splits.train], m[splits.train])
-        extra = (
-            {
-                "nme_norm": np.array(
-                    [v if v is not None else np.nan for v in dataset.column("nme_norm")], dtype=np.float64
-                )
-            }
-            if "nme_norm" in dataset.label_columns
-            else {}
-        )
+        targets, splits, extra = prepare_data(dataset, priors, tasks, cfg)
         all_rows = np.unique(np.concatenate([splits.train, *splits.evaluate.values()]))
         budget = cfg.max_memory or default_memory_budget()
         views = training_views(cfg, priors)
@@ -559,7 +577,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
             order, preds = predict_rows(models, tasks, batches, splits.val, device)
             for member, p in zip(members, preds):
                 val = evaluate(tasks, order, p, targets, extra)
-                member.end_epoch(epoch + 1, seen, rate, val, (order, p), tasks[0], selection)
+                member.end_epoch(epoch + 1, seen, rate, val, (order, p), _score(tasks[0], selection, val))
             first = members[0].history[-1]
             bar.set_postfix(
                 loss=f"{first['train_loss']:.4f}",
@@ -635,14 +653,7 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
         "tasks": [t.state() for t in tasks],
         "groups": [g.to_json() for g in priors.groups],
     }
-    write_json_atomic(out / "config.json", config)
-    write_json_atomic(out / "stores.json", priors.specs())
-    write_json_atomic(out / "metrics.json", metrics)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    with open(out / "history.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
-        w.writeheader()
-        w.writerows(history)
+    write_model_files(out, config, priors.specs(), metrics, model, history)
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
         header = ["id", "split"]
@@ -654,9 +665,7 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
             for k, i in enumerate(order):
                 row = [ids[i], split]
                 for t in tasks:
-                    y, m = targets[t.name]
-                    row += [t.cell(y[i, j]) if m[i, j] else "" for j in range(len(t.columns))]
-                    row += [t.cell(v) for v in preds[t.name][k][: len(t.pred_columns)]]
+                    row += task_cells(t, *targets[t.name], i, preds[t.name][k])
                 w.writerow(row)
     every_prior = [p for p in predictions if not p[0].endswith(":canonical")]  # embeddings: all-prior only
     evaluated = [ids[i] for _, order, _ in every_prior for i in order]
@@ -665,6 +674,32 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
     summary = format_summary(cfg, tasks, metrics)
     (out / "summary.txt").write_text(summary + "\n")
     return summary
+
+
+def write_model_files(
+    out: Path,
+    config: dict[str, Any],
+    stores: list[dict[str, Any]],
+    metrics: dict[str, Any],
+    model: nn.Module,
+    history: list[dict[str, Any]],
+) -> None:
+    """A run's config.json, stores.json, metrics.json, model.safetensors and history.csv."""
+    write_json_atomic(out / "config.json", config)
+    write_json_atomic(out / "stores.json", stores)
+    write_json_atomic(out / "metrics.json", metrics)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    with open(out / "history.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
+        w.writeheader()
+        w.writerows(history)
+
+
+def task_cells(task: Task, y: np.ndarray, m: np.ndarray, i: int, pred: np.ndarray) -> list[str]:
+    """A task's predictions.csv cells for sample ``i``: its labels (empty where missing),
+    then its decoded prediction ``pred``."""
+    true = [task.cell(y[i, j]) if m[i, j] else "" for j in range(len(task.columns))]
+    return true + [task.cell(v) for v in pred[: len(task.pred_columns)]]
 
 
 def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -> str:
