@@ -373,13 +373,14 @@ def test_a_nan_val_score_never_stays_the_best():
     from etf.cache.features import Group
     from etf.cache.tokens import TokenLayout
     from etf.pipeline.fit.heads import Classify
-    from etf.pipeline.fit.train import _Member
+    from etf.pipeline.fit.train import _Member, _score
 
     task = Classify("label", ["label"], ["a", "b"])
     cfg = FitConfig(cache_dir="c", encoders=["A"], out="o", fuser="linear", epochs=3)
     member = _Member(cfg, [Group(0, "A", 1, TokenLayout(1, (2, 2)), 8)], [task], 1, torch.device("cpu"))
     for epoch, accuracy in enumerate([float("nan"), 0.6, 0.5]):
-        member.end_epoch(epoch, 1, 1.0, {"label": {"accuracy": accuracy}}, (np.arange(2), {}), task, "accuracy")
+        val = {"label": {"accuracy": accuracy}}
+        member.end_epoch(epoch, 1, 1.0, val, (np.arange(2), {}), _score(task, "accuracy", val))
     assert member.best_val[0]["label"]["accuracy"] == 0.6
 
 
