@@ -235,6 +235,10 @@ def test_the_command_line_fits_jointly(pair, tmp_path):
         ),
         (["--task", "1=classify:expression", "--task", "2=multilabel:AU1", "--select", "AU9"], "--select 'AU9'"),
         (["--task", "1=classify:expression"], "csv2 .* has no default task; give e.g. --task 2=classify:COLUMN"),
+        (
+            ["--task", "1=classify:expression", "--task", "2=multilabel:AU1", "--views", "random"],
+            "--views random: a joint fit trains on each store's clean view",
+        ),
     ],
 )
 def test_bad_joint_input_is_one_line_before_any_work(pair, tmp_path, extra, message):

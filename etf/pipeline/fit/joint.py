@@ -278,6 +278,8 @@ def fit_joint(
         raise EtfError("a joint fit takes at least two --data")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise EtfError("--epochs and --batch-size must be at least 1")
+    if cfg.views == "random":
+        raise EtfError("--views random: a joint fit trains on each store's clean view; use --views clean")
     labels = dataset_labels([d.name for d in datasets])
     tasks_by = resolve_tasks(datasets, cfg.tasks, labels)
     tasks = [t for ts in tasks_by for t in ts]
