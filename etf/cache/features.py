@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from etf.cache.catalog import find_store, read_manifest
+from etf.cache.catalog import CacheDir, find_store, read_manifest
+from etf.cache.location import Location, cache_location
 from etf.cache.store import TokenStore
 from etf.cache.tokens import TokenLayout, parse_tokens, select_tokens
 from etf.data.base import Dataset
@@ -65,7 +65,7 @@ class Group:
         return cls(d["prior"], d["name"], d["layer"], TokenLayout.from_json(d["layout"]), d["dim"])
 
 
-def _check_manifest(cache_dir: Path, dataset: Dataset) -> None:
+def _check_manifest(cache_dir: Location, dataset: Dataset) -> None:
     """The cached manifest must describe exactly the data given by ``--data``."""
     try:
         manifest = read_manifest(cache_dir, dataset.key)
@@ -86,7 +86,7 @@ class PriorSet:
 
     def __init__(
         self,
-        cache_dir: str | Path,
+        cache_dir: CacheDir,
         dataset: Dataset,
         priors: list[str],
         layers: str = "last",
@@ -96,7 +96,7 @@ class PriorSet:
             raise EtfError("--encoders: name at least one prior")
         if len(set(priors)) != len(priors):
             raise EtfError(f"--encoders {','.join(priors)}: a prior is named twice")
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = cache_location(cache_dir)
         self.dataset = dataset
         _check_manifest(self.cache_dir, dataset)
         self.paths = [self._resolve(p) for p in priors]
@@ -123,10 +123,12 @@ class PriorSet:
                 self.groups.append(Group(p, priors[p], layer, layout, store.shape(layer)[1]))
                 self._source.append((p, layer))
 
-    def _resolve(self, prior: str) -> Path:
-        path = Path(prior)
-        if path.suffix in (".zarr", ".h5") and path.exists():
-            return path
+    def _resolve(self, prior: str) -> Location:
+        """A store named by path or URL, else by name in the cache."""
+        if prior.endswith((".zarr", ".h5")):
+            path = cache_location(prior)
+            if path.exists():
+                return path
         return find_store(self.cache_dir, self.dataset.key, prior)
 
     @staticmethod

@@ -14,7 +14,6 @@ from etf.cli.options import (
     encoders_option,
     open_dataset,
     progress_option,
-    writable_dir,
 )
 from etf.pipeline.extract import PRECISIONS
 
@@ -139,6 +138,7 @@ def command(
     progress,
 ) -> None:
     """Run each frozen --encoder once over --data and cache its tokens (resumable)."""
+    from etf.cache.store import check_store_format
     from etf.cache.tokens import parse_tokens
 
     if weights is not None and len(encoders) > 1:
@@ -146,7 +146,7 @@ def command(
             "--weights applies to one encoder; run one extract per checkpoint", param_hint="--weights"
         )
     parse_tokens(tokens)
-    writable_dir(cache_dir, "--cache")
+    check_store_format(cache_dir, store_format).check_writable("--cache")
     dataset = open_dataset(data_spec, crop)
 
     from etf.cli.cache import describe_store

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,13 +20,15 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from etf.cache.catalog import write_manifest
+from etf.cache.catalog import CacheDir, write_manifest
 from etf.cache.format import DTYPES
+from etf.cache.location import Location, cache_location
 from etf.cache.store import (
     ArraySpec,
     StoreWriter,
     TokenStore,
     encode_tokens,
+    is_complete,
     library_versions,
     physical_dtype,
     plan_arrays,
@@ -65,7 +66,7 @@ class ExtractOptions:
 
 @dataclass
 class ExtractResult:
-    path: Path
+    path: Location
     complete: bool
     samples_done: int
     seconds: float
@@ -186,7 +187,7 @@ def _bad_list(bad: list[tuple[str, str]]) -> str:
     return shown + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
 
 
-def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: ExtractOptions) -> ExtractResult:
+def extract(dataset: Dataset, encoder: Encoder, cache_dir: CacheDir, opts: ExtractOptions) -> ExtractResult:
     """Fill (or resume, or find complete) the store of ``encoder`` over ``dataset``."""
     t0 = time.perf_counter()
     if opts.dtype not in DTYPES:
@@ -202,12 +203,12 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     if opts.store == "hdf5" and shard is not None:
         raise EtfError("--shard with --store hdf5: HDF5 has no concurrent writers; extract to zarr, or run one process")
     layers = encoder.resolve_layers(opts.layers)
-    encoder.model.to(device)
-
+    cache = cache_location(cache_dir)
     spec = store_spec(dataset, encoder, layers, opts, precision)
-    path = store_path(Path(cache_dir), dataset.key, encoder.name, spec, opts.store)
-    write_manifest(Path(cache_dir), dataset)
-    if path.exists():
+    path = store_path(cache, dataset.key, encoder.name, spec, opts.store)
+    encoder.model.to(device)
+    write_manifest(cache, dataset)
+    if is_complete(path):
         with TokenStore.open(path) as store:
             return ExtractResult(path, True, 0, time.perf_counter() - t0, store.skipped)
 
@@ -247,7 +248,7 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     if complete:
         with TokenStore.open(path) as store:
             skipped = store.skipped
-            write_manifest(Path(cache_dir), dataset, store.skip_reasons)
+            write_manifest(cache, dataset, store.skip_reasons)
     return ExtractResult(path, complete, done_rows, time.perf_counter() - t0, skipped)
 
 

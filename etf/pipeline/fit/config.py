@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from etf.cache.location import Location
 from etf.errors import EtfError
 
 #: verify tasks' margin softmax kinds and their default margin m
@@ -80,7 +81,7 @@ def parse_aux(aux: str) -> tuple[str, float]:
 class FitConfig:
     """Everything ``etf fit`` takes besides the dataset. Recorded in the run's config.json."""
 
-    cache_dir: Path
+    cache_dir: Path | Location  # or a URL: see etf.cache.location
     encoders: list[str]
     out: Path
     tasks: list[str] = field(default_factory=list)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 import etf
 from etf.cache.features import Batches, PriorSet, default_memory_budget
+from etf.cache.location import cache_location
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.extract.run import resolve_device
@@ -449,7 +450,7 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
     config = {
         "etf_version": etf.__version__,
         **cfg.to_json(),
-        "cache_dir": str(Path(cfg.cache_dir).resolve()),
+        "cache_dir": cache_location(cfg.cache_dir).absolute(),
         "out": str(Path(cfg.out).resolve()),
         "dataset": {"name": dataset.name, "key": dataset.key, "root": str(dataset.root), "options": dataset.options},
         "tasks": [t.state() for t in tasks],
