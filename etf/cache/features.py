@@ -37,6 +37,36 @@ def default_memory_budget() -> int:
     return int(min(16 << 30, 0.4 * total))
 
 
+def default_device_budget(device: torch.device) -> int:
+    """Device memory the tokens may take when they live on an accelerator: half of what is
+    free when fitting starts (the rest is the models', their activations and optimisers')."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return free // 2
+
+
+class DeviceCopy:
+    """Whole blocks onto the fitting device, for a reader thread: pinned host memory and a
+    non-blocking copy on a side stream, finished before the block is handed over, so the
+    training stream never waits on a host-to-device copy. Identity on the CPU."""
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.device = device if device is not None and device.type == "cuda" else None
+        self._stream = torch.cuda.Stream(self.device) if self.device is not None else None
+
+    def __call__(self, block: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.device is None:
+            return block
+        consumer = torch.cuda.default_stream(self.device)
+        with torch.cuda.stream(self._stream):
+            out = [x.pin_memory().to(self.device, non_blocking=True) for x in block]
+        self._stream.synchronize()
+        for x in out:  # freed later by the training stream: keep the allocator from reusing it early
+            x.record_stream(consumer)
+        return out
+
+
 @dataclass(frozen=True)
 class Group:
     """One token sequence a fuser reads: one layer of one prior, after read-time selection."""
@@ -260,7 +290,8 @@ class BlockStream:
     (a shuffle buffer), so that a batch mixes many parts of the dataset even when it is
     stored sorted by class; a block leaves the pool once all its rows are drawn. Batches
     are full-sized until the last, so an epoch has as many steps as one from memory. Peak
-    memory is the pool plus the block being read, whatever N is.
+    memory is the pool plus the block being read, whatever N is. With ``to_device`` on a
+    GPU the pool lives in device memory and batches are gathered there.
     """
 
     def __init__(
@@ -272,9 +303,11 @@ class BlockStream:
         shuffle: bool,
         seed: int,
         pool_blocks: int = 8,
+        to_device: DeviceCopy | None = None,
     ) -> None:
         self.priors, self.rows, self.batch_size = priors, np.sort(rows), batch_size
         self.shuffle, self.seed, self.pool_blocks = shuffle, seed, max(1, pool_blocks)
+        self.to_device = to_device or DeviceCopy(None)
         n = len(priors.dataset)
         self.blocks = [(b * block_rows, min(n, (b + 1) * block_rows)) for b in np.unique(self.rows // block_rows)]
 
@@ -289,7 +322,7 @@ class BlockStream:
             for i in order:
                 start, stop = self.blocks[i]
                 sel = rows_between(self.rows, start, stop)
-                yield [sel, torch.from_numpy(sel - start), self.priors.read_block(start, stop)]
+                yield [sel, torch.from_numpy(sel - start), self.to_device(self.priors.read_block(start, stop))]
 
         blocks = prefetch(read(), depth=1)
         pool_blocks = self.pool_blocks if self.shuffle else 1  # in order, a pool only delays the first batch
@@ -334,11 +367,30 @@ class BlockStream:
 
 
 class Batches:
-    """Batches of selected tokens for given rows, from memory or streamed from the stores."""
+    """Batches of selected tokens for given rows, from memory or streamed from the stores.
 
-    def __init__(self, priors: PriorSet, rows: np.ndarray, budget: int, batch_size: int, seed: int) -> None:
+    With a ``device`` (fit passes its accelerator), tokens that fit ``device_budget``
+    (default: half its free memory) are loaded onto it once and every batch is gathered
+    there (``resident``); streamed blocks go to it whole, from pinned memory, in the reader
+    thread, when the shuffle pool fits. Batches come out alike either way."""
+
+    def __init__(
+        self,
+        priors: PriorSet,
+        rows: np.ndarray,
+        budget: int,
+        batch_size: int,
+        seed: int,
+        device: torch.device | None = None,
+        device_budget: int | None = None,
+    ) -> None:
         self.batch_size, self.seed = batch_size, seed
-        self.streamed = priors.row_bytes() * len(rows) > budget
+        nbytes = priors.row_bytes() * len(rows)
+        self.streamed = nbytes > budget
+        if device is not None and device_budget is None:
+            device_budget = default_device_budget(device)
+        self.resident = device is not None and not self.streamed and nbytes <= device_budget
+        self.device = device if self.resident else None
         if self.streamed:
             # blocks: a multiple of the chunk size, about 1/24 of the budget; a shuffle pool of
             # blocks up to half of it (the reader's copies and batches take the rest)
@@ -346,16 +398,25 @@ class Batches:
             self.block_rows = per_block - per_block % priors.block_rows
             self.pool_blocks = max(1, (budget // 2) // (self.block_rows * max(1, priors.row_bytes())))
             self.priors = priors
+            pool = self.block_rows * self.pool_blocks * priors.row_bytes()
+            self.to_device = DeviceCopy(device if device is not None and pool <= device_budget else None)
         else:
             self.rows = np.sort(rows)
-            self.tokens = priors.load(self.rows)
+            self.tokens = [t.to(device) for t in priors.load(self.rows)] if self.resident else priors.load(self.rows)
 
     def iterate(
         self, rows: np.ndarray, shuffle: bool, epoch: int = 0
     ) -> Iterator[tuple[np.ndarray, list[torch.Tensor]]]:
         if self.streamed:
             stream = BlockStream(
-                self.priors, rows, self.batch_size, self.block_rows, shuffle, self.seed, self.pool_blocks
+                self.priors,
+                rows,
+                self.batch_size,
+                self.block_rows,
+                shuffle,
+                self.seed,
+                self.pool_blocks,
+                self.to_device,
             )
             yield from stream.epoch(epoch)
             return
@@ -364,5 +425,5 @@ class Batches:
             order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
         pos = np.searchsorted(self.rows, order)
         for b in range(0, len(order), self.batch_size):
-            sel = torch.from_numpy(pos[b : b + self.batch_size])
+            sel = torch.from_numpy(pos[b : b + self.batch_size]).to(self.device)
             yield order[b : b + self.batch_size], [t[sel] for t in self.tokens]

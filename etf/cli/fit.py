@@ -19,6 +19,7 @@ from etf.cli.options import (
     progress_option,
     writable_dir,
 )
+from etf.pipeline.extract import PRECISIONS
 from etf.pipeline.fit.config import MARGINS, FitConfig, FuserConfig
 from etf.pipeline.fit.fusers import fuser_names
 from etf.utils import parse_size
@@ -95,6 +96,12 @@ def training_options(fn):
                 help="Load tokens into memory up to this size (e.g. 8G), else stream.  [default: 40% of RAM, at most 16G]",
             ),
             device_option,
+            _fit(
+                "precision",
+                type=click.Choice(PRECISIONS),
+                help="Autocast precision of training (the loss stays fp32; fp16 scales it). "
+                "auto: bf16 on a GPU that has it, else fp32.",
+            ),
             progress_option,
         ]
     ):

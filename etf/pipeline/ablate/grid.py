@@ -67,6 +67,7 @@ FIT_AXES = (
     "val_fraction",
     "max_memory",
     "device",
+    "precision",
 )
 FUSER_AXES = tuple(f.name for f in fields(FuserConfig))
 AXES = {f.name: f.default for f in fields(FitConfig) if f.name in FIT_AXES} | {

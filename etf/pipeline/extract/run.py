@@ -92,13 +92,14 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, without_bf16: str = "fp16") -> str:
+    """``auto``: bf16 on a GPU that has it (else ``without_bf16``), fp32 on the CPU."""
     if precision not in PRECISIONS:
         raise EtfError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported() else without_bf16
     return "fp32"
 
 

@@ -100,6 +100,8 @@ class FitConfig:
     val_fraction: float = 0.1
     max_memory: int | None = None
     device: str = "auto"
+    #: autocast precision of training: auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16
+    precision: str = "auto"
     progress: bool | None = None
 
     def to_json(self) -> dict[str, Any]:

@@ -144,9 +144,7 @@ def split_shares(
         )
     dev = resolve_device(device)
     fuser = model.fuser.to(dev).eval()
-    priors = PriorSet(
-        cache_dir or Path(config["cache_dir"]), dataset, config["encoders"], config["layers"], config["tokens"]
-    )
+    priors = PriorSet(cache_dir or config["cache_dir"], dataset, config["encoders"], config["layers"], config["tokens"])
     try:
         if priors.groups != groups:
             raise EtfError(f"--run {run}: the cache's token groups differ from the run's (re-extracted stores?)")

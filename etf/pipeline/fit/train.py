@@ -26,7 +26,7 @@ from etf.cache.features import Batches, PriorSet, default_memory_budget
 from etf.cache.location import cache_location
 from etf.data.base import Dataset
 from etf.errors import EtfError
-from etf.pipeline.extract.run import resolve_device
+from etf.pipeline.extract.run import autocast_for, resolve_device, resolve_precision
 from etf.pipeline.fit.config import FitConfig, FuserConfig, data_key
 from etf.pipeline.fit.fusers import create_fuser
 from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
@@ -239,11 +239,20 @@ class _Member:
     state and torch RNG stream (continued from its seeded init, as in a separate fit)."""
 
     def __init__(
-        self, cfg: FitConfig, groups: list, tasks: list[Task], steps_per_epoch: int, device: torch.device
+        self,
+        cfg: FitConfig,
+        groups: list,
+        tasks: list[Task],
+        steps_per_epoch: int,
+        device: torch.device,
+        precision: str = "fp32",
     ) -> None:
         self.cfg = cfg
         self.model = build_model(cfg.fuser, groups, tasks, cfg.fuser_config, cfg.seed).to(device)
         self.cuda = [device] if device.type == "cuda" else []
+        self.device, self.precision = device, precision
+        # fp16 gradients underflow without loss scaling; a disabled scaler is a pass-through
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.rng = self._rng_state()
         self.opt = _optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.sched = _schedule(self.opt, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
@@ -263,13 +272,15 @@ class _Member:
             torch.set_rng_state(self.rng[0])
             for d, state in zip(self.cuda, self.rng[1:]):
                 torch.cuda.set_rng_state(state, d)
-            out = self.model(tokens)
-            loss = sum(t.loss(out[t.name], *targets[t.name]) for t in tasks)
+            with autocast_for(self.precision, self.device):  # the forward in --precision
+                out = self.model(tokens)
+            loss = sum(t.loss(out[t.name].float(), *targets[t.name]) for t in tasks)  # the loss in fp32
             if self.model.fuser.aux_loss is not None:
-                loss = loss + self.model.fuser.aux_loss
+                loss = loss + self.model.fuser.aux_loss.float()
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
             self.sched.step()
             self.rng = self._rng_state()
         self.loss_sum += float(loss.detach()) * len(tokens[0])
@@ -343,6 +354,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise EtfError("--epochs and --batch-size must be at least 1")
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device, without_bf16="fp32")
     priors = PriorSet(cfg.cache_dir, dataset, cfg.encoders, cfg.layers, cfg.tokens)
     try:
         targets = {t.name: t.targets(dataset) for t in tasks}
@@ -365,22 +377,28 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
         )
         all_rows = np.unique(np.concatenate([splits.train, *splits.evaluate.values()]))
         budget = cfg.max_memory or default_memory_budget()
-        batches = Batches(priors, all_rows, budget, cfg.batch_size, cfg.seed)
+        # on an accelerator the tokens live there when they fit (else streamed blocks are copied whole)
+        batches = Batches(
+            priors, all_rows, budget, cfg.batch_size, cfg.seed, device=device if device.type != "cpu" else None
+        )
         steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
         selection = selection_metric(tasks[0], dataset)
-        members = [_Member(c, priors.groups, tasks, steps_per_epoch, device) for c in configs]
+        members = [_Member(c, priors.groups, tasks, steps_per_epoch, device, precision) for c in configs]
         models = [m.model for m in members]
         disable = None if cfg.progress is None else not cfg.progress
         bar = tqdm(range(cfg.epochs), desc=f"fit {'+'.join(c.fuser for c in configs)}", unit="epoch", disable=disable)
-        y_dev = {t.name: (torch.from_numpy(targets[t.name][0]), torch.from_numpy(targets[t.name][1])) for t in tasks}
+        y_dev = {
+            t.name: (torch.from_numpy(targets[t.name][0]).to(device), torch.from_numpy(targets[t.name][1]).to(device))
+            for t in tasks
+        }
         for epoch in bar:
             for model in models:
                 model.train()
             te, seen = time.perf_counter(), 0
             for idx, tokens in batches.iterate(splits.train, shuffle=True, epoch=epoch):
-                tokens = [t.to(device, non_blocking=True) for t in tokens]
-                sel = torch.from_numpy(idx)
-                batch_targets = {name: (y[sel].to(device), m[sel].to(device)) for name, (y, m) in y_dev.items()}
+                tokens = [t.to(device, non_blocking=True) for t in tokens]  # a no-op for resident tokens
+                sel = torch.from_numpy(idx).to(device)
+                batch_targets = {name: (y[sel], m[sel]) for name, (y, m) in y_dev.items()}
                 for member in members:
                     member.step(tokens, batch_targets, tasks)
                 seen += len(idx)
@@ -423,6 +441,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
                 **cost,
                 "splits": splits.counts(),
                 "streamed": batches.streamed,
+                "precision": precision,
                 "seconds": seconds,
             }
             if share is not None:
