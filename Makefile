@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/fit.py
 	$(BIN)/python bench/ablate.py
+	$(BIN)/python bench/storage.py
 
 # Random-init tiny encoders: the demo must run offline. Drop --no-pretrained with network access.
 DEMO_IMAGES = $${ETF_DATA_HOME:-$$HOME/.cache/etf/data}/lfw-subset
