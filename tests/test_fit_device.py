@@ -11,7 +11,7 @@ import torch
 
 from etf.cache.features import Batches, PriorSet
 from etf.pipeline.fit.config import FitConfig, FuserConfig
-from etf.pipeline.fit.train import fit
+from etf.pipeline.fit.train import _fp32, fit
 from tests.synthetic import import_prior, make_csv_dataset, planted_tokens, standard_splits
 
 
@@ -72,3 +72,12 @@ def test_resident_streamed_and_in_memory_batches_are_identical(planted):
                     assert torch.equal(t, r)
     finally:
         priors.close()
+
+
+def test_head_outputs_reach_the_losses_in_fp32():
+    from etf.pipeline.fit.verification import Embedded
+
+    half = torch.ones(2, 3, dtype=torch.bfloat16)
+    out = _fp32(Embedded(half, None))
+    assert isinstance(out, Embedded) and out.embedding.dtype == torch.float32 and out.cosine is None
+    assert _fp32(half).dtype == torch.float32 and _fp32(torch.ones(2, dtype=torch.long)).dtype == torch.long

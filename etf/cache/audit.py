@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -186,5 +187,5 @@ def manifest_summary(cache_dir: CacheDir, key: str) -> str:
         m = read_manifest(cache_dir, key)
     except EtfError:
         return "(no manifest)"
-    splits = {s: m["splits"].count(s) for s in dict.fromkeys(m["splits"])}
+    splits = Counter(m["splits"])  # in order of first appearance, one pass
     return f"{m['name']} ({len(m['ids'])} samples: {json.dumps(splits)[1:-1]})"

@@ -234,6 +234,17 @@ class FitResult:
     summary: str
 
 
+def _fp32(out: Any) -> Any:
+    """A head's output (a tensor, or a tuple such as a verify head's) with its floating-point
+    tensors in fp32: autocast leaves them in bf16/fp16, the losses are computed in fp32."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, tuple):
+        items = [_fp32(v) for v in out]
+        return type(out)(*items) if hasattr(out, "_fields") else tuple(items)
+    return out
+
+
 class _Member:
     """One model of a :func:`fit_many` group: its own optimiser, schedule, history, best
     state and torch RNG stream (continued from its seeded init, as in a separate fit)."""
@@ -274,7 +285,7 @@ class _Member:
                 torch.cuda.set_rng_state(state, d)
             with autocast_for(self.precision, self.device):  # the forward in --precision
                 out = self.model(tokens)
-            loss = sum(t.loss(out[t.name].float(), *targets[t.name]) for t in tasks)  # the loss in fp32
+            loss = sum(t.loss(_fp32(out[t.name]), *targets[t.name]) for t in tasks)  # the loss in fp32
             if self.model.fuser.aux_loss is not None:
                 loss = loss + self.model.fuser.aux_loss.float()
             self.opt.zero_grad(set_to_none=True)
