@@ -36,15 +36,17 @@ bench: install
 	$(BIN)/python bench/fit.py
 	$(BIN)/python bench/ablate.py
 	$(BIN)/python bench/storage.py
+	$(BIN)/python bench/paper_fuser.py
 
 # Random-init tiny encoders: the demo must run offline. Drop --no-pretrained with network access.
 DEMO_IMAGES = $${ETF_DATA_HOME:-$$HOME/.cache/etf/data}/lfw-subset
 demo: install
 	$(BIN)/etf extract --data lfw-subset --encoder vit_t --encoder resnet18 --no-pretrained --img-size 64 --cache $(CACHE)
 	$(BIN)/etf cache ls $(CACHE)
-	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser etfuser --epochs 20 --out runs/demo-etfuser
-	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser linear --epochs 20 --out runs/demo-linear
+	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser etfuser --epochs 20 --out runs/demo-etfuser --overwrite
+	$(BIN)/etf fit --data lfw-subset --cache $(CACHE) --encoders vit_t,resnet18 --fuser linear --epochs 20 --out runs/demo-linear --overwrite
 	$(BIN)/etf predict --run runs/demo-etfuser $(DEMO_IMAGES)/face/000.png $(DEMO_IMAGES)/nonface/100.png
+	$(BIN)/etf predict --run runs/demo-etfuser --infer canonical $(DEMO_IMAGES)/face/000.png $(DEMO_IMAGES)/nonface/100.png
 
 # The default grid end to end: extract whatever stores are missing (a complete store is found,
 # not recomputed), then every subset of $(ENCODERS) x fusers x masks x $(SEEDS) from the cache,

@@ -60,7 +60,7 @@ def timed_fit(spec: str, cache: Path, out: Path, prior: str, epochs: int, budget
         tasks=["classify:label"],
         epochs=epochs,
         batch_size=128,
-        fuser_config=FuserConfig(dim=128, depth=1, heads=4),
+        fuser_config=FuserConfig(dim=128, depth=1, heads=4, prior_tokens="all", head="pooled"),
         max_memory=budget,
         progress=False,
     )
@@ -87,7 +87,7 @@ def sample():
         time.sleep(0.002)
 dataset = load_dataset({spec!r})
 cfg = FitConfig(cache_dir={cache!r}, encoders=["Pzarr"], out={out!r}, tasks=["classify:label"], epochs=1, batch_size=128,
-                fuser_config=FuserConfig(dim=128, depth=1, heads=4), max_memory={budget},
+                fuser_config=FuserConfig(dim=128, depth=1, heads=4, prior_tokens="all", head="pooled"), max_memory={budget},
                 progress=False)
 base = rss()
 threading.Thread(target=sample, daemon=True).start()

@@ -36,6 +36,15 @@ def make_image(path: Path, seed: int, size: int = 40, mode: str = "RGB") -> Path
     return path
 
 
+def make_folder(root: Path, train: int, val: int = 3, test: int = 3) -> Path:
+    """ROOT/{train,val,test}/{a,b}/<i>.png: small random images, distinct across splits."""
+    for k, (split, n) in enumerate((("train", train), ("val", val), ("test", test))):
+        for cls in ("a", "b"):
+            for i in range(n):
+                make_image(root / split / cls / f"{i}.png", seed=100 * k + 10 * (cls == "b") + i)
+    return root
+
+
 @pytest.fixture
 def folder_dataset(tmp_path) -> Path:
     """ROOT/{train,val,test}/{a,b}/*.png: 24 small random images."""

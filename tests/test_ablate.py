@@ -8,8 +8,10 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from etf.cli import main
 from etf.errors import EtfError
@@ -17,7 +19,7 @@ from etf.pipeline.ablate import grid as ablate
 from etf.pipeline.ablate.grid import Grid, load_toml, parse_subsets, plan_grid, run_grid
 from etf.pipeline.fit.fusers import FUSERS
 from etf.pipeline.fit.fusers.baselines import LinearProbe
-from tests.synthetic import xor_cache
+from tests.synthetic import D, T, import_prior, make_csv_dataset, xor_cache
 from tests.test_explain import _valid_png
 
 REPORT = ("report.md", "results.csv", "results.json", "priors.png", "heatmap.png", "attention.png")
@@ -53,6 +55,15 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _runs(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())["runs"]
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L"), dtype=float)
+
+
 def test_two_encoder_two_seed_grid_reports_and_resumes(xor, tmp_path, monkeypatch):
     plan = plan_grid(_grid(xor, tmp_path, jobs=2))
     # subsets A, B, A+B; fusers etfuser, concat; plus the baselines A linear, B linear; two seeds
@@ -60,27 +71,46 @@ def test_two_encoder_two_seed_grid_reports_and_resumes(xor, tmp_path, monkeypatc
     first = run_grid(plan)
     assert (first.runs, first.reused, first.done, first.failed) == (16, 0, 16, [])
     for name in REPORT:
-        assert (tmp_path / name).stat().st_size > 0, name
         if name.endswith(".png"):
             _valid_png(tmp_path / name)
+            assert _pixels(tmp_path / name).std() > 10, name  # a drawing, not a blank canvas
     rows = _csv(tmp_path / "results.csv")
-    assert len(rows) == 8 and all(r["seeds"] == "2" for r in rows)
+    assert len(rows) == 8 and all(r["seeds"] == "2" and r["split"] == "test" for r in rows)
     by_name = {r["configuration"]: r for r in rows}
     assert by_name["A linear"]["significant"] == "baseline"
     assert by_name["A+B etfuser"]["baseline"] == "A linear" and by_name["B concat"]["baseline"] == "B linear"
-    assert by_name["A+B etfuser"]["significant"] in ("yes (better)", "yes (worse)", "no", "n/a")
-    fused = by_name["A+B etfuser"]  # the verdict is the Holm-adjusted p against 0.05, with the sign of the delta
-    expected = (
-        "no" if float(fused["p_holm"]) >= 0.05 else ("yes (better)" if float(fused["delta"]) > 0 else "yes (worse)")
-    )
-    assert fused["significant"] == expected
-    assert float(by_name["A+B etfuser"]["share_A"]) + float(by_name["A+B etfuser"]["share_B"]) <= 1
-    assert (
-        json.loads((tmp_path / "results.json").read_text())["configurations"][0]["configuration"]
-        == rows[0]["configuration"]
-    )
+    # concat over one prior is the linear probe (same init, same training): no difference at all
+    for single in ("A concat", "B concat"):
+        r = by_name[single]
+        assert (r["significant"], float(r["delta"]), float(r["p"])) == ("no", 0.0, 1.0)
+        assert r["note"] == "identical results in every seed"
+    # Δ is the mean over seeds of each run's test accuracy minus its baseline's, from the runs' files
+    runs = {
+        (r["labels"]["subset"], r["labels"]["fuser"], r["labels"]["seed"]): Path(r["path"]) for r in _runs(tmp_path)
+    }
+    accuracy = lambda key: json.loads((runs[key] / "metrics.json").read_text())["test"]["label"]["accuracy"]  # noqa: E731
+    fused = by_name["A+B etfuser"]
+    deltas = [accuracy(("A+B", "etfuser", s)) - accuracy(("A", "linear", s)) for s in (0, 1)]
+    assert float(fused["delta"]) == pytest.approx(np.mean(deltas), abs=1e-9)
+    assert float(fused["delta_ci_low"]) < float(fused["delta"]) < float(fused["delta_ci_high"])
+    assert -1 <= float(fused["delta_ci_low"]) and float(fused["delta_ci_high"]) <= 1
+    assert 0 <= float(fused["ci_low"]) and float(fused["ci_high"]) <= 1  # the mean's interval, clipped too
+    # two epochs on 16 test samples: not enough to tell, and said so
+    assert float(fused["p"]) > 0.05 and fused["significant"] == "no"
+    assert float(fused["p_adjusted"]) >= float(fused["p"]) and int(fused["test_units"]) == 16
+    # attention shares: the mean over seeds of each run's, which leave the ensemble token a part of its own
+    shares = [json.loads((runs["A+B", "etfuser", s] / "metrics.json").read_text())["attention_share"] for s in (0, 1)]
+    for prior in ("A", "B"):
+        assert float(fused[f"share_{prior}"]) == pytest.approx(np.mean([sh[prior] for sh in shares]))
+        assert 0 < float(fused[f"share_{prior}"]) < 1
+    assert float(fused["share_A"]) + float(fused["share_B"]) < 1
+    assert np.isnan(float(by_name["A concat"]["share_A"]))  # concat has no attention
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [c["configuration"] for c in results["configurations"]] == [r["configuration"] for r in rows]
+    assert results["correction"] == "holm" and results["metric"]["splits"] == ["test"]
     report = (tmp_path / "report.md").read_text()
-    assert "A+B etfuser" in report and "pools the test predictions" in report and "{" not in report
+    assert "| A+B etfuser | 2 |" in report and "Holm's step-down correction" in report and "{" not in report
+    assert "paired bootstrap (2000 draws) of the test samples, one draw shared by every seed" in report
 
     def no_fit(*args, **kwargs):
         raise AssertionError("a finished run was fitted again")
@@ -272,6 +302,18 @@ def test_bad_input_is_one_clear_line(xor, tmp_path):
     assert "--subsets 'pairs'" in _bad([*common, "--encoders", "A,B", "--subsets", "pairs"])
     assert "--fusers 'nope': unknown fuser" in _bad([*common, "--encoders", "A,B", "--fusers", "etfuser,nope"])
     assert "--mask 'half'" in _bad([*common, "--encoders", "A,B", "--mask", "none,half"])
+    assert "'--correction': 'sidak' is not one of 'holm', 'bonferroni', 'fdr_bh'" in _bad(
+        [*common, "--encoders", "A,B", "--correction", "sidak"]
+    )
+    assert "has its own test split(s) (test)" in _bad([*common, "--encoders", "A,B", "--test-split", "holdout:0.2"])
+    dataset, spec_no_test = make_csv_dataset(
+        tmp_path / "nt", {"label": np.resize([0.0, 1.0], 20)}, np.array(["train", "val"] * 10)
+    )
+    import_prior(tmp_path / "c", dataset, "A", np.ones((20, T, D), np.float32), tmp_path)
+    no_test = ["--data", spec_no_test, "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--encoders", "A"]
+    line = _bad([*no_test, "--task", "classify:label"])
+    assert "has no test split, and val does not stand in for one: declare one with --test-split holdout:0.2" in line
+    assert "etf ablate compares on a test split" in _bad([*no_test, "--task", "classify:label", "--test-split", "none"])
     assert "--encoders: required" in _bad(["--data", spec, "--cache", str(cache), "--out", str(tmp_path / "o")])
     toml = tmp_path / "bad.toml"
     toml.write_text('encoders = ["A", "B"]\nepochs = = 3\n')
@@ -280,6 +322,8 @@ def test_bad_input_is_one_clear_line(xor, tmp_path):
     assert f"{toml}: unknown key 'learning_rate'" in _bad(["--config", str(toml), *common])
     toml.write_text('encoders = ["A", "B"]\nepochs = "many"\n')
     assert f"{toml}: epochs = 'many': expected int" in _bad(["--config", str(toml), *common])
+    toml.write_text('encoders = ["A", "B"]\ncorrection = "sidak"\n')
+    assert "--correction 'sidak': use one of holm, bonferroni, fdr_bh" in _bad(["--config", str(toml), *common])
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ablations").glob("*.toml")), ids=lambda p: p.name)
@@ -297,8 +341,94 @@ def test_report_of_a_grid_where_nothing_finished(tmp_path):
         Run("r1", labels, "r0", tmp_path / "r1", "failed", "RuntimeError: boom"),
         Run("r0", {**labels, "subset": "A", "priors": 1, "fuser": "linear"}, "r0", tmp_path / "r0", "pending"),
     ]
-    report = write_report(runs, Metric("label", "classify", "accuracy", "test", True), tmp_path, "nothing")
+    report = write_report(runs, Metric("label", "classify", "accuracy", ("test",), True), tmp_path, "nothing")
     text = report.read_text()
     assert "0 done, 1 failed, 1 not run" in text and "| A+B etfuser | 0 (1 failed) | n/a ± n/a" in text
     assert not list(tmp_path.glob("*.png"))
     assert json.loads((tmp_path / "results.json").read_text())["configurations"][0]["mean"] is None
+
+
+def test_the_fused_pair_is_found_better_and_a_noise_prior_is_not(tmp_path):
+    """XOR: A+B together predict the label, each alone cannot; N is pure noise, so A+N and
+    B+N know no more than their baseline. Three seeds, every comparison corrected."""
+    dataset, spec, cache = xor_cache(tmp_path, n=400)
+    import_prior(cache, dataset, "N", np.random.default_rng(9).normal(size=(400, T, D)).astype(np.float32), tmp_path)
+    grid = Grid.from_settings(
+        {
+            "data": spec,
+            "cache": cache,
+            "out": tmp_path / "grid",
+            "encoders": "A,B,N",
+            "jobs": 2,  # one thread each: small batches do not wait on a second thread
+            "subsets": "k=2",
+            "tasks": ["classify:label"],
+            "fusers": "etfuser",
+            "seeds": "0,1,2",
+            "epochs": 25,
+            "batch_size": 64,
+            "lr": 6e-3,
+            "dim": 32,
+            "depth": 1,
+            "heads": 2,
+        }
+    )
+    assert run_grid(plan_grid(grid)).failed == []
+    rows = {r["configuration"]: r for r in _csv(tmp_path / "grid" / "results.csv")}
+    fused = rows["A+B etfuser"]
+    assert fused["significant"] == "yes (better)" and float(fused["delta"]) > 0.3
+    for noise in ("A+N etfuser", "B+N etfuser"):
+        assert rows[noise]["significant"] == "no", rows[noise]
+
+
+def _fake_run(path: Path, splits: dict[str, list[tuple[str, np.ndarray, np.ndarray]]], norms: dict[str, float]) -> None:
+    """A finished landmarks run: predictions.csv (two points per sample) and metrics.json with
+    the NME of each split, as fit writes them."""
+    from etf.pipeline.fit import metrics
+
+    path.mkdir(parents=True)
+    cols = ["lm0_x", "lm0_y", "lm1_x", "lm1_y"]
+    lines = ["id,split," + ",".join(f"lm:true:{c}" for c in cols) + "," + ",".join(f"lm:pred:{c}" for c in cols)]
+    result = {}
+    for split, rows in splits.items():
+        for sid, y, p in rows:
+            lines.append(f"{sid},{split}," + ",".join(f"{v:.6g}" for v in [*y, *p]))
+        y, p = np.array([r[1] for r in rows]).reshape(-1, 2, 2), np.array([r[2] for r in rows]).reshape(-1, 2, 2)
+        norm = np.array([norms[r[0]] for r in rows])
+        result[split] = {"lm": {"nme": float(metrics.nme(y, p, norm).mean())}}
+    (path / "predictions.csv").write_text("\n".join(lines) + "\n")
+    (path / "metrics.json").write_text(json.dumps(result))
+
+
+def test_report_compares_nme_on_every_test_split(tmp_path):
+    """Landmarks, as on 300W: the full test set and its two subsets each get a row per
+    configuration; Δ is in NME (the dataset's normaliser), not in pixels."""
+    from etf.pipeline.ablate.report import Metric, Run, write_report
+
+    rng = np.random.default_rng(0)
+    ids = {"test_common": [f"c{i}" for i in range(30)], "test_challenging": [f"h{i}" for i in range(10)]}
+    norms = {i: float(rng.uniform(20, 60)) for group in ids.values() for i in group}
+    truth = {i: rng.uniform(0, 100, 4) for i in norms}
+    runs, nme = [], {}
+    for seed in (0, 1, 2):
+        for name, noise in (("base", 2.0), ("fused", 1.0)):
+            per = {s: [(i, truth[i], truth[i] + rng.normal(0, noise, 4)) for i in group] for s, group in ids.items()}
+            per["test"] = per["test_common"] + per["test_challenging"]
+            _fake_run(tmp_path / f"{name}{seed}", per, norms)
+            nme[name, seed] = json.loads((tmp_path / f"{name}{seed}" / "metrics.json").read_text())
+        labels = {"subset": "A", "priors": 1, "fuser": "linear", "attn": "full", "mask": "none", "seed": seed}
+        runs.append(Run(f"base{seed}", labels, f"base{seed}", tmp_path / f"base{seed}", "done"))
+        fused = {**labels, "subset": "A+B", "priors": 2, "fuser": "etfuser"}
+        runs.append(Run(f"fused{seed}", fused, f"base{seed}", tmp_path / f"fused{seed}", "done"))
+    metric = Metric("lm", "landmarks", "nme", ("test", "test_common", "test_challenging"), False)
+    write_report(runs, metric, tmp_path / "report", "landmarks", norms=norms)
+    rows = {(r["split"], r["configuration"]): r for r in _csv(tmp_path / "report" / "results.csv")}
+    assert len(rows) == 6
+    for split, units in (("test", 40), ("test_common", 30), ("test_challenging", 10)):
+        r = rows[split, "A+B etfuser"]
+        want = np.mean([nme["fused", s][split]["lm"]["nme"] - nme["base", s][split]["lm"]["nme"] for s in range(3)])
+        assert float(r["delta"]) == pytest.approx(want, rel=1e-4) and int(r["test_units"]) == units
+        assert float(r["delta"]) < 0 and r["significant"] in ("yes (better)", "no")  # lower NME is better
+    assert rows["test", "A+B etfuser"]["significant"] == "yes (better)"
+    assert float(rows["test", "A+B etfuser"]["delta_ci_high"]) < 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert all(f"## {s}\n" in report for s in metric.splits) and "all 3 comparisons" in report

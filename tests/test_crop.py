@@ -80,7 +80,8 @@ def test_landmark_labels_follow_the_crop(tmp_path):
         pts[lo:hi] = p
     fx.write_pts(root / "lfpw/trainset/image_0000.pts", pts)
     plain = load_dataset(f"300w:{root}")
-    aligned = load_dataset(f"300w:{root}", crop="align5")
+    file = _landmarks5_file(tmp_path / "detected.csv", plain)  # as a detector would find them
+    aligned = load_dataset(f"300w:{root}?landmarks5={file}", crop="align5")
     s = aligned.samples[0]
     for i, want in zip((36, 45, 30, 48, 54), ARCFACE_112):
         assert (s.labels[f"lm{i}_x"], s.labels[f"lm{i}_y"]) == pytest.approx(
@@ -88,6 +89,7 @@ def test_landmark_labels_follow_the_crop(tmp_path):
         )  # .pts keeps 3 decimals
     assert s.labels["nme_norm"] == pytest.approx(plain.samples[0].labels["nme_norm"] * 10, rel=1e-3)
     assert aligned.options["crop"] == "align5" and aligned.key != plain.key
+    assert aligned.options["crop_source"] == "detected.csv (landmarks5=)"
     assert aligned.samples[0].meta == plain.samples[0].meta  # meta stays in source pixels
     boxed = load_dataset(f"300w:{root}", crop="bbox:0.5")
     b = plain.samples[1]
@@ -95,6 +97,54 @@ def test_landmark_labels_follow_the_crop(tmp_path):
     assert boxed.samples[1].labels["lm7_x"] == pytest.approx(b.labels["lm7_x"] + matrix[0, 2])
     assert boxed.samples[1].labels["nme_norm"] == pytest.approx(b.labels["nme_norm"])
     assert boxed.load_image(1).size == crop_geometry(b, "bbox:0.5")[1]
+    assert boxed.options["crop_source"] == "the tight box of the ground-truth landmarks"
+    assert load_dataset(f"300w:{root}", **boxed.options).key == boxed.key  # rebuilt from what a run records
+
+
+def _landmarks5_file(path, dataset, skip: int = 0):
+    lines = ["id," + ",".join(f"{c}{k}" for k in range(1, 6) for c in "xy")]
+    for s in dataset.samples[skip:]:
+        lines.append(s.id + "," + ",".join(f"{v:.3f}" for p in s.meta["landmarks5"] for v in p))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["300w", "wflw"])
+def test_align5_by_the_ground_truth_it_is_evaluated_on_is_refused(tmp_path, fmt):
+    if fmt == "300w":
+        root = fx.write_300w(tmp_path / "data")
+    else:
+        root = fx.write_wflw(
+            tmp_path / "data", [fx.wflw_line(0, "a/x.jpg", [0] * 6)], [fx.wflw_line(1, "a/y.jpg", [0] * 6)]
+        )
+    with pytest.raises(EtfError) as e:
+        load_dataset(f"{fmt}:{root}", crop="align5")
+    msg = str(e.value)
+    assert "--crop align5 would align every face" in msg and "ground-truth landmarks" in msg and "\n" not in msg
+    assert "?landmarks5=FILE" in msg
+    plain = load_dataset(f"{fmt}:{root}")
+    # a file that leaves a sample out: that sample has nothing to be aligned by (not its ground truth)
+    partial = _landmarks5_file(tmp_path / "partial.csv", plain, skip=1)
+    with pytest.raises(EtfError, match=f"sample {plain.ids[0]!r} has none"):
+        load_dataset(f"{fmt}:{root}?landmarks5={partial}", crop="align5")
+
+
+def test_landmarks5_file_errors_are_one_line(tmp_path):
+    root = fx.write_300w(tmp_path / "300W")
+    plain = load_dataset(f"300w:{root}")
+    file = _landmarks5_file(tmp_path / "l5.csv", plain)
+    with pytest.raises(EtfError, match="landmarks5= gives the five points of --crop align5"):
+        load_dataset(f"300w:{root}?landmarks5={file}")
+    lines = file.read_text().splitlines()
+    file.write_text("\n".join([lines[0], "nope" + lines[1][lines[1].index(",") :]]) + "\n")
+    with pytest.raises(EtfError, match="l5.csv: line 2: 'nope' is not a sample"):
+        load_dataset(f"300w:{root}?landmarks5={file}", crop="align5")
+    file.write_text("\n".join([lines[0], lines[1].replace(",", ",x", 1)]) + "\n")
+    with pytest.raises(EtfError, match="l5.csv: line 2: 'x"):
+        load_dataset(f"300w:{root}?landmarks5={file}", crop="align5")
+    file.write_text("path,x1\n")
+    with pytest.raises(EtfError, match="l5.csv: line 1: expected the header id,x1,y1"):
+        load_dataset(f"300w:{root}?landmarks5={file}", crop="align5")
 
 
 def test_crop_without_boxes_is_a_clear_error(folder_dataset):

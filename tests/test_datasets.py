@@ -235,6 +235,9 @@ def test_agedb_split_is_subject_disjoint(tmp_path):
         subject_splits.setdefault(s.id.split("_")[1], set()).add(s.split)
     assert all(len(v) == 1 for v in subject_splits.values())
     assert Counter(next(iter(v)) for v in subject_splits.values()) == {"train": 5, "val": 1, "test": 1}
+    # the subject is each image's group, also when the adapter splits by image
+    by_image = load_dataset(f"agedb:{root}?by_subject=false")
+    assert by_image.group_by == "subject" and by_image.groups == [i.split("_")[1] for i in by_image.ids]
 
 
 # --- 300W / WFLW -----------------------------------------------------------------------
@@ -252,6 +255,23 @@ def test_300w_splits_points_and_normaliser(tmp_path):
     assert s.meta["box"] == [pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()]
     assert parse_task(ds.tasks[0]).columns(ds.label_columns)[:2] == ["lm0_x", "lm0_y"]
     assert get_adapter("300w").metric == "nme"
+
+
+def test_300w_groups_the_faces_of_one_photograph(tmp_path):
+    root = fx.write_300w(tmp_path / "300W")
+    for name, k in (("1051618982_1", 0), ("1051618982_2", 1), ("2233_1", 2)):  # AFW names a photograph's faces
+        fx._img(root / "afw" / f"{name}.jpg", k)
+        fx.write_pts(root / "afw" / f"{name}.pts", fx.face_points(68, k))
+    ds = load_dataset(f"300w:{root}?val=0.5&seed=3")
+    group = dict(zip(ds.ids, ds.groups))
+    assert group["afw/1051618982_1.jpg"] == group["afw/1051618982_2.jpg"] == "afw/1051618982"
+    assert (
+        group["afw/2233_1.jpg"] == "afw/2233"
+        and group["lfpw/trainset/image_0000.png"] == "lfpw/trainset/image_0000.png"
+    )
+    split = dict(zip(ds.ids, ds.splits))
+    assert split["afw/1051618982_1.jpg"] == split["afw/1051618982_2.jpg"]  # the val hold-out keeps them together
+    assert ds.group_by == "photograph"
 
 
 def test_300w_malformed_pts(tmp_path):
@@ -283,6 +303,7 @@ def test_wflw_subset_flags_repeated_images_and_normaliser(tmp_path):
     s = ds.samples[2]
     assert math.isclose(s.labels["nme_norm"], float(np.linalg.norm(pts[60] - pts[72])), rel_tol=1e-9)
     assert s.meta["box"] == [1, 2, 13, 14] and s.meta["landmarks5"][0] == [round(pts[96, 0], 3), round(pts[96, 1], 3)]
+    assert ds.groups[:2] == ["WFLW_images/51--Dancing/a.jpg"] * 2  # the faces of one image
     bad = tmp_path / "bad"
     fx.write_wflw(
         bad, [fx.wflw_line(0, "x/a.jpg", [0] * 6)], [" ".join(fx.wflw_line(1, "x/b.jpg", [0] * 6).split()[1:])]
@@ -323,6 +344,30 @@ def test_aflw2000_protocol_degrees_and_filter(tmp_path):
     assert by_split(lp) == {"train": 6, "val": 2} and lp.ids[1].startswith("300W_LP/AFW_Flip/")
 
 
+def test_300w_lp_groups_flips_and_views_of_one_photograph(tmp_path):
+    root = tmp_path / "pose"
+    for subset in ["AFW", "AFW_Flip", "HELEN", "HELEN_Flip", "IBUG", "IBUG_Flip", "LFPW", "LFPW_Flip"]:
+        base = subset.removesuffix("_Flip")
+        for name in ("134212_1", "134212_2", "9_1") if base != "LFPW" else ("image_train_0001", "image_train_0002"):
+            for view in range(3):
+                fx.write_pose(root / "300W_LP" / subset, f"{base}_{name}_{view}", 0.1 * view, 0.2, 0.05)
+    ds = load_dataset(f"300w-lp:{root}?val=0.3")
+    group = dict(zip(ds.ids, ds.groups))
+    afw = {
+        group[f"300W_LP/{sub}/AFW_134212_{face}_{view}.jpg"]
+        for sub in ("AFW", "AFW_Flip")
+        for face in (1, 2)
+        for view in range(3)
+    }
+    assert afw == {"AFW/AFW_134212"}  # its mirror, every view and every face of the photograph
+    assert group["300W_LP/LFPW_Flip/LFPW_image_train_0002_1.jpg"] == "LFPW/LFPW_image_train_0002"
+    assert len(set(ds.groups)) == 8 and ds.group_by == "source image"
+    split_of: dict[str, set[str]] = {}
+    for g, split in zip(ds.groups, ds.splits):
+        split_of.setdefault(g, set()).add(split)
+    assert all(len(v) == 1 for v in split_of.values()) and by_split(ds)["val"] > 0
+
+
 def test_aflw2000_needs_300w_lp_and_no_align5(tmp_path):
     root = tmp_path / "pose"
     fx.write_pose(root / "AFLW2000", "image00002", 0.1, 0.2, 0.3)
@@ -351,6 +396,7 @@ def test_au_folds_are_subject_disjoint_and_cover_everyone(tmp_path):
     assert sorted(tested) == sorted(subjects)  # each subject is tested in exactly one fold
     folds = assign_folds(subjects)
     assert folds["F001"] == 1 and folds["F002"] == 2 and folds["M001"] == 3
+    assert ds.group_by == "subject" and ds.groups == [s.id.split("/")[0] for s in ds.samples]
     ds = load_dataset(f"au:{path}")
     assert ds.samples[0].labels["AU1"] is None and ds.samples[1].labels["AU1"] == 0
     assert ds.tasks == ["multilabel:AU1,AU2,AU4,AU6,AU7,AU10,AU12,AU14,AU15,AU17,AU23,AU24"]

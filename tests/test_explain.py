@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from etf.cli import main
-from tests.conftest import IMG, TINY_CNN, TINY_VIT, make_image
+from tests.conftest import IMG, TINY_CNN, TINY_VIT, make_folder
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two layers of a tiny ViT and a tiny CNN, extracted from images; two fusers fitted."""
     tmp = tmp_path_factory.mktemp("explain")
-    root = tmp / "faces"
-    for k, (split, n) in enumerate((("train", 8), ("val", 3), ("test", 3))):
-        for cls in ("a", "b"):
-            for i in range(n):
-                make_image(root / split / cls / f"{i}.png", seed=100 * k + 10 * (cls == "b") + i)
+    root = make_folder(tmp / "faces", train=8)
     args = ["--data", f"folder:{root}", "--cache", str(tmp / "cache")]
     r = CliRunner()
     res = r.invoke(
@@ -74,6 +71,19 @@ def runs(tmp_path_factory):
     return tmp, root
 
 
+def _spans(pixels: np.ndarray, axis: int) -> list[tuple[int, int]]:
+    """(start, stop) of the runs of rows (axis 1) or columns (axis 0) mostly covered by
+    drawing, not white: the panels, without the titles and gaps between them."""
+    drawn = (pixels < 250).any(axis=2).mean(axis=axis) > 0.5
+    edges = np.flatnonzero(np.diff(np.r_[0, drawn.astype(int), 0]))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2]) if b - a > 50]
+
+
+def _differ(a: np.ndarray, b: np.ndarray) -> bool:
+    h, w = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+    return float(np.abs(a[:h, :w] - b[:h, :w]).mean()) > 1
+
+
 def _valid_png(path) -> tuple[int, int]:
     with Image.open(path) as img:
         img.verify()
@@ -92,9 +102,22 @@ def test_overlays_for_images(runs, fuser, rows):
     assert res.exit_code == 0, res.output
     written = res.output.split()
     assert len(written) == 2
+    panels = []
     for path in written:
         w, h = _valid_png(path)
         assert w > h  # one column per group with a patch grid (4 of them), one row per map
+        with Image.open(path) as img:
+            pixels = np.asarray(img.convert("RGB"), dtype=float)
+        panels.append(
+            [[pixels[r0:r1, c0:c1] for c0, c1 in _spans(pixels[r0:r1], 0)[:4]] for r0, r1 in _spans(pixels, 1)]
+        )
+    for image in panels:
+        assert [len(row) for row in image] == [4] * rows  # a panel per group and map
+        for col in range(4):
+            assert all(row[col].std() > 5 for row in image)  # drawn, not blank
+            for row in image[1:]:  # each map lays its own weights over the same view
+                assert _differ(row[col], image[0][col]), (fuser, col)
+    assert _differ(panels[0][0][0], panels[1][0][0])  # the two images' panels differ
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ from etf.pipeline.fit.fusers import FuserConfig
 from etf.pipeline.fit.train import FitConfig, fit
 from tests.synthetic import import_prior, make_csv_dataset, planted_tokens, standard_splits, xor_cache
 
-SMALL = FuserConfig(dim=64, depth=2, heads=4)
+#: the token-level model this project first built (every token, gated; heads read the class token)
+SMALL = FuserConfig(dim=64, depth=2, heads=4, prior_tokens="all", head="pooled")
 
 
 def _fit(dataset, cache, out, encoders, fuser="etfuser", epochs=40, **kw):
@@ -45,11 +46,17 @@ def test_ensemble_token_combines_information_split_across_priors(xor, tmp_path):
     only_a = _fit(dataset, cache, tmp_path / "a", ["A"])
     only_b = _fit(dataset, cache, tmp_path / "b", ["B"])
     linear = _fit(dataset, cache, tmp_path / "lin", ["A", "B"], fuser="linear")
-    assert acc(both) > 0.9
+    paper = _fit(dataset, cache, tmp_path / "paper", ["A", "B"], fuser_config=FuserConfig(heads=4))
+    assert acc(both) > 0.9 and acc(paper) > 0.9  # the token-level model and the authors' (pooled tokens, added)
     for single in (only_a, only_b, linear):
         assert acc(single) < 0.65
+    for fused in (both, paper):  # with prior B absent at test time (canonical inference) no model can do XOR
+        assert fused["test:canonical"]["label"]["accuracy"] < 0.65
+        assert 0 < fused["fuser_flops_canonical"] < fused["fuser_flops"]
     assert both["fuser_params"] > linear["fuser_params"] > 0
     assert both["fuser_flops"] > 0
+    assert linear["priors"] == ["A"] and both["priors"] == ["A", "B"]
+    assert linear["test:canonical"] == linear["test"]  # it reads the canonical prior only
 
 
 def test_same_seed_same_run_bit_for_bit(xor, tmp_path):
@@ -276,3 +283,128 @@ def test_selection_metric_follows_the_dataset_protocol(dataset, task, expected):
 
     t = TASKS[task]("t", ["a", "b"]) if task != "classify" else TASKS[task]("t", ["a"], ["x", "y"])
     assert selection_metric(t, SimpleNamespace(name=dataset)) == expected
+
+
+# ---------------------------------------------------------------------------- splits
+
+
+def _grouped(n_subjects: int = 12, frames: int = 5, splits: tuple[str, ...] = ("train",)):
+    """A dataset of ``frames`` samples per subject, subjects dealt round robin to ``splits``."""
+    from pathlib import Path
+
+    from etf.data.base import Dataset, Sample
+    from etf.pipeline.fit.heads import Classify
+
+    samples = [
+        Sample(f"s{s:02d}/{f}.png", Path("x.png"), splits[s % len(splits)], {"label": (s + f) % 2}, group=f"s{s:02d}")
+        for s in range(n_subjects)
+        for f in range(frames)
+    ]
+    dataset = Dataset("csv", Path("."), samples, classes={"label": ["a", "b"]}, group_by="subject")
+    task = Classify("label", ["label"], ["a", "b"])
+    y = np.array([[s.labels["label"]] for s in samples], dtype=np.float32)
+    return dataset, task, y
+
+
+def _splits(dataset, task, y, **kw):
+    from etf.pipeline.fit.train import make_splits
+
+    cfg = FitConfig(cache_dir="c", encoders=["A"], out="o", **kw)
+    return make_splits(dataset, np.ones(len(dataset), bool), cfg, task, y)
+
+
+def _subjects(dataset, rows) -> set[str]:
+    return {dataset.samples[i].group for i in rows}
+
+
+def test_hold_outs_keep_whole_subjects(tmp_path):
+    dataset, task, y = _grouped(splits=("train", "train", "test"))
+    s = _splits(dataset, task, y, val_fraction=0.25)
+    assert not _subjects(dataset, s.train) & _subjects(dataset, s.val)
+    assert len(_subjects(dataset, s.val)) == 2  # a quarter of the 8 training subjects, whole
+    assert s.held_out == {"val": "25% of train by subject, seed 0"}
+    low = _splits(dataset, task, y, val_fraction=0.25, train_fraction=0.5)
+    assert len(low.train) == 15 and all(
+        {i for i in range(len(dataset)) if dataset.samples[i].group == g} <= set(low.train)
+        for g in _subjects(dataset, low.train)
+    )  # whole subjects kept
+    shots = _splits(dataset, task, y, val_fraction=0.25, shots=3)
+    assert len(shots.train) == 6 and not set(shots.train) & set(shots.val)  # val is outside the K-shot pool
+    assert not _subjects(dataset, shots.train) & _subjects(dataset, shots.val)
+
+
+def test_no_test_split_is_refused_and_a_declared_one_is_named(tmp_path):
+    dataset, task, y = _grouped(splits=("train", "train", "val"))
+    with pytest.raises(
+        EtfError, match="has no test split, and val does not stand in for one: declare one with --test-split"
+    ):
+        _splits(dataset, task, y)
+    held = [_splits(dataset, task, y, test_split="holdout:0.25", seed=seed) for seed in (0, 1)]
+    assert list(held[0].tests) == ["test_holdout"] and len(_subjects(dataset, held[0].tests["test_holdout"])) == 2
+    # the test hold-out has its own seed: the same samples for every run of a grid
+    assert held[0].tests["test_holdout"].tolist() == held[1].tests["test_holdout"].tolist()
+    assert not _subjects(dataset, held[0].train) & _subjects(dataset, held[0].tests["test_holdout"])
+    assert held[0].held_out["test_holdout"] == "25% of train by subject, seed 0"
+    other = _splits(dataset, task, y, test_split="holdout:0.25:7")
+    assert other.tests["test_holdout"].tolist() != held[0].tests["test_holdout"].tolist()
+    as_test = _splits(dataset, task, y, test_split="val")
+    val_rows = [i for i, s in enumerate(dataset.samples) if s.split == "val"]
+    assert as_test.tests["test_val"].tolist() == val_rows and not set(as_test.val) & set(val_rows)
+    assert "val" in as_test.held_out  # selection's val is a hold-out of train
+    assert _splits(dataset, task, y, test_split="none").tests == {}
+    for bad in ("holdout:1.5", "holdout:x", "half"):
+        with pytest.raises(EtfError, match=f"--test-split '{bad}': use holdout:F"):
+            _splits(dataset, task, y, test_split=bad)
+    tested, task, y = _grouped(splits=("train", "test"))
+    with pytest.raises(EtfError, match="--test-split holdout:0.2: .* has its own test split"):
+        _splits(tested, task, y, test_split="holdout:0.2")
+
+
+def test_several_test_subsets_are_also_evaluated_together():
+    dataset, task, y = _grouped(splits=("train", "test_common", "train", "test_challenging"))
+    s = _splits(dataset, task, y)
+    assert list(s.tests) == ["test", "test_common", "test_challenging"]
+    assert s.tests["test"].tolist() == sorted([*s.tests["test_common"], *s.tests["test_challenging"]])
+
+
+def test_a_nan_val_score_never_stays_the_best():
+    from etf.cache.features import Group
+    from etf.cache.tokens import TokenLayout
+    from etf.pipeline.fit.heads import Classify
+    from etf.pipeline.fit.train import _Member
+
+    task = Classify("label", ["label"], ["a", "b"])
+    cfg = FitConfig(cache_dir="c", encoders=["A"], out="o", fuser="linear", epochs=3)
+    member = _Member(cfg, [Group(0, "A", 1, TokenLayout(1, (2, 2)), 8)], [task], 1, torch.device("cpu"))
+    for epoch, accuracy in enumerate([float("nan"), 0.6, 0.5]):
+        member.end_epoch(epoch, 1, 1.0, {"label": {"accuracy": accuracy}}, (np.arange(2), {}), task, "accuracy")
+    assert member.best_val[0]["label"]["accuracy"] == 0.6
+
+
+def test_fit_without_a_test_split_refuses_in_one_line_and_names_a_declared_one(tmp_path):
+    import csv
+
+    from click.testing import CliRunner
+
+    from etf.cli import main
+
+    n = 60
+    rng = np.random.default_rng(0)
+    s = rng.choice([-1.0, 1.0], n)
+    dataset, spec = make_csv_dataset(tmp_path / "d", {"label": (s > 0).astype(float)}, np.array(["train", "val"] * 30))
+    import_prior(tmp_path / "c", dataset, "A", planted_tokens(rng, s, 3.0), tmp_path)
+    args = ["fit", "--data", spec, "--cache", str(tmp_path / "c"), "--encoders", "A", "--task", "classify:label"]
+    args += ["--epochs", "1", "--dim", "16", "--no-progress"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "r0")])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 1 and len(errors) == 1 and "--test-split holdout:0.2" in errors[0]
+    assert not (tmp_path / "r0").exists()
+    result = CliRunner().invoke(main, [*args, "--test-split", "holdout:0.25", "--out", str(tmp_path / "r1")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "r1" / "metrics.json").read_text())
+    assert "test" not in metrics and metrics["test_holdout"]["label"]["accuracy"] >= 0
+    assert metrics["held_out"] == {"test_holdout": "25% of train by sample, seed 0"}
+    assert metrics["splits"]["test_holdout"] == 8  # a quarter of the 30 training samples
+    with open(tmp_path / "r1" / "predictions.csv", newline="") as f:
+        assert {r["split"] for r in csv.DictReader(f)} == {"val", "test_holdout", "test_holdout:canonical"}
+    assert "test_holdout" in result.output and "held out test_holdout: 25% of train by sample, seed 0" in result.output

@@ -12,7 +12,7 @@ from etf.cache.tokens import TokenLayout
 from etf.errors import EtfError
 from etf.pipeline.fit.fusers import FuserConfig, create_fuser
 from etf.pipeline.fit.fusers.fra import sinkhorn
-from etf.pipeline.fit.fusers.layers import group_shares
+from etf.pipeline.fit.fusers.layers import group_shares, keeping_attention
 from etf.pipeline.fit.heads import Classify, MultiLabel
 from etf.pipeline.fit.predict import load_model
 from etf.pipeline.fit.train import FusionModel, build_model
@@ -85,7 +85,8 @@ def _tokens(b: int = 6) -> list[torch.Tensor]:
 @pytest.mark.parametrize("fuser,aux", [("etfuser", "recon:0.5"), ("etfuser+qface", "recon:1"), ("fra", "sinkhorn:0.1")])
 def test_auxiliary_loss_only_in_training_and_it_reaches_the_fuser(fuser, aux):
     torch.manual_seed(0)
-    f = create_fuser(fuser, GROUPS, [Classify("label", ["label"], ["a", "b"])], FuserConfig(dim=32, heads=4, aux=aux))
+    cfg = FuserConfig(dim=32, heads=4, aux=aux, prior_tokens="all" if aux.startswith("recon") else None)
+    f = create_fuser(fuser, GROUPS, [Classify("label", ["label"], ["a", "b"])], cfg)
     tokens = _tokens()
     tokens[1][:2] = 0  # prior B missing for two samples: never a reconstruction target
     f.train()
@@ -200,12 +201,14 @@ def test_qface_queries_move_to_the_stage_that_holds_their_task(tmp_path):
     assert after["t1"][0] > 0.75 and after["t2"][1] > 0.75, after
 
 
-@pytest.mark.parametrize("fuser", ["etfuser", "etfuser+qface", "qface", "fra"])
+@pytest.mark.parametrize("fuser", ["etfuser", "etfuser:pooled", "etfuser+qface", "qface", "fra"])
 def test_weight_decay_spares_tokens_embeddings_gates_norms_and_biases(fuser):
     from etf.pipeline.fit.train import _optimizer
 
     tasks = [Classify("label", ["label"], ["a", "b"])]
-    cfg = FuserConfig(dim=32, depth=1, heads=2, aux="recon:0.5" if "etfuser" in fuser else "none")
+    fuser, _, tokens = fuser.partition(":")  # etfuser: the token-level model with recon; :pooled the authors'
+    recon = "etfuser" in fuser and not tokens
+    cfg = FuserConfig(dim=32, depth=1, heads=2, aux="recon:0.5" if recon else "none", prior_tokens=tokens or "all")
     model = build_model(fuser, GROUPS, tasks, cfg, seed=0)
     decay, no_decay = _optimizer(model, 1e-3, 0.05).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
@@ -214,7 +217,7 @@ def test_weight_decay_spares_tokens_embeddings_gates_norms_and_biases(fuser):
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert spared | decayed == set(names.values()) and not spared & decayed
     learned = {
-        "etfuser": ["ensemble", "gate", "embed", "placeholder"],
+        "etfuser": ["ensemble", "gate", "embed", "placeholder"] if recon else ["ensemble"],
         "etfuser+qface": ["ensemble", "queries", "embed"],
         "qface": ["queries", "embed"],
         "fra": ["masks", "embed"],
@@ -223,3 +226,90 @@ def test_weight_decay_spares_tokens_embeddings_gates_norms_and_biases(fuser):
         assert any(n.endswith("." + leaf) for n in spared) and not any(n.endswith("." + leaf) for n in decayed), leaf
     assert all(n.endswith(("bias", "weight")) for n in decayed) and not any(n.endswith("bias") for n in decayed)
     assert any("blocks" in n or "decoder" in n or "key" in n for n in decayed)  # attention/MLP weights still decay
+
+
+# ---------------------------------------------------------------------------- the token-level ET-Fuser
+# Built from its class with an explicit config, so that these hold whatever ``--fuser etfuser`` defaults to.
+
+
+def _token_level(**kw):
+    from etf.pipeline.fit.fusers.etfuser import ETFuser
+
+    torch.manual_seed(0)
+    return ETFuser(
+        GROUPS,
+        [Classify("label", ["label"], ["a", "b"])],
+        FuserConfig(dim=32, depth=2, heads=4, prior_tokens="all", fuse="gate", **kw),
+    )
+
+
+@pytest.mark.parametrize("attn", ["intra", "full"])
+def test_intra_attention_keeps_each_prior_to_itself(attn):
+    """attn=intra: prior A's tokens attend only to A's, through every block, so changing B's
+    tokens leaves A's outputs exactly as they were; the ensemble token still reads both.
+    attn=full: A's outputs move with B's tokens."""
+    f = _token_level(attn=attn).eval()
+    tokens = _tokens()
+    other = [tokens[0], tokens[1] + torch.randn_like(tokens[1])]
+    with torch.no_grad(), keeping_attention(*f.blocks):
+        out, _ = f.encode(tokens)
+        weights = [blk.attention for blk in f.blocks]
+        moved, _ = f.encode(other)
+    a = slice(1, 1 + GROUPS[0].tokens)  # A's positions, after the ensemble token
+    b = slice(a.stop, None)
+    assert not torch.allclose(out[:, 0], moved[:, 0])  # the ensemble token sees B
+    assert all(w[:, :, 0, b].sum() > 0 for w in weights)
+    if attn == "intra":
+        torch.testing.assert_close(out[:, a], moved[:, a], rtol=0, atol=0)
+        for w in weights:  # no weight from A's tokens to B's, nor to the ensemble token
+            assert w[:, :, a, b].abs().max() == 0 and w[:, :, a, 0].abs().max() == 0
+            torch.testing.assert_close(w[:, :, a, a].sum(dim=-1), torch.ones(6, 4, GROUPS[0].tokens))
+    else:
+        assert not torch.allclose(out[:, a], moved[:, a]) and all(w[:, :, a, b].sum() > 0 for w in weights)
+
+
+def test_token_masking_drops_tokens_at_the_rate_in_training_only():
+    """mask=token:0.3 zeroes each token with probability 0.3 while training (zero tokens are
+    missing: never attended to), none at evaluation; mask=prior:0.3 zeroes whole priors."""
+    seen = []
+
+    def record(tokens):
+        seen.append([t.clone() for t in tokens])
+        return torch.zeros(tokens[0].shape[0], 1)
+
+    for mask in ("token:0.3", "prior:0.3"):
+        f = _token_level(mask=mask)
+        f.fuse = record
+        tokens = [torch.randn(4000, g.tokens, g.dim) + 3 for g in GROUPS]  # no token is zero
+        f.train()
+        f(tokens)
+        f.eval()
+        f(tokens)
+        train, evaluation = seen[-2:]
+        zero = [(t == 0).all(dim=-1) for t in train]  # (B, T) per group
+        rate = torch.cat(zero, dim=1).float().mean().item()
+        assert abs(rate - 0.3) < 0.02, (mask, rate)
+        assert all(torch.equal(t, u) for t, u in zip(evaluation, tokens))  # nothing dropped at eval
+        kept = [~z for z in zero]
+        assert all(torch.equal(t[k], u[k]) for t, u, k in zip(train, tokens, kept))  # the rest untouched
+        whole = all(bool(((z.all(dim=1)) | (~z).all(dim=1)).all()) for z in zero)
+        assert whole == (mask == "prior:0.3")  # prior:P drops a prior's tokens together, token:P one by one
+
+
+def test_plain_etfuser_starts_exactly_at_the_linear_probe():
+    """The gate is zero at init: h = LN(c) + 0 * W t is the linear probe's LN(c), so with the
+    same head weights the two models give the same logits before any training."""
+    from etf.pipeline.fit.fusers.baselines import LinearProbe
+
+    tasks = [Classify("label", ["label"], ["a", "b"])]
+    etf = FusionModel(_token_level(), tasks).eval()
+    linear = FusionModel(LinearProbe(GROUPS, tasks, SMALL), tasks).eval()
+    linear.heads.load_state_dict(etf.heads.state_dict())
+    assert etf.fuser.gate.abs().max() == 0
+    tokens = _tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(etf.fuser(tokens)["label"], linear.fuser(tokens)["label"], rtol=0, atol=0)
+        torch.testing.assert_close(etf(tokens)["label"], linear(tokens)["label"], rtol=0, atol=0)
+        assert (
+            etf.fuser.ensemble_output(etf.fuser.encode(tokens)[0]).abs().sum() > 0
+        )  # the ensemble token is there, gated off

@@ -62,6 +62,7 @@ def test_lfw_view_2_reads_the_official_layout(tmp_path):
     assert d.tasks == ["verify:identity"]
     names = d.classes["identity"]
     assert all(names[lab] == sid.split("/")[1] for sid, lab in zip(d.ids, d.column("identity")))
+    assert d.group_by == "identity" and d.groups == [sid.split("/")[1] for sid in d.ids]
 
 
 def test_data_check_states_the_pair_protocol(tmp_path):

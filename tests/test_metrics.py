@@ -51,3 +51,7 @@ def test_landmark_metrics_by_hand():
     assert m["fr@0.1"] == pytest.approx(0.25)  # only 0.2 exceeds 0.1
     # CED: 1/4 at [0, .05), 2/4 at [.05, .1), 3/4 at 0.1 -> area/0.1 = (.25*.05 + .5*.05)/.1
     assert m["auc@0.1"] == pytest.approx(0.375, abs=2e-3)
+    assert m["fr@0.08"] == pytest.approx(0.5)  # 0.1 and 0.2 exceed 0.08
+    # CED: 1/4 at [0, .05), 2/4 at [.05, .08] -> area/0.08 = (.25*.05 + .5*.03)/.08
+    assert m["auc@0.08"] == pytest.approx(0.34375, abs=2e-3)
+    assert list(m) == ["nme", "fr@0.08", "auc@0.08", "fr@0.1", "auc@0.1"]

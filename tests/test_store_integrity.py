@@ -3,6 +3,7 @@ reader with one line, and stores open by dimension name in xarray."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,22 @@ def test_xarray_opens_stores_by_dimension_name(folder_dataset, tmp_path):
     assert ds["tokens_3"].dims == ("sample", "token_3", "channel_3")
     assert (ds.sizes["token_3"], ds.sizes["token_4"], ds.sizes["channel_4"]) == (16, 4, 256)  # 4x4, 2x2 maps
     assert ds.attrs["etf"]["complete"] is True
+
+
+def test_a_store_written_with_other_library_versions_is_reported_not_rebuilt(xor, tmp_path):
+    import zarr
+
+    spec, cache, store = xor
+    group = zarr.open_group(str(store), mode="r+")
+    attrs = dict(group.attrs["etf"])
+    attrs["info"] = {**attrs.get("info", {}), "versions": {"etf": "0.0.1", "torch": "1.13.0+cpu", "timm": "0.9.2"}}
+    group.attrs["etf"] = attrs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(store))
+    mismatch = r"written with etf 0\.0\.1 \(now .*torch 1\.13\.0\+cpu .*timm 0\.9\.2.*used as stored"
+    with pytest.warns(UserWarning, match=mismatch):
+        TokenStore.open(store).close()
+    with pytest.warns(UserWarning, match=mismatch):  # fit reads it, saying so: the spec has not changed
+        res = _fit(spec, cache, tmp_path / "run")
+    assert res.exit_code == 0, res.output

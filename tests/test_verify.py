@@ -54,7 +54,7 @@ def _fit(dataset, cache, out, encoders=("A", "B"), fuser="etfuser", epochs=20, t
         epochs=epochs,
         batch_size=64,
         lr=3e-3,
-        fuser_config=FuserConfig(dim=64, depth=2, heads=4),
+        fuser_config=FuserConfig(dim=64, depth=2, heads=4, prior_tokens="all", head="pooled"),  # token-level
         progress=False,
         tasks=list(tasks),
         **kw,
@@ -242,11 +242,10 @@ def test_single_image_identities_only_is_refused(tmp_path):
 def test_split_too_small_for_ten_folds_is_refused(tmp_path):
     identity = np.r_[np.arange(80) // 4, 20 + np.arange(6) // 3]
     splits = np.r_[["train"] * 80, ["val"] * 6]
-    _refused(
-        _tiny(tmp_path, identity, splits),
-        tmp_path,
-        "val split: 4 matched and 4 mismatched pairs; the 10-fold protocol needs at least 10",
-    )
+    data = _tiny(tmp_path, identity, splits)
+    message = "val split: 4 matched and 4 mismatched pairs; the 10-fold protocol needs at least 10"
+    with pytest.raises(EtfError, match=message):
+        _fit(data, tmp_path / "c", tmp_path / "run", encoders=["A"], epochs=1, test_split="none")
 
 
 def test_protocol_pair_without_a_usable_sample_is_refused(tmp_path):
@@ -298,11 +297,12 @@ def test_margin_flags_apply_to_verify_tasks_only():
 
 
 def test_ablate_compares_verify_runs_by_their_fold_accuracies(ids, tmp_path):
-    """etf ablate on a verify task: the metric is the 10-fold accuracy, and the pooled test pairs
-    the ten fold accuracies of each seed with the baseline's."""
-    from scipy import stats
-
+    """etf ablate on a verify task: the metric is the 10-fold accuracy, and the comparison
+    pairs each seed's ten fold accuracies with its baseline's: the folds are the test units
+    of the bootstrap (the same folds in every seed), the seeds a level of their own; folds of
+    different seeds are never pooled as if independent."""
     from etf.pipeline.ablate.grid import Grid, plan_grid, run_grid
+    from etf.pipeline.ablate.stats import compare
 
     dataset, cache, _ = ids
     spec = f"csv:{cache.parent / 'ids' / 'data.csv'}"  # where identity_cache wrote it
@@ -312,31 +312,38 @@ def test_ablate_compares_verify_runs_by_their_fold_accuracies(ids, tmp_path):
             "cache": cache,
             "out": tmp_path,
             "encoders": "A,B",
-            "subsets": "all",
+            "jobs": 2,  # one thread each: small batches do not wait on a second thread
+            "subsets": "k=2",
             "tasks": [TASK],
             "fusers": "etfuser",
-            "seeds": "0,1",
+            "seeds": "0,1,2",
             "epochs": 12,
             "batch_size": 64,
             "lr": 3e-3,
             "dim": 64,
             "depth": 2,
             "heads": 4,
+            "prior_tokens": "all",  # the token-level model, its heads on the class token
+            "head": "pooled",
         }
     )
     plan = plan_grid(grid)
     assert (plan.metric.name, plan.metric.kind) == ("accuracy_10fold", "verify")
     assert run_grid(plan).failed == []
-    rows = {r["configuration"]: r for r in json.loads((tmp_path / "results.json").read_text())["configurations"]}
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["configuration"]: r for r in results["configurations"]}
     fused = rows["A+B etfuser"]
     folds = {}
-    for r in json.loads((tmp_path / "results.json").read_text())["runs"]:
+    for r in results["runs"]:
         m = json.loads((Path(r["path"]) / "metrics.json").read_text())
         folds[(r["labels"]["subset"], r["labels"]["fuser"], r["labels"]["seed"])] = m["test"]["identity"][
             "fold_accuracy"
         ]
-    a = folds[("A+B", "etfuser", 0)] + folds[("A+B", "etfuser", 1)]
-    b = folds[("A", "linear", 0)] + folds[("A", "linear", 1)]  # the baseline: the canonical prior, linear
-    assert fused["test"] == "folds t-test"
-    assert fused["p_predictions"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
-    assert fused["delta"] > 0.05 and fused["p_holm"] < 0.05
+    terms = lambda acc: np.stack([acc, np.ones(len(acc))], axis=1)  # noqa: E731
+    a = [terms(folds[("A+B", "etfuser", s)]) for s in (0, 1, 2)]
+    b = [terms(folds[("A", "linear", s)]) for s in (0, 1, 2)]  # the baseline: the canonical prior, linear
+    want = compare(a, b, lambda x: x[..., 0] / x[..., 1], bounds=(-1, 1))
+    assert fused["test_units"] == 10 and fused["p"] == pytest.approx(want.p)
+    assert fused["delta"] == pytest.approx(np.mean([x[:, 0] for x in a]) - np.mean([x[:, 0] for x in b]))
+    assert fused["delta"] > 0.05 and fused["significant"] == "yes (better)"
+    assert "the ten folds of the pair protocol" in (tmp_path / "report.md").read_text()

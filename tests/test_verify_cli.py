@@ -64,6 +64,8 @@ def run(tmp_path_factory):
             "2",
             "--val-fraction",
             "0.3",
+            "--test-split",
+            "none",  # tested on LFW's pairs by etf predict
             "--dim",
             "32",
             "--tokens",

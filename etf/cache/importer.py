@@ -10,8 +10,8 @@ import torch
 
 from etf.cache.catalog import CacheDir, write_manifest
 from etf.cache.location import Location
-from etf.cache.store import StoreWriter, encode_tokens, is_complete, plan_arrays, store_path
-from etf.cache.tokens import TokenLayout
+from etf.cache.store import StoreWriter, is_complete, plan_arrays, store_path
+from etf.cache.tokens import TokenLayout, encode_tokens
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.utils import sha256_file

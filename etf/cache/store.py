@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zarr
 
 from etf.cache.format import (
@@ -51,20 +50,6 @@ from etf.utils import atomic_path, canonical_json, spec_hash
 
 def physical_dtype(dtype: str) -> np.dtype:
     return np.dtype(PHYSICAL[dtype])
-
-
-def encode_tokens(x: torch.Tensor, dtype: str, ids: list[str]) -> np.ndarray:
-    """Tokens (B, T, D) to the storage dtype, refusing non-finite values (naming the sample).
-
-    Overflow shows here: a float16 store turns activations above 65504 into inf.
-    """
-    cast = x.to({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype])
-    finite = torch.isfinite(cast).flatten(1).all(dim=1)
-    if not bool(finite.all()):
-        bad = [ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
-        raise EtfError(f"non-finite token values for sample(s) {', '.join(bad[:5])} (as {dtype}); try --dtype float32")
-    cast = cast.cpu()
-    return cast.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else cast.numpy()
 
 
 def decode_tokens(a: np.ndarray, dtype: str) -> np.ndarray:
@@ -600,9 +585,16 @@ def version_mismatch(attrs: dict[str, Any]) -> str | None:
     recorded = (attrs.get("info") or {}).get("versions") or {}
     current = library_versions()
     differs = [
-        f"{k} {recorded[k]} (now {current[k]})" for k in TOKEN_LIBRARIES if k in recorded and recorded[k] != current[k]
+        f"{k} {recorded[k]} (now {current[k]})"
+        for k in TOKEN_LIBRARIES
+        if k in recorded and _public(recorded[k]) != _public(current[k])
     ]
     return ", ".join(differs) or None
+
+
+def _public(version: str) -> str:
+    """A version without its local build tag (``2.14.1+cu130`` -> ``2.14.1``)."""
+    return version.split("+")[0]
 
 
 def report_versions(path: Location, attrs: dict[str, Any]) -> None:
@@ -617,8 +609,9 @@ def report_versions(path: Location, attrs: dict[str, Any]) -> None:
 
 
 def library_versions() -> dict[str, str]:
-    import timm
+    """Installed versions, read from package metadata: nothing heavy is imported to learn them."""
+    from importlib.metadata import version
 
     import etf
 
-    return {"etf": etf.__version__, "torch": torch.__version__, "timm": timm.__version__, "zarr": zarr.__version__}
+    return {"etf": etf.__version__, **{k: version(k) for k in ("torch", "timm", "zarr")}}

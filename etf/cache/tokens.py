@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn.functional as F
+import numpy as np
 
 from etf.errors import EtfError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ def select_tokens(x: torch.Tensor, layout: TokenLayout, mode: str) -> tuple[torc
     ``cls`` is the first prefix token, or the mean of the patch tokens when there is no
     prefix (CNNs, class-token-free ViTs), so it is always one "pooled" token.
     """
+    import torch
+    import torch.nn.functional as F  # here, not at import: the store format is read without torch
+
     if x.shape[1] != layout.count:
         raise EtfError(f"token count {x.shape[1]} does not match the layout {layout}")
     prefix, patches = x[:, : layout.prefix], x[:, layout.prefix :]
@@ -70,3 +76,19 @@ def select_tokens(x: torch.Tensor, layout: TokenLayout, mode: str) -> tuple[torc
     grid = patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
     pooled = F.adaptive_avg_pool2d(grid.float(), g).to(x.dtype).flatten(2).transpose(1, 2)
     return torch.cat([prefix, pooled], dim=1), TokenLayout(layout.prefix, (g, g))
+
+
+def encode_tokens(x: torch.Tensor, dtype: str, ids: list[str]) -> np.ndarray:
+    """Tokens (B, T, D) to the storage dtype, refusing non-finite values (naming the sample).
+
+    Overflow shows here: a float16 store turns activations above 65504 into inf.
+    """
+    import torch
+
+    cast = x.to({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype])
+    finite = torch.isfinite(cast).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = [ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
+        raise EtfError(f"non-finite token values for sample(s) {', '.join(bad[:5])} (as {dtype}); try --dtype float32")
+    cast = cast.cpu()
+    return cast.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else cast.numpy()

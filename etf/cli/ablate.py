@@ -9,7 +9,8 @@ from click.core import ParameterSource
 
 from etf.cli.fit import fuser_options, training_options
 from etf.cli.options import cache_option, data_options, encoders_option
-from etf.pipeline.ablate import BACKENDS, SUBSETS
+from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
+from etf.pipeline.fit.config import INFER_MODES
 
 #: click parameter names that differ from the grid's setting names
 _SETTING = {"cache_dir": "cache", "data_spec": "data"}
@@ -36,6 +37,20 @@ _SETTING = {"cache_dir": "cache", "data_spec": "data"}
 @fuser_options
 @training_options
 @click.option("--seeds", default="0", show_default=True, help="Comma list of seeds.")
+@click.option(
+    "--correction",
+    type=click.Choice(CORRECTIONS),
+    default="holm",
+    show_default=True,
+    help="Multiple-comparison correction over every comparison of the report (fdr_bh: Benjamini-Hochberg).",
+)
+@click.option(
+    "--metric-infer",
+    type=click.Choice(INFER_MODES),
+    default="all",
+    show_default=True,
+    help="The report's metric with every prior, or with the canonical prior alone (both are in every run; the report compares them).",
+)
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Parallel fits (groups).")
 @click.option(
     "--backend",
@@ -95,7 +110,7 @@ def _as_grid_options(cmd: click.Command) -> None:
     for param in cmd.params:
         if param.name == "data_spec":
             param.required = False
-        elif param.name in ("attn", "mask"):
+        elif param.name in ("attn", "mask", "prior_tokens", "fuse", "position_code", "head"):
             param.type = click.STRING
             param.help = f"{param.help or ''} Comma list: a grid axis.".strip()
         elif param.name == "progress":

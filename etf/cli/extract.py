@@ -45,8 +45,14 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int] | None:
 @cache_option
 @click.option(
     "--weights",
+    multiple=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Local checkpoint (.pth/.pt/.bin/.safetensors) for the encoder.",
+    help="Local checkpoint (.pth/.pt/.bin/.safetensors) for the encoder; repeat with --soup to average several.",
+)
+@click.option(
+    "--soup",
+    is_flag=True,
+    help="Average the --weights checkpoints (same architecture) uniformly into one encoder: a model soup.",
 )
 @click.option("--allow-partial", is_flag=True, help="Accept a --weights file that leaves most of the model random.")
 @click.option(
@@ -118,6 +124,7 @@ def command(
     encoders,
     cache_dir,
     weights,
+    soup,
     allow_partial,
     pretrained,
     seed,
@@ -141,10 +148,16 @@ def command(
     from etf.cache.store import check_store_format
     from etf.cache.tokens import parse_tokens
 
-    if weights is not None and len(encoders) > 1:
+    if weights and len(encoders) > 1:
         raise click.BadParameter(
             "--weights applies to one encoder; run one extract per checkpoint", param_hint="--weights"
         )
+    if len(weights) > 1 and not soup:
+        raise click.BadParameter(
+            f"given {len(weights)} times: one checkpoint per extract, or --soup to average them", param_hint="--weights"
+        )
+    if soup and len(weights) < 2:
+        raise click.BadParameter("needs two or more --weights checkpoints to average", param_hint="--soup")
     parse_tokens(tokens)
     check_store_format(cache_dir, store_format).check_writable("--cache")
     dataset = open_dataset(data_spec, crop)
@@ -175,6 +188,8 @@ def command(
         encoder = create_encoder(
             name, pretrained=pretrained, weights=weights, seed=seed, img_size=img_size, allow_partial=allow_partial
         )
+        for source in encoder.soup or []:
+            click.echo(f"{name}: soup source {source['file']} (weights sha256 {source['weights_sha256'][:12]})")
         if encoder.load_report is not None:
             click.echo(f"{name}: {encoder.load_report.summary()}")
         result = extract(dataset, encoder, cache_dir, opts)

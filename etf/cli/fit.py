@@ -20,7 +20,16 @@ from etf.cli.options import (
     writable_dir,
 )
 from etf.pipeline.extract import PRECISIONS
-from etf.pipeline.fit.config import MARGINS, FitConfig, FuserConfig
+from etf.pipeline.fit.config import (
+    FUSE_MODES,
+    HEADS,
+    LANDMARK_LOSSES,
+    MARGINS,
+    POSITION_CODES,
+    PRIOR_TOKENS,
+    FitConfig,
+    FuserConfig,
+)
 from etf.pipeline.fit.fusers import fuser_names
 from etf.utils import parse_size
 
@@ -40,17 +49,53 @@ def fuser_options(fn):
     """Fuser hyper-parameters, shared with ``etf ablate``."""
     for opt in reversed(
         [
-            _fuser("dim", type=POSITIVE, help="Fuser width d."),
-            _fuser("depth", type=POSITIVE, help="Self-attention blocks."),
+            _fuser("dim", type=POSITIVE, help="Fuser width d (the pooled etfuser runs at the token width)."),
+            _fuser(
+                "depth",
+                type=POSITIVE,
+                help="Self-attention blocks.  [default: 1 for the pooled etfuser (the authors'), else 2]",
+            ),
             _fuser("heads", type=POSITIVE, help="Attention heads."),
-            _fuser("mlp_ratio", type=click.FloatRange(0, min_open=True), help="MLP width over d."),
-            _fuser("dropout", type=click.FloatRange(0, 1, max_open=True)),
+            _fuser(
+                "mlp_ratio",
+                type=click.FloatRange(0, min_open=True),
+                help="MLP width over d.  [default: 1 for the pooled etfuser (FFN width = token width), else 2]",
+            ),
+            _fuser(
+                "dropout",
+                type=click.FloatRange(0, 1, max_open=True),
+                help="[default: 0.2 for the pooled etfuser (also on its attention weights), else 0]",
+            ),
             _fuser(
                 "attn",
                 type=click.Choice(["full", "intra"]),
                 help="intra: prior tokens attend only within their prior; the ensemble token sees all.",
             ),
             _fuser("mask", help="Training-time dropping: none, token:P, prior:P."),
+            _fuser(
+                "prior_tokens",
+                type=click.Choice(PRIOR_TOKENS),
+                help="etfuser: one pooled token per prior (the authors') or every token (token-level).  "
+                "[default: pooled for etfuser, all for etfuser+qface]",
+            ),
+            _fuser(
+                "fuse",
+                type=click.Choice(FUSE_MODES),
+                help="etfuser: t added to the canonical representation (the authors') or through a zero-initialised gate.  "
+                "[default: add with pooled tokens, gate with all]",
+            ),
+            _fuser(
+                "position_code",
+                type=click.Choice(POSITION_CODES),
+                help="Pooled tokens' fixed position code: sinusoidal (Vaswani) or single (the authors' one frequency).  "
+                "[default: sinusoidal]",
+            ),
+            _fuser(
+                "head",
+                type=click.Choice(HEADS),
+                help="spatial: heads read the canonical grid plus t (a conv head for landmarks, pooled for the rest); "
+                "pooled: its pooled token plus t; auto: spatial where the canonical tokens have a grid.",
+            ),
             _fuser(
                 "queries",
                 type=click.Choice(["label", "task"]),
@@ -88,7 +133,19 @@ def training_options(fn):
                 help="Seeded (stratified) fraction of train.",
             ),
             click.option("--shots", type=POSITIVE, help="K training samples per class of the first classify task."),
-            _fit("val_fraction", type=FRACTION, help="Seeded hold-out of train when there is no val split."),
+            _fit(
+                "val_fraction",
+                type=FRACTION,
+                help="Seeded hold-out of train (by subject, identity or source image where the dataset has them) "
+                "when there is no val split.",
+            ),
+            click.option(
+                "--test-split",
+                default=None,
+                help="For a dataset without a test split: holdout:F[:SEED] (a seeded hold-out of train, by group, "
+                "reported as test_holdout), val (its val split, reported as test_val) or none (fit only: no test).  "
+                "[default: the dataset's test splits]",
+            ),
             click.option(
                 "--max-memory",
                 default=None,
@@ -116,9 +173,22 @@ def pop_fuser_config(kw: dict[str, Any]) -> FuserConfig:
 
 
 def verify_options(fn):
-    """Options of verify tasks, shared with ``etf ablate``; a task string's own ``?key=`` wins."""
+    """Options of verify and landmarks tasks, shared with ``etf ablate``; a task string's own ``?key=`` wins."""
     for opt in reversed(
         [
+            click.option(
+                "--loss",
+                type=click.Choice(LANDMARK_LOSSES),
+                help="landmarks: Wing loss (the authors') or L1, on standardised coordinates.  [default: wing]",
+            ),
+            click.option(
+                "--wing-omega", type=click.FloatRange(0, min_open=True), help="landmarks: Wing's omega.  [default: 0.1]"
+            ),
+            click.option(
+                "--wing-epsilon",
+                type=click.FloatRange(0, min_open=True),
+                help="landmarks: Wing's epsilon.  [default: 2]",
+            ),
             click.option("--embed-dim", type=POSITIVE, help="verify: embedding size.  [default: 512]"),
             click.option(
                 "--margin", type=click.Choice(sorted(MARGINS)), help="verify: margin softmax.  [default: arcface]"
@@ -139,9 +209,18 @@ def verify_options(fn):
 
 def pop_task_specs(kw: dict[str, Any], default: list[str]) -> list[str]:
     """``--task`` values (or the dataset's defaults) with the ``verify_options`` filled in."""
+    from etf.pipeline.fit.heads import with_task_options
     from etf.pipeline.fit.verification import with_options
 
     tasks = list(kw.pop("tasks")) or default
+    tasks = with_task_options(
+        tasks,
+        "landmarks",
+        "--loss, --wing-omega and --wing-epsilon",
+        criterion=kw.pop("loss"),
+        omega=kw.pop("wing_omega"),
+        epsilon=kw.pop("wing_epsilon"),
+    )
     return with_options(
         tasks, dim=kw.pop("embed_dim"), margin=kw.pop("margin"), s=kw.pop("margin_scale"), m=kw.pop("margin_m")
     )

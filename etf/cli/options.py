@@ -136,19 +136,19 @@ def weights_option(fn: Callable) -> Callable:
         multiple=True,
         callback=_named_files,
         metavar="PRIOR=FILE",
-        help="The checkpoint of a prior extracted with --weights; repeat for several.",
+        help="The checkpoint of a prior extracted with --weights; repeat for several priors (and for a soup's sources).",
     )(fn)
 
 
-def _named_files(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, Path]:
-    out = {}
+def _named_files(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
     for v in values:
         name, sep, path = v.partition("=")
         if not sep or not name or not path:
             raise click.BadParameter(f"{v!r}: expected PRIOR=FILE", param_hint="--weights")
         if not Path(path).is_file():
             raise click.BadParameter(f"{path}: no such file", param_hint="--weights")
-        out[name] = Path(path)
+        out.setdefault(name, []).append(Path(path))
     return out
 
 

@@ -17,6 +17,7 @@ from etf.cli.options import (
     writable_dir,
     writable_file,
 )
+from etf.pipeline.fit.config import INFER_MODES
 
 
 @click.command("predict")
@@ -36,13 +37,22 @@ from etf.cli.options import (
 @cache_option
 @click.option("--crop", default=None, help="The --crop the dataset was extracted with.")
 @weights_option
+@click.option(
+    "--infer",
+    type=click.Choice(INFER_MODES),
+    default="all",
+    show_default=True,
+    help="all: every prior the fuser reads; canonical: the canonical prior alone (only its encoder runs).",
+)
 @device_option
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option(
     "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the predictions as JSON."
 )
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the predictions as CSV.")
-def command(run, images, embed, data_spec, cache_dir, crop, weights, device, batch_size, json_out, csv_out) -> None:
+def command(
+    run, images, embed, data_spec, cache_dir, crop, weights, infer, device, batch_size, json_out, csv_out
+) -> None:
     """Predict every task of --run for IMAGE... (encoders, fuser and heads end to end)."""
     if data_spec:
         if images or not embed:
@@ -63,7 +73,7 @@ def command(run, images, embed, data_spec, cache_dir, crop, weights, device, bat
     from etf.data.images import require_readable
 
     require_readable(list(images))  # before any encoder is built
-    predictor = load_predictor(run, weights, device)
+    predictor = load_predictor(run, weights, device, infer)
     records = predict_all(predictor, list(images), batch_size, embed)
     if embed:
         click.echo(f"embeddings of {len(images)} images written to {embed}")

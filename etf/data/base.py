@@ -33,7 +33,8 @@ class Sample:
     of numbers, or ``None`` when the label is missing (column and task conventions:
     :mod:`etf.data.labels`); ``meta`` carries what crops need, in source pixels: ``box`` as
     x0, y0, x1, y1, and ``landmarks5`` as five [x, y] points, the image-left eye, image-right
-    eye, nose tip, left and right mouth corners.
+    eye, nose tip, left and right mouth corners. ``group`` is what a hold-out must not cut
+    (the subject, identity or source image), or None where the dataset has no such unit.
     """
 
     id: str
@@ -41,6 +42,17 @@ class Sample:
     split: str
     labels: Mapping[str, Any] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class MetaSource:
+    """Where a crop's metadata (``box``, ``landmarks5``) comes from, as recorded with the
+    crop; ``ground_truth``: derived from the labels a model is evaluated on (a crop aligned
+    by them would hand the test its answer)."""
+
+    what: str
+    ground_truth: bool = False
 
 
 @dataclass
@@ -53,7 +65,8 @@ class Dataset:
 
     ``pairs`` holds verification protocols per split: ``{split: {"a": [ids], "b": [ids],
     "same": [1 or 0], "fold": [k]}}`` (``fold`` optional); both samples of a pair belong
-    to that split.
+    to that split. ``group_by`` names what the samples' ``group`` is (``subject``, ...);
+    ``meta_sources`` says where each kind of crop metadata comes from.
     """
 
     name: str
@@ -64,6 +77,8 @@ class Dataset:
     tasks: list[str] = field(default_factory=list)
     pairs: dict[str, Any] | None = None
     skipped: list[dict[str, str]] = field(default_factory=list)
+    group_by: str | None = None
+    meta_sources: dict[str, MetaSource] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.samples:
@@ -111,6 +126,14 @@ class Dataset:
     def splits(self) -> list[str]:
         return [s.split for s in self.samples]
 
+    @property
+    def groups(self) -> list[str] | None:
+        """Per sample, the unit a hold-out keeps whole (a sample without a group is its own);
+        None when no sample has a group."""
+        if all(s.group is None for s in self.samples):
+            return None
+        return [s.id if s.group is None else s.group for s in self.samples]
+
     @cached_property
     def label_columns(self) -> list[str]:
         cols: dict[str, None] = {}
@@ -147,6 +170,8 @@ class Dataset:
         }
         if any(s.meta for s in self.samples):
             spec["meta"] = [dict(s.meta) for s in self.samples]
+        if any(s.group is not None for s in self.samples):
+            spec["groups"] = [s.group for s in self.samples]
         if self.pairs is not None:
             spec["pairs"] = self.pairs
         return spec
@@ -163,6 +188,7 @@ class Dataset:
             "root": str(self.root),
             "tasks": self.tasks,
             "skipped": self.skipped,
+            **({"group_by": self.group_by} if self.group_by else {}),
             **self.spec(),
         }
 
@@ -259,22 +285,26 @@ def parse_spec(spec: str) -> tuple[str, str | None, dict[str, str]]:
     return name, (root if sep else None), dict(parse_qsl(query, keep_blank_values=True))
 
 
-GENERIC_OPTIONS = ("crop",)
+GENERIC_OPTIONS = ("crop", "landmarks5")
 
 
 def load_dataset(spec: str, *, require_files: bool = True, **overrides: Any) -> Dataset:
     """Load ``--data SPEC``; ``overrides`` (e.g. from ``--crop``) win over ``?key=value`` options.
 
-    ``crop`` applies to every format; the other options are the adapter's own. A crop also
-    maps landmark labels into crop coordinates, here, for every format. Missing image files
-    are an error unless ``require_files`` is false (``etf data check`` reports them instead).
+    ``crop`` and ``landmarks5`` (a file of five points per sample for ``--crop align5``)
+    apply to every format; the other options are the adapter's own. A crop also maps
+    landmark labels into crop coordinates, here, for every format, and records what it read
+    (``crop_source``). Missing image files are an error unless ``require_files`` is false
+    (``etf data check`` reports them instead).
     """
-    from etf.data.crop import crop_labels, parse_crop
+    from etf.data.crop import crop_labels, crop_source, parse_crop, read_landmarks5
 
     name, root, options = parse_spec(spec)
     adapter = get_adapter(name)
     options.update({k: str(v) for k, v in overrides.items() if v is not None})
     crop = parse_crop(options.pop("crop", "none"))
+    landmarks5 = options.pop("landmarks5", None)
+    options.pop("crop_source", None)  # what a crop read: recorded in the options, recomputed here
     known = adapter.options
     for key in options:
         if key not in known:
@@ -293,9 +323,17 @@ def load_dataset(spec: str, *, require_files: bool = True, **overrides: Any) -> 
             raise EtfError(f"--data {spec!r}: {path} does not exist")
         dataset = adapter.load(path, **kwargs)
     dataset.options = {**{k: v.default for k, v in known.items()}, **kwargs}
+    where = f"--data {spec!r}"
+    if landmarks5 is not None:
+        if not crop.startswith("align5"):
+            raise EtfError(f"{where}: landmarks5= gives the five points of --crop align5, which is not set")
+        file = Path(os.path.expanduser(landmarks5))
+        dataset.samples = read_landmarks5(file, dataset.samples, where)
+        dataset.meta_sources["landmarks5"] = MetaSource(f"{file.name} (landmarks5=)")
     if crop != "none":
         dataset.options["crop"] = crop
-        dataset.samples = crop_labels(dataset.samples, crop, f"--data {spec!r}")
+        dataset.options["crop_source"] = crop_source(dataset, crop, where)
+        dataset.samples = crop_labels(dataset.samples, crop, where)
     if require_files:
         require_images(dataset)
     if not dataset.tasks:

@@ -9,6 +9,13 @@
   squares, Umeyama) taking ``meta["landmarks5"]`` onto the ArcFace 112x112 five-point
   template scaled to SIZE x SIZE (default 112).
 
+Where ``box`` and ``landmarks5`` come from is the adapter's (``Dataset.meta_sources``) and is
+recorded as the ``crop_source`` option, so it is part of the dataset key. ``align5`` refuses
+landmarks derived from the ground truth the model is evaluated on (300W, WFLW: their five
+points are picked from the landmark labels); ``?landmarks5=FILE`` gives five points per
+sample from elsewhere, e.g. a face detector's (a CSV ``id,x1,y1,...,x5,y5`` in source pixels,
+in the order above), and replaces the adapter's for every sample.
+
 Both are one 2x3 affine matrix from source to crop coordinates (:func:`crop_geometry`). The
 image is warped with it and landmark label columns are mapped with it, in one place
 (:func:`crop_labels`, called by ``load_dataset``), so labels always describe the image the
@@ -17,15 +24,17 @@ model sees. Coordinates are continuous, pixel ``i`` spanning ``[i, i + 1)`` as i
 
 from __future__ import annotations
 
+import csv
 import re
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from etf.data.base import Sample
+from etf.data.base import Dataset, MetaSource, Sample
 from etf.data.labels import NME_NORM, point_columns
 from etf.errors import EtfError
 
@@ -67,6 +76,58 @@ def _number(text: str | None, kind: type, default: float) -> float | None:
 
 def _needs(crop: str) -> str:
     return "box" if crop.startswith("bbox") else "landmarks5"
+
+
+def crop_source(dataset: Dataset, crop: str, where: str) -> str:
+    """What ``crop`` reads from ``dataset`` (recorded with it); refuses to align faces by
+    landmarks derived from the labels under evaluation."""
+    key = _needs(crop)
+    source = dataset.meta_sources.get(key, MetaSource(f"{dataset.name}'s meta[{key!r}]"))
+    if key == "landmarks5" and source.ground_truth:
+        raise EtfError(
+            f"{where}: --crop {crop} would align every face, test faces too, by {source.what}, the labels it is "
+            "evaluated on; give landmarks from a face detector with ?landmarks5=FILE (CSV id,x1,y1,...,x5,y5), "
+            "or use --crop bbox"
+        )
+    return source.what
+
+
+LANDMARKS5_HEADER = ["id", *(f"{c}{k}" for k in range(1, 6) for c in "xy")]
+
+
+def read_landmarks5(path: Path, samples: Sequence[Sample], where: str) -> list[Sample]:
+    """``samples`` with ``meta["landmarks5"]`` from ``path`` (header ``id,x1,y1,...,x5,y5``);
+    samples the file does not list lose the adapter's, so nothing else is aligned by."""
+    from etf.data.datasets._common import annotation_error, numbers
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))
+    except OSError as e:
+        raise EtfError(f"{where}: landmarks5={path}: {e.strerror or e}") from None
+    if not rows or [c.strip() for c in rows[0]] != LANDMARKS5_HEADER:
+        raise annotation_error(path, 1, f"expected the header {','.join(LANDMARKS5_HEADER)}")
+    known = {s.id for s in samples}
+    points: dict[str, list[list[float]]] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != len(LANDMARKS5_HEADER):
+            raise annotation_error(path, line, f"expected {len(LANDMARKS5_HEADER)} fields, got {len(row)}")
+        sid = row[0].strip()
+        if sid not in known:
+            raise annotation_error(path, line, f"{sid!r} is not a sample of the dataset")
+        if sid in points:
+            raise annotation_error(path, line, f"{sid!r} appears twice")
+        values = numbers(row[1:], path, line)
+        points[sid] = [values[i : i + 2] for i in range(0, 10, 2)]
+    out = []
+    for s in samples:
+        meta = {k: v for k, v in s.meta.items() if k != "landmarks5"}
+        if s.id in points:
+            meta["landmarks5"] = points[s.id]
+        out.append(replace(s, meta=meta))
+    return out
 
 
 def crop_geometry(sample: Sample, crop: str) -> tuple[np.ndarray, tuple[int, int]]:

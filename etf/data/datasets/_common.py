@@ -93,11 +93,14 @@ def seeded_split(units: Iterable[str], seed: int, val: float, test: float, where
 
 
 def hold_out(samples: list[Sample], val: float, seed: int, where: str) -> list[Sample]:
-    """Move a seeded fraction ``val`` of the train samples to val (for formats without a val split)."""
+    """Move a seeded fraction ``val`` of the train samples to val (for formats without a val
+    split), by whole groups (subjects, source images) where samples have one: the fraction
+    is of the groups."""
     if val == 0:
         return samples
-    split = seeded_split((s.id for s in samples if s.split == "train"), seed, val, 0.0, where)
-    return [replace(s, split=split[s.id]) if s.id in split else s for s in samples]
+    unit = {s.id: s.id if s.group is None else s.group for s in samples if s.split == "train"}
+    split = seeded_split(unit.values(), seed, val, 0.0, where)
+    return [replace(s, split=split[unit[s.id]]) if s.id in unit else s for s in samples]
 
 
 def points_array(values: Sequence[float], path: Path, line: int, count: int) -> np.ndarray:

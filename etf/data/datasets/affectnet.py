@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from etf.data.base import Dataset, Sample, register_dataset
+from etf.data.base import Dataset, MetaSource, Sample, register_dataset
 from etf.data.datasets._common import (
     FIVE_FROM_68,
     annotation_error,
@@ -65,7 +65,11 @@ def load_affectnet(root: Path, classes: int = 7, val: float = 0.0, seed: int = 0
     for name, split in (("training.csv", "train"), ("validation.csv", "test")):
         samples += _read(find(root, [p + name for p in lists], name, "affectnet"), images, split, classes)
     samples = hold_out(samples, val, seed, f"affectnet:{root}")
-    return Dataset("affectnet", root, samples, classes={"expression": CLASSES[:classes]})
+    sources = {
+        "box": MetaSource("AffectNet's face box (face_x, face_y, face_width, face_height)"),
+        "landmarks5": MetaSource("five points of AffectNet's 68 facial_landmarks"),
+    }
+    return Dataset("affectnet", root, samples, classes={"expression": CLASSES[:classes]}, meta_sources=sources)
 
 
 def _read(path: Path, images: Path, split: str, classes: int) -> list[Sample]:

@@ -7,7 +7,8 @@ Malformed names are skipped and reported, as for UTKFace.
 AgeDB has no official age-estimation split. This one is seeded and, by default,
 subject-disjoint (``by_subject``): subject names are sorted, shuffled with ``seed`` and cut
 into ``test`` and ``val`` fractions (default 10% each), so no person's other ages leak
-from train into test. ``by_subject=false`` splits images instead.
+from train into test. ``by_subject=false`` splits images instead. The subject is each
+image's group, so hold-outs of train keep a person's images together either way.
 """
 
 from __future__ import annotations
@@ -38,10 +39,8 @@ def parse_name(name: str) -> dict[str, Any]:
 )
 def load_agedb(root: Path, seed: int = 0, val: float = 0.1, test: float = 0.1, by_subject: bool = True) -> Dataset:
     parsed, skipped = labels_from_names("agedb", root, parse_name)
-    unit = {}
-    for i, _, labels in parsed:
-        subject = labels.pop("subject")
-        unit[i] = subject if by_subject else i
+    subject = {i: labels.pop("subject") for i, _, labels in parsed}
+    unit = subject if by_subject else {i: i for i in subject}
     split = seeded_split(unit.values(), seed, val, test, f"agedb:{root}")
-    samples = [Sample(i, path, split[unit[i]], labels) for i, path, labels in parsed]
-    return Dataset("agedb", root, samples, classes={"gender": ["male", "female"]}, skipped=skipped)
+    samples = [Sample(i, path, split[unit[i]], labels, group=subject[i]) for i, path, labels in parsed]
+    return Dataset("agedb", root, samples, classes={"gender": ["male", "female"]}, skipped=skipped, group_by="subject")

@@ -18,7 +18,8 @@ Labels: ``AU<n>`` as 0/1 for the selected AUs. Protocol: 3-fold subject-independ
 cross-validation; fold ``fold`` (1..3) is the test set, the other two train. Subjects go
 to folds by sorted subject id, round robin (the i-th, from 0, to fold i % 3 + 1), so no
 subject is in two folds. To reproduce a paper's exact subject lists, add a ``fold``
-column (1..3, the same for all of a subject's frames), which then wins.
+column (1..3, the same for all of a subject's frames), which then wins. The subject is each
+frame's group: hold-outs of train (``etf fit``'s val) keep a subject's frames together.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def load_au(file: Path, dataset: str = "bp4d", fold: int = 1) -> Dataset:
                 )
             labels[c] = None if v in UNKNOWN[dataset] else int(int(v) >= (2 if dataset == "disfa" else 1))
         split = "test" if folds[r["subject"]] == fold else "train"
-        samples.append(Sample(r["path"], file.parent / r["path"], split, labels))
-    return Dataset("au", file, samples, tasks=[task(dataset)])
+        samples.append(Sample(r["path"], file.parent / r["path"], split, labels, group=r["subject"]))
+    return Dataset("au", file, samples, tasks=[task(dataset)], group_by="subject")
 
 
 def _given_folds(file: Path, rows: list[dict[str, str]]) -> dict[str, int]:

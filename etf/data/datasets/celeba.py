@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from etf.data.base import Dataset, Sample, register_dataset
+from etf.data.base import Dataset, MetaSource, Sample, register_dataset
 from etf.data.datasets._common import annotation_error, find, numbers, read_rows
 from etf.errors import EtfError
 
@@ -87,7 +87,11 @@ def load_celeba(root: Path, aligned: bool = True) -> Dataset:
         labels = {a: int(v > 0) for a, v in zip(names, values)}
         path = images / name
         samples.append(Sample(path.relative_to(root).as_posix(), path, partition[name], labels, meta.get(name, {})))
-    return Dataset("celeba", root, samples, tasks=[f"multilabel:{','.join(names)}"])
+    sources = {
+        "landmarks5": MetaSource(f"CelebA's list_landmarks{'_align' if aligned else ''}_celeba.txt"),
+        "box": MetaSource("CelebA's list_bbox_celeba.txt"),
+    }
+    return Dataset("celeba", root, samples, tasks=[f"multilabel:{','.join(names)}"], meta_sources=sources)
 
 
 def _meta(root: Path, aligned: bool) -> dict[str, dict]:

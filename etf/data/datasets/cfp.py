@@ -84,6 +84,9 @@ def load_cfp(root: Path, protocol: str = "FP") -> Dataset:
     ids = sorted(set(a) | set(b))
     people = sorted({sid.split("/")[-3] for sid in ids})
     index = {p: i for i, p in enumerate(people)}
-    samples = [Sample(sid, root / sid, "test", {"identity": index[sid.split("/")[-3]]}) for sid in ids]
+    samples = [
+        Sample(sid, root / sid, "test", {"identity": index[sid.split("/")[-3]]}, group=sid.split("/")[-3])
+        for sid in ids
+    ]
     pairs = {"test": {"a": a, "b": b, "same": same, "fold": fold}}
-    return Dataset("cfp", root, samples, classes={"identity": people}, pairs=pairs)
+    return Dataset("cfp", root, samples, classes={"identity": people}, pairs=pairs, group_by="identity")

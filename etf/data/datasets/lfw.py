@@ -16,6 +16,7 @@ them or inside ``<images>``. scikit-learn's data home works as ROOT too, as
   ``pairsDevTest.txt`` when present, else verification draws them from the identities.
 
 Sample ids are paths relative to ROOT, so funneled and original images never share a key.
+The identity is each image's group (hold-outs of train keep a person's images together).
 """
 
 from __future__ import annotations
@@ -141,13 +142,16 @@ def _identity(sample_id: str) -> str:
 def _dataset(root: Path, layout: LfwLayout, split_of: dict[str, str], pairs: list[Pair] | None) -> Dataset:
     names = sorted({_identity(s) for s in split_of})
     index = {n: i for i, n in enumerate(names)}
-    samples = [Sample(s, layout.base / s, split_of[s], {"identity": index[_identity(s)]}) for s in sorted(split_of)]
+    samples = [
+        Sample(s, layout.base / s, split_of[s], {"identity": index[_identity(s)]}, group=_identity(s))
+        for s in sorted(split_of)
+    ]
     protocol = None
     if pairs:
         protocol = {"test": {"a": [p.a for p in pairs], "b": [p.b for p in pairs], "same": [p.same for p in pairs]}}
         if len({p.fold for p in pairs}) > 1:
             protocol["test"]["fold"] = [p.fold for p in pairs]
-    return Dataset("lfw", root, samples, classes={"identity": names}, pairs=protocol)
+    return Dataset("lfw", root, samples, classes={"identity": names}, pairs=protocol, group_by="identity")
 
 
 def _dev_view(root: Path, layout: LfwLayout) -> Dataset:

@@ -14,23 +14,42 @@ no usable ``pt2d``), so ``--crop bbox:0.2`` gives the customary loose face crop.
 - ``300w-lp:ROOT``: ``ROOT/300W_LP/`` (or ``ROOT`` itself) alone, all train, with a seeded
   ``val`` hold-out; its eight subsets AFW, HELEN, IBUG, LFPW and their ``_Flip`` mirrors
   (whose ``.mat`` files hold the mirrored pose) are all required.
+
+A 300W-LP image's group is the 300W photograph it was synthesised from
+(``AFW_134212_1_0.jpg``: image 134212, face 1, view 0): its ``_Flip`` mirror, every view and,
+for AFW, HELEN and IBUG, every face of that photograph. Hold-outs of train keep a group
+together, so no view of a validation face is trained on.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import scipy.io
 
-from etf.data.base import Dataset, Sample, register_dataset
+from etf.data.base import Dataset, MetaSource, Sample, register_dataset
 from etf.data.datasets._common import box_of, hold_out
 from etf.errors import EtfError
 
 LP_SUBSETS = ("AFW", "AFW_Flip", "HELEN", "HELEN_Flip", "IBUG", "IBUG_Flip", "LFPW", "LFPW_Flip")
 MAX_ANGLE = 99.0
 TASK = "regress:yaw,pitch,roll"
+#: subsets whose 300W names carry a face index before the view index
+FACE_INDEXED = ("AFW", "HELEN", "IBUG")
+BOX = {"box": MetaSource("the tight box of the 3DDFA fit's 2-D landmarks (pt2d)")}
+_NUMBER = re.compile(r"_\d+$")
+
+
+def source_image(subset: str, stem: str) -> str:
+    """The 300W photograph a 300W-LP image was synthesised from: the subset without
+    ``_Flip`` and the name without its view (and face) index."""
+    base = subset.removesuffix("_Flip")
+    stem = _NUMBER.sub("", stem)
+    return f"{base}/{_NUMBER.sub('', stem) if base in FACE_INDEXED else stem}"
 
 
 def read_pose(path: Path) -> tuple[dict[str, float], list[float] | None]:
@@ -77,7 +96,11 @@ def lp_samples(root: Path, base: Path) -> list[Sample]:
     missing = [s for s in LP_SUBSETS if not (base / s).is_dir()]
     if missing:
         raise EtfError(f"{base}: 300W-LP subset folder {missing[0]}/ not found (expected {', '.join(LP_SUBSETS)})")
-    return [s for name in LP_SUBSETS for s in pose_samples(root, base / name, "train")]
+    return [
+        replace(s, group=source_image(name, s.path.stem))
+        for name in LP_SUBSETS
+        for s in pose_samples(root, base / name, "train")
+    ]
 
 
 @register_dataset(
@@ -95,7 +118,8 @@ def load_aflw2000(root: Path, train: bool = True, val: float = 0.0, seed: int = 
         )
     samples = lp_samples(root, root / "300W_LP") if train else []
     samples += pose_samples(root, test_dir, "test")
-    return Dataset("aflw2000", root, hold_out(samples, val, seed, f"aflw2000:{root}"))
+    samples = hold_out(samples, val, seed, f"aflw2000:{root}")
+    return Dataset("aflw2000", root, samples, group_by="source image", meta_sources=dict(BOX))
 
 
 @register_dataset(
@@ -107,4 +131,5 @@ def load_aflw2000(root: Path, train: bool = True, val: float = 0.0, seed: int = 
 )
 def load_300w_lp(root: Path, val: float = 0.0, seed: int = 0) -> Dataset:
     base = root / "300W_LP" if (root / "300W_LP").is_dir() else root
-    return Dataset("300w-lp", root, hold_out(lp_samples(root, base), val, seed, f"300w-lp:{root}"))
+    samples = hold_out(lp_samples(root, base), val, seed, f"300w-lp:{root}")
+    return Dataset("300w-lp", root, samples, group_by="source image", meta_sources=dict(BOX))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from etf.data.base import Dataset, Sample, register_dataset
+from etf.data.base import Dataset, MetaSource, Sample, register_dataset
 from etf.data.datasets._common import annotation_error, find, hold_out, numbers, read_rows
 
 CLASSES = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
@@ -47,7 +47,8 @@ def load_rafdb(root: Path, aligned: bool = True, val: float = 0.0, seed: int = 0
         split = stem.split("_")[0]
         samples.append(Sample(path.relative_to(root).as_posix(), path, split, {"expression": label - 1}, meta))
     samples = hold_out(samples, val, seed, f"rafdb:{root}")
-    return Dataset("rafdb", root, samples, classes={"expression": list(CLASSES)})
+    sources = {"landmarks5": MetaSource("RAF-DB's manual five landmarks (Annotation/manual)")}
+    return Dataset("rafdb", root, samples, classes={"expression": list(CLASSES)}, meta_sources=sources)
 
 
 def _landmarks5(path: Path) -> dict[str, list[list[float]]]:

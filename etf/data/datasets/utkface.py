@@ -7,7 +7,9 @@
 field): they are skipped, listed in ``Dataset.skipped`` and reported in one warning.
 
 UTKFace has no official split: image names are sorted and shuffled with ``seed``, then
-cut into ``test`` and ``val`` fractions (default 10% each), the rest train.
+cut into ``test`` and ``val`` fractions (default 10% each), the rest train. UTKFace has no
+identity labels, so neither this split nor any hold-out can keep a person's images on one
+side: a person photographed twice may be in train and test.
 """
 
 from __future__ import annotations

@@ -12,16 +12,22 @@ Labels: ``lm<i>_x``, ``lm<i>_y`` (i = 0..67, as written in the ``.pts``, no 1-ba
 and ``nme_norm`` = the inter-ocular distance, between the outer eye corners (points 36
 and 45, 0-based). ``meta["box"]`` is the landmarks' tight box and ``meta["landmarks5"]``
 the eye centres, nose tip and mouth corners. The images are whole scenes: use a crop
-(``--crop bbox:0.1`` or so) for landmark fitting.
+(``--crop bbox:0.1`` or so) for landmark fitting. Both come from the ground-truth landmarks,
+so ``--crop align5`` is refused (it would align every test face by its own answer) unless
+``?landmarks5=FILE`` gives detector landmarks; the box crop stays, recorded as what it is.
+
+AFW and HELEN name a photograph's faces ``<image>_<k>``: the photograph is their group, so a
+hold-out of train keeps its faces on one side.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 
-from etf.data.base import Dataset, Sample, register_dataset
+from etf.data.base import Dataset, MetaSource, Sample, register_dataset
 from etf.data.datasets._common import (
     FIVE_FROM_68,
     annotation_error,
@@ -45,6 +51,12 @@ SUBSETS = {
     "ibug": "test_challenging",
 }
 OUTER_EYE_CORNERS = (36, 45)
+SOURCES = {
+    "box": MetaSource("the tight box of the ground-truth landmarks", ground_truth=True),
+    "landmarks5": MetaSource("five points of the ground-truth landmarks", ground_truth=True),
+}
+#: ``<image>_<k>``: face k of a photograph (AFW, HELEN)
+_FACE = re.compile(r"^(\d+)_\d+$")
 
 
 def read_pts(path: Path) -> np.ndarray:
@@ -95,5 +107,8 @@ def load_300w(root: Path, val: float = 0.0, seed: int = 0) -> Dataset:
             image = _image(pts)
             meta = {"box": box_of(points), "landmarks5": five_points(points, FIVE_FROM_68)}
             labels = landmark_labels(points, OUTER_EYE_CORNERS)
-            samples.append(Sample(image.relative_to(root).as_posix(), image, split, labels, meta))
-    return Dataset("300w", root, hold_out(samples, val, seed, f"300w:{root}"))
+            face = _FACE.match(pts.stem)
+            group = f"{folder}/{face[1]}" if face else None
+            samples.append(Sample(image.relative_to(root).as_posix(), image, split, labels, meta, group))
+    samples = hold_out(samples, val, seed, f"300w:{root}")
+    return Dataset("300w", root, samples, group_by="photograph", meta_sources=dict(SOURCES))

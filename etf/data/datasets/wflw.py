@@ -16,14 +16,16 @@ seeded fraction of train.
 
 Labels: ``lm<i>_x``, ``lm<i>_y`` (i = 0..97) and ``nme_norm`` = inter-ocular distance
 between the outer eye corners, points 60 and 72. ``meta["box"]`` is the annotated
-rectangle; ``meta["landmarks5"]`` the pupils (96, 97), nose tip (54), mouth corners (76, 82).
+rectangle; ``meta["landmarks5"]`` the pupils (96, 97), nose tip (54), mouth corners (76, 82)
+of the ground truth, so ``--crop align5`` is refused unless ``?landmarks5=FILE`` gives
+detector landmarks. An image is the group of its faces (hold-outs keep them together).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from etf.data.base import Dataset, Sample, register_dataset
+from etf.data.base import Dataset, MetaSource, Sample, register_dataset
 from etf.data.datasets._common import (
     FIVE_FROM_98,
     annotation_error,
@@ -41,6 +43,10 @@ LISTS = "WFLW_annotations/list_98pt_rect_attr_train_test/list_98pt_rect_attr_{}.
 SUBSETS = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
 OUTER_EYE_CORNERS = (60, 72)
 FIELDS = 196 + 4 + len(SUBSETS) + 1
+SOURCES = {
+    "box": MetaSource("WFLW's face rectangle"),
+    "landmarks5": MetaSource("five points of the ground-truth landmarks", ground_truth=True),
+}
 
 
 @register_dataset(
@@ -74,5 +80,6 @@ def load_wflw(root: Path, val: float = 0.0, seed: int = 0) -> Dataset:
             image = images / fields[206]
             rel = image.relative_to(root).as_posix()
             k = faces[rel] = faces.get(rel, -1) + 1
-            samples.append(Sample(f"{rel}#{k}", image, split, labels, meta))
-    return Dataset("wflw", root, hold_out(samples, val, seed, f"wflw:{root}"))
+            samples.append(Sample(f"{rel}#{k}", image, split, labels, meta, rel))
+    samples = hold_out(samples, val, seed, f"wflw:{root}")
+    return Dataset("wflw", root, samples, group_by="image", meta_sources=dict(SOURCES))

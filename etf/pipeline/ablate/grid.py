@@ -5,7 +5,8 @@ A grid is the encoder subsets of ``--encoders`` times every combination of its a
 a TOML file). Subsets keep the order of ``--encoders``, so the first encoder of a subset is
 its canonical prior. The ``linear`` fuser reads only the canonical prior: it is the
 *baseline* of every subset that starts with that prior, run once per (prior, seed, data and
-optimisation settings) with the default fuser settings, whether or not ``--fusers`` names it.
+optimisation settings, ``head``) with the default fuser settings otherwise, whether or not
+``--fusers`` names it.
 
 Each grid point is one fit in ``OUT/runs/<run id>``, the id a content hash of its resolved
 FitConfig (without paths), the dataset key and its stores' spec hashes. ``done.json`` is
@@ -38,12 +39,12 @@ from etf.cache.features import PriorSet
 from etf.cache.location import Location, cache_location
 from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
-from etf.pipeline.ablate import BACKENDS, SUBSETS
+from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
 from etf.pipeline.ablate.report import Metric, Run, write_report
-from etf.pipeline.fit.config import FitConfig, FuserConfig, data_key
+from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key
 from etf.pipeline.fit.fusers import check_fuser
 from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names
-from etf.pipeline.fit.train import fit_many
+from etf.pipeline.fit.train import evaluated_test_splits, fit_many
 from etf.utils import canonical_json, parse_size, read_json, spec_hash, write_json_atomic
 
 BASELINE_FUSER = "linear"
@@ -75,7 +76,7 @@ AXES = {f.name: f.default for f in fields(FitConfig) if f.name in FIT_AXES} | {
 }
 #: axes whose option has a plural name, and axes given as comma lists on the command line
 PLURAL = {"fuser": "fusers", "seed": "seeds"}
-COMMA_AXES = ("fuser", "seed", "attn", "mask")
+COMMA_AXES = ("fuser", "seed", "attn", "mask", "prior_tokens", "fuse", "position_code", "head")
 #: settings that are not axes, with their defaults
 OPTIONS = {
     "data": None,
@@ -89,6 +90,9 @@ OPTIONS = {
     "backend": "loky",
     "scheduler": None,
     "progress": False,
+    "test_split": None,
+    "correction": "holm",
+    "metric_infer": "all",
 }
 
 
@@ -171,6 +175,10 @@ class Grid:
     backend: str = "loky"
     scheduler: str | None = None
     progress: bool = False
+    test_split: str | None = None
+    correction: str = "holm"
+    #: the inference mode of the report's metric: every prior, or the canonical prior alone
+    metric_infer: str = "all"
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], where: str | None = None, dry_run: bool = False) -> Grid:
@@ -185,8 +193,12 @@ class Grid:
             raise EtfError(f"--backend {s['backend']!r}: use one of {', '.join(BACKENDS)}")
         if s["scheduler"] and s["backend"] == "loky":
             raise EtfError("--scheduler: needs --backend dask or ray")
+        if s["metric_infer"] not in INFER_MODES:
+            raise EtfError(f"--metric-infer {s['metric_infer']!r}: use {' or '.join(INFER_MODES)}")
         if not isinstance(s["jobs"], int) or s["jobs"] < 1:
             raise EtfError(f"--jobs {s['jobs']!r}: must be a positive integer")
+        if s["correction"] not in CORRECTIONS:
+            raise EtfError(f"--correction {s['correction']!r}: use one of {', '.join(CORRECTIONS)}")
         hints = {**typing.get_type_hints(FitConfig), **typing.get_type_hints(FuserConfig)}
         axes: dict[str, list[Any]] = {}
         for key, default in AXES.items():
@@ -216,6 +228,9 @@ class Grid:
             backend=s["backend"],
             scheduler=s["scheduler"],
             progress=bool(s["progress"]),
+            test_split=s["test_split"],
+            correction=s["correction"],
+            metric_infer=s["metric_infer"],
         )
 
 
@@ -282,12 +297,13 @@ def plan_grid(grid: Grid) -> Plan:
         raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
     tasks = [parse_task(t, dataset) for t in task_specs]
     unique_names(tasks)
-    split = (
-        "test"
-        if "test" in dataset.splits
-        else next((s for s in dict.fromkeys(dataset.splits) if s.startswith("test")), "val")
-    )
-    metric = Metric(tasks[0].name, tasks[0].kind, selection_metric(tasks[0], dataset), split, tasks[0].higher_is_better)
+    splits = evaluated_test_splits(dataset, grid.test_split)
+    if not splits:
+        raise EtfError(
+            f"--test-split {grid.test_split}: etf ablate compares on a test split; declare one (holdout:F or val)"
+        )
+    name = selection_metric(tasks[0], dataset)
+    metric = Metric(tasks[0].name, tasks[0].kind, name, tuple(splits), tasks[0].higher_is_better, grid.metric_infer)
 
     names = list(grid.axes)
     varied = [k for k in names if len(grid.axes[k]) > 1 and k not in ("fuser", "attn", "mask", "seed")]
@@ -302,6 +318,7 @@ def plan_grid(grid: Grid) -> Plan:
             tasks=list(task_specs),
             fuser_config=fuser_cfg,
             progress=grid.progress,
+            test_split=grid.test_split,
             **{k: values[k] for k in FIT_AXES},
         )
         hashed = {k: v for k, v in cfg.to_json().items() if k not in ("out", "cache_dir", "progress")}
@@ -314,7 +331,8 @@ def plan_grid(grid: Grid) -> Plan:
                 "fuser": values["fuser"],
                 "attn": values["attn"],
                 "mask": values["mask"],
-                **{k: values[k] for k in varied},
+                # as resolved: a setting the fuser does not read shows as None (and its points merge)
+                **{k: getattr(cfg.fuser_config, k) if k in FUSER_AXES else values[k] for k in varied},
                 "seed": values["seed"],
             }
             points[run_id] = Point(run_id, replace(cfg, out=(grid.out or Path()) / "runs" / run_id), labels, baseline)
@@ -330,10 +348,14 @@ def plan_grid(grid: Grid) -> Plan:
     return Plan(grid, dataset, list(points.values()), metric)
 
 
+#: the fuser settings the baseline reads: its heads read what the point's heads read
+BASELINE_READS = ("head",)
+
+
 def _as_baseline(values: dict[str, Any]) -> dict[str, Any]:
-    """The baseline of a point: the linear fuser with default fuser settings (it reads none
-    of them), same data, optimisation and seed."""
-    return {**values, "fuser": BASELINE_FUSER, **{k: AXES[k] for k in FUSER_AXES}}
+    """The baseline of a point: the linear fuser with default fuser settings but the ones it
+    reads (:data:`BASELINE_READS`), same data, optimisation and seed."""
+    return {**values, "fuser": BASELINE_FUSER, **{k: AXES[k] for k in FUSER_AXES if k not in BASELINE_READS}}
 
 
 # ---------------------------------------------------------------------------- records
@@ -501,8 +523,16 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
                     echo(f"[{k}/{len(todo)}] {first['subset']} seed {first['seed']}: {ok}/{len(results)} run(s) done")
             except Exception as e:  # a worker died (out of memory, a signal): keep what finished
                 outcome.stopped = f"{type(e).__name__}: {e}"
-    write_report([_as_run(p) for p in plan.points], plan.metric, grid.out, title=_title(grid))
+    runs = [_as_run(p) for p in plan.points]
+    write_report(runs, plan.metric, grid.out, _title(grid), grid.correction, _nme_norms(plan.dataset))
     return outcome
+
+
+def _nme_norms(dataset: Dataset) -> dict[str, float] | None:
+    """The dataset's NME normaliser per sample id (in crop coordinates), when it has one."""
+    if "nme_norm" not in dataset.label_columns:
+        return None
+    return {i: float("nan") if v is None else float(v) for i, v in zip(dataset.ids, dataset.column("nme_norm"))}
 
 
 def _as_run(point: Point) -> Run:

@@ -1,42 +1,67 @@
-"""The ablation report: every configuration against its single-prior baseline.
+"""The ablation report: every configuration against its single-prior baseline, on every test split.
 
 ``write_report`` reads the finished runs (``metrics.json``, ``predictions.csv``) and writes
 ``report.md``, ``results.csv``, ``results.json`` and PNG plots (matplotlib figures drawn
-without a display). A configuration is a grid point without its seed; its statistics are
-over seeds, its tests paired by seed with the baseline (see :mod:`etf.pipeline.ablate.stats`).
+without a display). A configuration is a grid point without its seed; its summary is over
+seeds, and its comparison with the baseline counts seed and test-sample variance together
+(:func:`etf.pipeline.ablate.stats.compare`), corrected for multiple comparisons across
+every configuration and test split of the report.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from etf.pipeline.ablate.stats import holm, mcnemar, paired_bootstrap, paired_seed_tests, summarize
+from etf.pipeline.ablate.stats import ALPHA, adjust, compare, paired_seed_tests, summarize
+from etf.pipeline.ablate.terms import Terms, mean_terms, sample_terms
+from etf.pipeline.fit.metrics import metric_bounds
 from etf.utils import read_json, write_json_atomic
 
-ALPHA = 0.05
 #: labels every configuration has; others appear in its name only where the grid varies them
 FIXED_LABELS = ("subset", "priors", "fuser")
+#: bootstrap draws of the test samples per comparison (they estimate a variance, not a tail)
+RESAMPLES = 2000
 
 
 @dataclass(frozen=True)
 class Metric:
-    """What the report compares: metric ``name`` of task ``task`` on ``split``."""
+    """What the report compares: metric ``name`` of task ``task`` on each of ``splits`` (the
+    first is the plots'), evaluated with every prior (``infer="all"``) or the canonical prior
+    alone (``"canonical"``)."""
 
     task: str
     kind: str
     name: str
-    split: str
+    splits: tuple[str, ...]
     higher_is_better: bool
+    infer: str = "all"
+
+    def key(self, split: str) -> str:
+        """The split's name in metrics.json and predictions.csv for this inference mode."""
+        return split if self.infer == "all" else f"{split}:{self.infer}"
+
+    def other(self) -> Metric:
+        """The same metric in the other inference mode."""
+        return replace(self, infer="canonical" if self.infer == "all" else "all")
+
+    def title(self, split: str) -> str:
+        mode = "" if self.infer == "all" else ", canonical prior alone"
+        return f"{split} {self.task} {self.name}{mode}"
 
     @property
-    def title(self) -> str:
-        return f"{self.split} {self.task} {self.name}"
+    def bounds(self) -> tuple[float, float]:
+        return metric_bounds(self.name)
+
+    @property
+    def delta_bounds(self) -> tuple[float, float]:
+        lo, hi = self.bounds
+        return lo - hi, hi - lo
 
 
 @dataclass(frozen=True)
@@ -53,50 +78,53 @@ class Run:
 
 @dataclass
 class _Result:
-    value: float
+    values: dict[str, float]  # the metric per test split, as metrics.json has it
+    others: dict[str, float]  # the same in the other inference mode
     shares: dict[str, float] | None
-    # per sample id of the split: 1/0 correct (classify), else mean absolute error; for verify,
-    # per fold of the pair protocol: its accuracy
-    scores: dict[str, float]
+    terms: dict[str, Terms]  # per test split: per test sample (verify: per fold of the pair protocol)
 
 
-def _load(run: Run, metric: Metric) -> _Result:
+def _load(run: Run, metric: Metric, norms: dict[str, float] | None) -> _Result:
     metrics = read_json(run.path / "metrics.json")
-    task = metrics.get(metric.split, {}).get(metric.task, {})
-    value = task.get(metric.name, math.nan)
-    if metric.kind == "verify":  # embeddings are not predictions: pair the protocol's folds
-        folds = {f"fold{k}": float(v) for k, v in enumerate(task.get("fold_accuracy", []))}
-        return _Result(float(value), metrics.get("attention_share"), folds)
-    scores = {}
-    with open(run.path / "predictions.csv", newline="") as f:
+
+    def value(task: dict[str, Any]) -> float:
+        return math.nan if task.get(metric.name) is None else float(task[metric.name])  # null: NaN
+
+    tasks = {s: metrics.get(metric.key(s), {}).get(metric.task, {}) for s in metric.splits}
+    values = {s: value(t) for s, t in tasks.items()}
+    others = {s: value(metrics.get(metric.other().key(s), {}).get(metric.task, {})) for s in metric.splits}
+    if metric.kind == "verify":  # embeddings are not predictions: the protocol's folds are the units
+        terms = {
+            s: mean_terms([f"fold{k}" for k in range(len(t["fold_accuracy"]))], np.array(t["fold_accuracy"], float))
+            for s, t in tasks.items()
+            if t.get("fold_accuracy")
+        }
+    else:
+        terms = _prediction_terms(run.path / "predictions.csv", metric, norms)
+    return _Result(values, others, metrics.get("attention_share"), terms)
+
+
+def _prediction_terms(path: Path, metric: Metric, norms: dict[str, float] | None) -> dict[str, Terms]:
+    """Per test split, the metric's per-sample terms from a run's predictions.csv."""
+    rows: dict[str, list[tuple[str, list[str], list[str]]]] = {metric.key(s): [] for s in metric.splits}
+    with open(path, newline="") as f:
         reader = csv.DictReader(f)
         true = [c for c in reader.fieldnames or [] if c.startswith(f"{metric.task}:true:")]
+        pred = [c.replace(":true:", ":pred:", 1) for c in true]
         for row in reader:
-            if row["split"] != metric.split:
-                continue
-            pairs = [(float(row[c]), float(row[c.replace(":true:", ":pred:", 1)])) for c in true if row[c] != ""]
-            if pairs:
-                y, p = np.array(pairs).T
-                scores[row["id"]] = float(np.all(y == p)) if metric.kind == "classify" else float(np.abs(y - p).mean())
-    return _Result(float(value), metrics.get("attention_share"), scores)
-
-
-def _prediction_test(pairs: list[tuple[_Result, _Result]], metric: Metric) -> tuple[str, float]:
-    """McNemar (classification), a paired bootstrap of per-sample errors, or for verify a
-    paired t-test of the pair protocol's fold accuracies, on the split's samples (folds) of
-    every seed pooled: (test name, p)."""
-    a, b = [], []
-    for x, y in pairs:
-        ids = sorted(x.scores.keys() & y.scores.keys())
-        a += [x.scores[i] for i in ids]
-        b += [y.scores[i] for i in ids]
-    if not a:
-        return "n/a", math.nan
-    if metric.kind == "classify":
-        return "mcnemar", mcnemar(np.array(a) > 0.5, np.array(b) > 0.5).p
-    if metric.kind == "verify":
-        return "folds t-test", paired_seed_tests(a, b)[0]
-    return "bootstrap", paired_bootstrap(np.array(a), np.array(b))
+            if row["split"] in rows:
+                rows[row["split"]].append((row["id"], [row[c] for c in true], [row[c] for c in pred]))
+    out = {}
+    for split in metric.splits:
+        entries = rows[metric.key(split)]
+        if not entries:
+            continue
+        ids = [i for i, _, _ in entries]
+        y = np.array([[float(v) if v != "" else math.nan for v in t] for _, t, _ in entries])
+        p = np.array([[float(v) for v in q] for _, _, q in entries])
+        norm = None if norms is None else np.array([norms.get(i, math.nan) for i in ids], dtype=np.float64)
+        out[split] = sample_terms(metric.kind, metric.name, ids, y, p, ~np.isnan(y), norm)
+    return out
 
 
 def _variant(labels: dict[str, Any], shown: list[str]) -> str:
@@ -108,10 +136,47 @@ def _name(labels: dict[str, Any], shown: list[str]) -> str:
     return f"{labels['subset']} {_variant(labels, shown)}"
 
 
-def configurations(runs: list[Run], metric: Metric) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per configuration (in grid order) with its statistics, and the prior names
-    of the attention-share columns."""
-    results = {r.run_id: _load(r, metric) for r in runs if r.status == "done"}
+def _comparison(pairs: list[tuple[_Result, _Result]], split: str, metric: Metric) -> dict[str, Any]:
+    """The row fields of one configuration's comparison with its baseline on ``split``, paired
+    by seed (none: every field undefined, with a note)."""
+    pairs = [(x, y) for x, y in pairs if not (math.isnan(x.values[split]) or math.isnan(y.values[split]))]
+    a, b = np.array([x.values[split] for x, _ in pairs]), np.array([y.values[split] for _, y in pairs])
+    seed_level = paired_seed_tests(a, b)
+    with_terms = [(x.terms[split], y.terms[split]) for x, y in pairs if split in x.terms and split in y.terms]
+    units = sorted(set.intersection(*(set(t.units) & set(u.units) for t, u in with_terms))) if with_terms else []
+    c = compare(
+        [t.select(units) for t, _ in with_terms],
+        [u.select(units) for _, u in with_terms],
+        with_terms[0][0].reduce if with_terms else np.sum,
+        bounds=metric.delta_bounds,
+        resamples=RESAMPLES,
+    )
+    return {
+        "baseline_mean": float(b.mean()) if len(b) else math.nan,
+        "delta": c.delta,
+        "delta_ci_low": c.ci_low,
+        "delta_ci_high": c.ci_high,
+        "p": c.p,
+        "p_adjusted": math.nan,  # set across the report
+        "significant": "",
+        "note": c.note,
+        "df": c.df,
+        "se_seed": c.se_seed,
+        "se_sample": c.se_sample,
+        "test_units": c.units,
+        "p_ttest": seed_level.t,
+        "p_wilcoxon": seed_level.wilcoxon,
+        "seed_note": seed_level.note,
+    }
+
+
+def configurations(
+    runs: list[Run], metric: Metric, correction: str = "holm", norms: dict[str, float] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per test split and configuration (in grid order) with its statistics, and the
+    prior names of the attention-share columns. ``norms``: the dataset's NME normaliser per
+    sample id (landmark tasks)."""
+    results = {r.run_id: _load(r, metric, norms) for r in runs if r.status == "done"}
     by_id = {r.run_id: r for r in runs}
     keys = [k for k in dict.fromkeys(k for r in runs for k in r.labels) if k not in (*FIXED_LABELS, "seed")]
     shown = [k for k in keys if len({str(r.labels[k]) for r in runs}) > 1]
@@ -120,44 +185,46 @@ def configurations(runs: list[Run], metric: Metric) -> tuple[list[dict[str, Any]
         config.setdefault(_name(r.labels, shown), []).append(r)
     priors = list(dict.fromkeys(p for res in results.values() for p in res.shares or {}))
     rows = []
-    for name, members in config.items():
-        done = [results[r.run_id] for r in members if r.run_id in results]
-        s = summarize([d.value for d in done])
-        is_baseline = all(r.baseline == r.run_id for r in members)
-        pairs = [
-            (results[r.run_id], results[r.baseline]) for r in members if r.run_id in results and r.baseline in results
-        ]
-        row = {
-            "configuration": name,
-            "variant": _variant(members[0].labels, shown),
-            **{k: v for k, v in members[0].labels.items() if k != "seed"},
-            "seeds": len(done),
-            "failed": sum(r.status == "failed" for r in members),
-            "mean": s.mean,
-            "std": s.std,
-            "ci_low": s.ci_low,
-            "ci_high": s.ci_high,
-            "baseline": _name(by_id[members[0].baseline].labels, shown),
-            "baseline_mean": math.nan,
-            "delta": math.nan,
-            "p_ttest": math.nan,
-            "p_wilcoxon": math.nan,
-            "test": "n/a",
-            "p_predictions": math.nan,
-        }
-        if pairs and not is_baseline:
-            a, b = np.array([x.value for x, _ in pairs]), np.array([y.value for _, y in pairs])
-            row["baseline_mean"], row["delta"] = float(b.mean()), float((a - b).mean())
-            row["p_ttest"], row["p_wilcoxon"] = paired_seed_tests(a, b)
-            row["test"], row["p_predictions"] = _prediction_test(pairs, metric)
-        for p in priors:
-            shares = [d.shares[p] for d in done if d.shares and p in d.shares]
-            row[f"share_{p}"] = float(np.mean(shares)) if shares else math.nan
-        row["is_baseline"] = is_baseline
-        rows.append(row)
-    adjusted = holm([math.nan if r["is_baseline"] else r["p_predictions"] for r in rows])
+    for split in metric.splits:
+        for name, members in config.items():
+            done = [results[r.run_id] for r in members if r.run_id in results]
+            s = summarize([d.values[split] for d in done], bounds=metric.bounds)
+            is_baseline = all(r.baseline == r.run_id for r in members)
+            pairs = [
+                (results[r.run_id], results[r.baseline])
+                for r in members
+                if r.run_id in results and r.baseline in results
+            ]
+            row = {
+                "split": split,
+                "configuration": name,
+                "variant": _variant(members[0].labels, shown),
+                **{k: v for k, v in members[0].labels.items() if k != "seed"},
+                "seeds": len(done),
+                "failed": sum(r.status == "failed" for r in members),
+                "mean": s.mean,
+                "std": s.std,
+                "ci_low": s.ci_low,
+                "ci_high": s.ci_high,
+                "baseline": _name(by_id[members[0].baseline].labels, shown),
+                **_comparison([] if is_baseline else pairs, split, metric),
+            }
+            if is_baseline:
+                row["note"] = row["seed_note"] = ""
+            other = [d.others[split] for d in done]
+            row[f"mean_{metric.other().infer}"] = float(np.mean(other)) if other else math.nan
+            sign = 1 if metric.infer == "canonical" else -1
+            row["canonical_minus_all"] = (
+                float(np.mean([sign * (d.values[split] - d.others[split]) for d in done])) if done else math.nan
+            )
+            for p in priors:
+                shares = [d.shares[p] for d in done if d.shares and p in d.shares]
+                row[f"share_{p}"] = float(np.mean(shares)) if shares else math.nan
+            row["is_baseline"] = is_baseline
+            rows.append(row)
+    adjusted = adjust([math.nan if r["is_baseline"] else r["p"] for r in rows], correction)
     for row, p in zip(rows, adjusted):
-        row["p_holm"] = float(p)
+        row["p_adjusted"] = float(p)
         row["significant"] = _verdict(row, metric)
     return rows, priors
 
@@ -165,9 +232,9 @@ def configurations(runs: list[Run], metric: Metric) -> tuple[list[dict[str, Any]
 def _verdict(row: dict[str, Any], metric: Metric) -> str:
     if row["is_baseline"]:
         return "baseline"
-    if math.isnan(row["p_holm"]):
+    if math.isnan(row["p_adjusted"]):
         return "n/a"
-    if row["p_holm"] >= ALPHA:
+    if row["p_adjusted"] >= ALPHA:
         return "no"
     return "yes (better)" if (row["delta"] > 0) == metric.higher_is_better else "yes (worse)"
 
@@ -175,11 +242,18 @@ def _verdict(row: dict[str, Any], metric: Metric) -> str:
 # ---------------------------------------------------------------------------- files
 
 
-def write_report(runs: list[Run], metric: Metric, out: Path, title: str) -> Path:
+def write_report(
+    runs: list[Run],
+    metric: Metric,
+    out: Path,
+    title: str,
+    correction: str = "holm",
+    norms: dict[str, float] | None = None,
+) -> Path:
     """Write the report files into ``out``; return the path of ``report.md``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, priors = configurations(runs, metric)
+    rows, priors = configurations(runs, metric, correction, norms)
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=columns)
@@ -196,66 +270,106 @@ def write_report(runs: list[Run], metric: Metric, out: Path, title: str) -> Path
         }
         for r in runs
     ]
-    write_json_atomic(
+    held_out = next((res for res in (_held_out(r) for r in runs) if res), {})
+    write_json_atomic(  # strict JSON: NaN as null
         out / "results.json",
-        _finite({"title": title, "metric": metric.__dict__, "alpha": ALPHA, "configurations": rows, "runs": runs_json}),
+        {
+            "title": title,
+            "metric": asdict(metric),
+            "alpha": ALPHA,
+            "correction": correction,
+            "held_out": held_out,
+            "configurations": rows,
+            "runs": runs_json,
+        },
     )
+    primary = [r for r in rows if r["split"] == metric.splits[0]]
     plots = [
         p
-        for p in (_plot_priors(rows, metric, out), _plot_heatmap(rows, metric, out), _plot_shares(rows, priors, out))
+        for p in (
+            _plot_priors(primary, metric, out),
+            _plot_heatmap(primary, metric, out),
+            _plot_shares(primary, priors, out),
+        )
         if p
     ]
     path = out / "report.md"
-    path.write_text(_markdown(runs, rows, metric, title, plots))
+    path.write_text(_markdown(runs, rows, metric, title, plots, correction, held_out))
     return path
 
 
-def _finite(obj: Any) -> Any:
-    """NaN as null: strict JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
+def _held_out(run: Run) -> dict[str, str]:
+    """How a finished run's hold-outs were made (metrics.json ``held_out``)."""
+    return read_json(run.path / "metrics.json").get("held_out", {}) if run.status == "done" else {}
 
 
 def _num(v: float, fmt: str = ".4f") -> str:
-    return "n/a" if v is None or math.isnan(v) else format(v, fmt)
+    return "n/a" if math.isnan(v) else format(v, fmt)
+
+
+def method(metric: Metric, correction: str, comparisons: int) -> str:
+    """The report's method paragraph: exactly what the statistics do."""
+    units = "the ten folds of the pair protocol" if metric.kind == "verify" else "test samples"
+    corrections = {"holm": "Holm's step-down", "bonferroni": "Bonferroni's", "fdr_bh": "the Benjamini-Hochberg"}
+    return (
+        "Every configuration is compared with its baseline: its canonical (first) prior alone with the `linear` "
+        "fuser, same seed and settings, on each test split, in the metric itself. Δ is the mean over seeds of the "
+        f"per-seed difference in {metric.name} (configuration - baseline). Its variance has two parts: the spread of "
+        f"the per-seed differences over the seeds, and a paired bootstrap ({RESAMPLES} draws) of the {units}, one "
+        f"draw shared by every seed and by both runs, with {metric.name} recomputed on each draw. "
+        "Δ divided by its standard error is tested two-sided against a t distribution with Welch-Satterthwaite "
+        "degrees of freedom, so few seeds give a wide interval; the 95% interval of Δ is clipped to the differences "
+        f"the metric allows. The p-values of all {comparisons} comparisons in this report (every configuration on "
+        f"every test split) are adjusted by {corrections[correction]} correction (`--correction {correction}`); "
+        f"significant means an adjusted p below {ALPHA}, better or worse. With one seed the seed variance is "
+        "unknown and there is no test; a note says when a test is undefined. results.csv also holds seed-level "
+        "paired t and Wilcoxon p-values (no test-sample variance, not corrected, not used for the verdict)."
+    )
 
 
 def _markdown(
-    runs: list[Run], rows: list[dict[str, Any]], metric: Metric, title: str, plots: list[tuple[str, str]]
+    runs: list[Run],
+    rows: list[dict[str, Any]],
+    metric: Metric,
+    title: str,
+    plots: list[tuple[str, str]],
+    correction: str,
+    held_out: dict[str, str],
 ) -> str:
     counts = {s: sum(r.status == s for r in runs) for s in ("done", "failed", "pending")}
     better = "higher" if metric.higher_is_better else "lower"
+    comparisons = sum(not math.isnan(r["p"]) for r in rows)
     lines = [
         f"# Ablation: {title}",
         "",
-        f"Metric: **{metric.title}** ({better} is better), mean over seeds with a 95% t-interval. "
+        f"Metric: **{metric.task} {metric.name}** ({better} is better) on the test split(s) "
+        f"{', '.join(metric.splits)}; mean over seeds with a 95% t-interval. "
         f"Runs: {counts['done']} done, {counts['failed']} failed, {counts['pending']} not run.",
         "",
-        "Every configuration is compared with its baseline: its canonical (first) prior alone with the `linear` "
-        "fuser, same seed and settings. Δ and the p-values of the paired t-test and the Wilcoxon signed-rank test "
-        "pair runs by seed; the prediction-level test (McNemar for classification, a paired t-test of the pair "
-        "protocol's fold accuracies for verification, a paired bootstrap of per-sample errors otherwise) pools "
-        f"the {metric.split} predictions of all seeds. Holm's correction runs across the grid "
-        f"on the prediction-level p; significant at {ALPHA}.",
-        "",
-        "| configuration | seeds | mean ± std | 95% CI | Δ vs baseline | p (t) | p (Wilcoxon) | p (predictions) | p (Holm) | significant |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        method(metric, correction, comparisons),
     ]
-    for r in rows:
-        seeds = f"{r['seeds']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
-        lines.append(
-            f"| {r['configuration']} | {seeds} | {_num(r['mean'])} ± {_num(r['std'])} | "
-            f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}] | {_num(r['delta'], '+.4f')} | {_num(r['p_ttest'], '.3g')} | "
-            f"{_num(r['p_wilcoxon'], '.3g')} | {_num(r['p_predictions'], '.3g')} {'' if r['test'] == 'n/a' else r['test']} | "
-            f"{_num(r['p_holm'], '.3g')} | {r['significant']} |"
-        )
+    if held_out:
+        lines += ["", "Hold-outs: " + "; ".join(f"`{k}`: {v}" for k, v in held_out.items()) + "."]
+    for split in metric.splits:
+        lines += [
+            "",
+            f"## {split}",
+            "",
+            f"| configuration | seeds | mean ± std | 95% CI | Δ vs baseline | 95% CI of Δ | p | p ({correction}) "
+            "| significant | note |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in (r for r in rows if r["split"] == split):
+            seeds = f"{r['seeds']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+            lines.append(
+                f"| {r['configuration']} | {seeds} | {_num(r['mean'])} ± {_num(r['std'])} | "
+                f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}] | {_num(r['delta'], '+.4f')} | "
+                f"[{_num(r['delta_ci_low'], '+.4f')}, {_num(r['delta_ci_high'], '+.4f')}] | "
+                f"{_num(r['p'], '.3g')} | {_num(r['p_adjusted'], '.3g')} | {r['significant']} | {r['note']} |"
+            )
     for caption, file in plots:
         lines += ["", f"![{caption}]({file})"]
+    lines += _modes_table(rows, metric)
     failed = [r for r in runs if r.status == "failed"]
     if failed:
         lines += ["", "## Failed runs (retried by the next `etf ablate` call)", ""]
@@ -264,6 +378,29 @@ def _markdown(
             for r in failed
         ]
     return "\n".join(lines) + "\n"
+
+
+def _modes_table(rows: list[dict[str, Any]], metric: Metric) -> list[str]:
+    """Every configuration with every prior and with the canonical prior alone (the others
+    absent at test time: ET-Fuser's one-backbone inference), from the same runs."""
+    other = metric.other()
+    by_mode = {metric.infer: "mean", other.infer: f"mean_{other.infer}"}
+    lines = [
+        "",
+        "## Inference modes",
+        "",
+        f"The same runs' {metric.task} {metric.name} with every prior and with the canonical prior alone (the "
+        "other priors absent); Δ = canonical − all, mean over seeds.",
+        "",
+        "| split | configuration | all | canonical | Δ |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['split']} | {r['configuration']} | {_num(r[by_mode['all']])} | {_num(r[by_mode['canonical']])} | "
+            f"{_num(r['canonical_minus_all'], '+.4f')} |"
+        )
+    return lines
 
 
 # ---------------------------------------------------------------------------- plots
@@ -276,11 +413,12 @@ def _figure(width: float = 6.4, height: float = 4.0):
 
 
 def _plot_priors(rows: list[dict[str, Any]], metric: Metric, out: Path) -> tuple[str, str] | None:
-    """Metric vs number of priors: one marker per subset (95% CI bars), a line through the
-    mean of each fuser variant per number of priors."""
+    """Metric vs number of priors: one marker per subset (95% CI bars, inside the metric's
+    range), a line through the mean of each fuser variant per number of priors."""
     rows = [r for r in rows if not math.isnan(r["mean"])]
     if not rows:
         return None
+    title = metric.title(metric.splits[0])
     fig = _figure(8.0, 4.0)
     ax = fig.subplots()
     variants: dict[str, list[dict[str, Any]]] = {}
@@ -290,7 +428,8 @@ def _plot_priors(rows: list[dict[str, Any]], metric: Metric, out: Path) -> tuple
         shift = 0.08 * (i - (len(variants) - 1) / 2)
         x = np.array([r["priors"] for r in members], dtype=float) + shift
         y = np.array([r["mean"] for r in members])
-        err = np.nan_to_num(np.array([r["ci_high"] - r["mean"] for r in members]))
+        low, high = (np.array([r[k] for r in members]) for k in ("ci_low", "ci_high"))
+        err = np.nan_to_num(np.stack([y - low, high - y]))
         line = ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, alpha=0.8, label=variant)
         ks = sorted({r["priors"] for r in members})
         ax.plot(
@@ -302,10 +441,10 @@ def _plot_priors(rows: list[dict[str, Any]], metric: Metric, out: Path) -> tuple
         )
     ax.set_xticks(sorted({r["priors"] for r in rows}))
     ax.set_xlabel("number of priors")
-    ax.set_ylabel(metric.title)
+    ax.set_ylabel(title)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(out / "priors.png", dpi=120)
-    return f"{metric.title} vs number of priors", "priors.png"
+    return f"{title} vs number of priors", "priors.png"
 
 
 def _plot_heatmap(rows: list[dict[str, Any]], metric: Metric, out: Path) -> tuple[str, str] | None:
@@ -331,7 +470,7 @@ def _plot_heatmap(rows: list[dict[str, Any]], metric: Metric, out: Path) -> tupl
     ax.set_yticks(range(len(fusers)), fusers)
     ax.set_xlabel("mask")
     ax.set_ylabel("fuser")
-    ax.set_title(f"{metric.title}, {k} prior(s)", fontsize="medium")
+    ax.set_title(f"{metric.title(metric.splits[0])}, {k} prior(s)", fontsize="medium")
     fig.colorbar(image, ax=ax)
     fig.savefig(out / "heatmap.png", dpi=120)
     return f"fuser x mask, {k} prior(s)", "heatmap.png"

@@ -3,7 +3,8 @@
 Face-pretrained priors come as ``.pth``/``.pt``/``.bin``/``.safetensors`` files saved by
 other code bases; this module unwraps their containers (``read_state_dict``), converts their
 layouts (``adapt_state_dict``: torchvision ResNets, MAE/MIM ViTs, OpenAI-CLIP towers such as
-FaRL's) and reports what fitted (``load_into``).
+FaRL's), averages same-architecture checkpoints into one (``soup``) and reports what fitted
+(``load_into``).
 """
 
 from __future__ import annotations
@@ -194,3 +195,32 @@ def _timm_convert(state: dict[str, torch.Tensor], model: nn.Module, path: Path |
         raise EtfError(
             f"--weights {path or 'checkpoint'}: cannot convert it for {type(model).__name__} ({type(e).__name__}: {e})"
         ) from None
+
+
+def soup(states: list[tuple[Path, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The uniform average of same-architecture checkpoints (a model soup; the authors'
+    ``ModelSoupsAverage`` baseline): every floating-point tensor is the mean of the sources'
+    (computed in float64, stored in the first source's dtype), the others (BatchNorm's
+    ``num_batches_tracked``) the first source's. Their averaging is pairwise, 0.5/0.5 in
+    turn, which weighs a third checkpoint twice; this one weighs every source alike.
+    Sources whose keys or shapes differ are refused: their tensors do not correspond.
+    """
+    (first_path, first), rest = states[0], states[1:]
+    for path, state in rest:
+        if state.keys() != first.keys():
+            key = sorted(state.keys() ^ first.keys())[0]
+            where = first_path.name if key in first else path.name
+            raise EtfError(
+                f"--soup: {first_path.name} and {path.name} hold different tensors ({key!r} only in {where}); "
+                "a soup averages checkpoints of one architecture"
+            )
+        for k, v in state.items():
+            if v.shape != first[k].shape:
+                raise EtfError(
+                    f"--soup: {k!r} is {tuple(first[k].shape)} in {first_path.name} but {tuple(v.shape)} in {path.name}; "
+                    "a soup averages checkpoints of one architecture"
+                )
+    return {
+        k: torch.stack([s[k].double() for _, s in states]).mean(dim=0).to(v.dtype) if v.is_floating_point() else v
+        for k, v in first.items()
+    }

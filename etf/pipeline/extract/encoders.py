@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,7 @@ from torch import nn
 
 from etf.cache.tokens import TokenLayout
 from etf.errors import EtfError
-from etf.pipeline.extract.checkpoints import LoadReport, adapt_state_dict, load_into, read_state_dict
+from etf.pipeline.extract.checkpoints import LoadReport, adapt_state_dict, load_into, read_state_dict, soup
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,8 @@ class Encoder:
     data_config: dict[str, Any]
     weights_sha256: str
     load_report: LoadReport | None = None
+    #: a soup's sources, in order: each file's name and the weights_sha256 it alone gives
+    soup: list[dict[str, str]] | None = None
 
     @property
     def is_vit(self) -> bool:
@@ -179,8 +181,9 @@ class Encoder:
         return out, int(counter.get_total_flops())
 
     def spec(self) -> dict[str, Any]:
-        """The encoder's part of a store spec: what determines its tokens, nothing else."""
-        return {
+        """The encoder's part of a store spec: what determines its tokens, nothing else (a
+        soup's sources too; absent otherwise, so that other specs keep their hashes)."""
+        spec = {
             "model": self.model_name,
             "pretrained": self.pretrained,
             "weights_file": self.weights_file,
@@ -188,13 +191,14 @@ class Encoder:
             "weights_sha256": self.weights_sha256,
             "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
         }
+        return {**spec, "soup": self.soup} if self.soup else spec
 
 
 def create_encoder(
     name: str,
     *,
     pretrained: bool = True,
-    weights: str | Path | None = None,
+    weights: str | Path | Sequence[str | Path] | None = None,
     seed: int = 0,
     img_size: int | None = None,
     allow_partial: bool = False,
@@ -202,15 +206,17 @@ def create_encoder(
 ) -> Encoder:
     """Build a frozen encoder.
 
-    Weights come from exactly one place: ``weights`` (a local file), timm's pretrained tag
-    (``pretrained=True``), or a random init from ``seed``. A pretrained download that fails
-    is an error with the fix, never a silent random init.
+    Weights come from exactly one place: ``weights`` (a local file, or several files of one
+    architecture averaged into a soup), timm's pretrained tag (``pretrained=True``), or a
+    random init from ``seed``. A pretrained download that fails is an error with the fix,
+    never a silent random init.
     """
+    files = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(w) for w in weights or []]
     model_name, kwargs = resolve_name(name)
     if img_size is not None:
         kwargs["img_size"] = img_size
     arch = model_name.split(".")[0]
-    use_hub = pretrained and weights is None
+    use_hub = pretrained and not files
     torch.manual_seed(seed)
     reachable = True
     try:
@@ -238,10 +244,17 @@ def create_encoder(
             f"(the last {img_size % patch[0]} pixels would be cut off); use {img_size - img_size % patch[0] or patch[0]}"
         )
     model.reset_classifier(0)
-    report = None
-    if weights is not None:
-        path = Path(weights)
-        report = load_into(model, adapt_state_dict(read_state_dict(path), model, path), path, allow_partial)
+    report, sources = None, None
+    if files:
+        states = [(path, adapt_state_dict(read_state_dict(path), model, path)) for path in files]
+        state = soup(states) if len(states) > 1 else states[0][1]  # refuses sources that do not correspond
+        if len(states) > 1:
+            sources = []
+            for path, source in states:  # what each source alone gives (same keys: same init elsewhere)
+                load_into(model, source, path, allow_partial)
+                sources.append({"file": path.name, "weights_sha256": state_sha256(model)})
+        label = files[0] if len(files) == 1 else Path(" + ".join(map(str, files)))
+        report = load_into(model, state, label, allow_partial)
     model.eval().requires_grad_(False)
     overrides = {"input_size": (3, img_size, img_size)} if img_size else {}
     if "img_size" in kwargs and not overrides:
@@ -252,11 +265,12 @@ def create_encoder(
         model=model.to(device),
         model_name=model_name,
         pretrained=model_name if use_hub else None,
-        weights_file=Path(weights).name if weights is not None else None,
-        init_seed=None if (use_hub or weights is not None) else seed,
+        weights_file="+".join(f.name for f in files) if files else None,
+        init_seed=None if (use_hub or files) else seed,
         data_config=data_config,
         weights_sha256=state_sha256(model),
         load_report=report,
+        soup=sources,
     )
 
 

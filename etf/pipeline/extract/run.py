@@ -27,14 +27,13 @@ from etf.cache.store import (
     ArraySpec,
     StoreWriter,
     TokenStore,
-    encode_tokens,
     is_complete,
     library_versions,
     physical_dtype,
     plan_arrays,
     store_path,
 )
-from etf.cache.tokens import parse_tokens, select_tokens
+from etf.cache.tokens import encode_tokens, parse_tokens, select_tokens
 from etf.data.base import Dataset
 from etf.data.images import check_image
 from etf.errors import EtfError

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +14,54 @@ from etf.errors import EtfError
 #: verify tasks' margin softmax kinds and their default margin m
 MARGINS = {"arcface": 0.5, "cosface": 0.35}
 
+#: choices of the ET-Fuser formulation's flags (see ``etf.pipeline.fit.fusers.etfuser``)
+PRIOR_TOKENS = ("pooled", "all")
+FUSE_MODES = ("add", "gate")
+POSITION_CODES = ("sinusoidal", "single")
+#: what task heads read: the canonical prior's patch grid (with t added) or its pooled token
+HEADS = ("auto", "spatial", "pooled")
+#: ``etf predict --infer`` and the two modes every fit evaluates its test splits in
+INFER_MODES = ("all", "canonical")
+#: landmark losses (``--loss``)
+LANDMARK_LOSSES = ("wing", "l1")
+
+#: the fusers that build on ET-Fuser's sequence and so read its formulation flags
+ET_FUSERS = ("etfuser", "etfuser+qface")
+#: what unset (None) FuserConfig fields mean, per formulation: ``paper`` is the authors'
+#: configs/train_knowledge_token.py (depth 1, FFN width = token width, dropout 0.2),
+#: ``token`` this project's token-level models (and every other fuser)
+MODEL_DEFAULTS = {
+    "paper": {"depth": 1, "mlp_ratio": 1.0, "dropout": 0.2},
+    "token": {"depth": 2, "mlp_ratio": 2.0, "dropout": 0.0},
+}
+
 
 @dataclass
 class FuserConfig:
-    """Fuser hyper-parameters; each fuser reads the ones it uses."""
+    """Fuser hyper-parameters; each fuser reads the ones it uses.
+
+    Fields left ``None`` take the default of the model they configure (:func:`resolve`):
+    ``etfuser`` is the authors' formulation unless told otherwise (``prior_tokens`` pooled,
+    ``fuse`` add and :data:`MODEL_DEFAULTS` ``paper``), ``etfuser+qface`` the token-level
+    one; the formulation flags stay ``None`` for fusers that do not read them.
+    """
 
     dim: int = 256
-    depth: int = 2
+    depth: int | None = None
     heads: int = 4
-    mlp_ratio: float = 2.0
-    dropout: float = 0.0
+    mlp_ratio: float | None = None
+    dropout: float | None = None
     attn: str = "full"
     mask: str = "none"
+    #: ET-Fuser's prior tokens: ``pooled`` (one per prior, zero-padded: the authors') or ``all``
+    prior_tokens: str | None = None
+    #: how t joins the canonical representation: ``add`` (the authors') or a zero-initialised ``gate``
+    fuse: str | None = None
+    #: the pooled sequence's fixed position code: ``sinusoidal`` (Vaswani) or the authors' ``single`` frequency
+    position_code: str | None = None
+    #: heads read the canonical grid plus t (``spatial``), its pooled token (``pooled``), or
+    #: ``auto``: spatial where the canonical tokens have a grid
+    head: str = "auto"
     #: Q-Face label queries: ``label`` gives a multi-label task one query per label, ``task`` one per task
     queries: str = "label"
     #: FRA: number of facial-mask embeddings (regions) and the heatmap softmax temperature
@@ -39,6 +75,20 @@ class FuserConfig:
     def __post_init__(self) -> None:
         if self.attn not in ("full", "intra"):
             raise EtfError(f"--attn {self.attn!r}: use full or intra")
+        for flag, value, choices in (
+            ("--prior-tokens", self.prior_tokens, PRIOR_TOKENS),
+            ("--fuse", self.fuse, FUSE_MODES),
+            ("--position-code", self.position_code, POSITION_CODES),
+            ("--head", self.head, HEADS),
+        ):
+            if value is not None and value not in choices:
+                raise EtfError(f"{flag} {value!r}: use {' or '.join(choices)}")
+        if self.depth is not None and self.depth < 1:
+            raise EtfError(f"--depth {self.depth}: must be at least 1")
+        if self.mlp_ratio is not None and self.mlp_ratio <= 0:
+            raise EtfError(f"--mlp-ratio {self.mlp_ratio}: must be positive")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise EtfError(f"--dropout {self.dropout}: must be in [0, 1)")
         parse_mask(self.mask)
         parse_aux(self.aux)
         if self.dim % self.heads:
@@ -51,6 +101,25 @@ class FuserConfig:
             )
         if not 0 < self.recon_ratio < 1:
             raise EtfError(f"--recon-ratio {self.recon_ratio}: must be in (0, 1)")
+
+
+def resolve(fuser: str, cfg: FuserConfig) -> FuserConfig:
+    """``cfg`` with its unset fields filled for ``fuser`` and the formulation flags cleared
+    where ``fuser`` does not read them, so that equal models have equal configs (an
+    ablation grid runs a ``concat`` point once, whatever ``prior_tokens`` it lists)."""
+    if fuser in ET_FUSERS:
+        tokens = cfg.prior_tokens or ("pooled" if fuser == "etfuser" else "all")
+        formulation = {
+            "prior_tokens": tokens,
+            "fuse": cfg.fuse or ("add" if tokens == "pooled" else "gate"),
+            "position_code": (cfg.position_code or "sinusoidal") if tokens == "pooled" else None,
+        }
+    else:
+        tokens, formulation = "all", dict.fromkeys(("prior_tokens", "fuse", "position_code"))
+    defaults = MODEL_DEFAULTS["paper" if tokens == "pooled" else "token"]
+    return replace(
+        cfg, **formulation, **{k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in defaults.items()}
+    )
 
 
 def parse_mask(mask: str) -> tuple[str, float]:
@@ -98,11 +167,15 @@ class FitConfig:
     train_fraction: float = 1.0
     shots: int | None = None
     val_fraction: float = 0.1
+    test_split: str | None = None
     max_memory: int | None = None
     device: str = "auto"
     #: autocast precision of training: auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16
     precision: str = "auto"
     progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.fuser_config = resolve(self.fuser, self.fuser_config)  # config.json records what was built
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -4,18 +4,19 @@ predictions and metrics.
 A task string is ``KIND:ARG[?key=value&...]``: ``classify:COL``, ``multilabel:C1,C2,...``,
 ``regress:COL[,COL...]``, ``landmarks:PREFIX`` (columns ``PREFIX<i>_x``/``PREFIX<i>_y``;
 NME normalised by the ``nme_norm`` column when present, else by the square root of the
-ground-truth landmarks' bounding-box area), ``verify:COL`` (identity embeddings, see
+ground-truth landmarks' bounding-box area; Wing loss by default, see :class:`Landmarks`), ``verify:COL`` (identity embeddings, see
 :mod:`etf.pipeline.fit.verification`). Registered in :data:`TASKS`, like the fusers; the
 options after ``?`` are the task's own (:attr:`Task.options`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from etf.data import labels
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.fit import metrics
+from etf.pipeline.fit.config import LANDMARK_LOSSES
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -58,6 +60,43 @@ class Head(nn.Module):
         return torch.einsum("bqd,qd->bq", h, self.linear.weight) + self.linear.bias
 
 
+#: channels of the landmark conv head (the authors' ``SimpleLandmarker``)
+LANDMARK_WIDTH = 128
+
+
+class LandmarkHead(nn.Module):
+    """A conv head over a (B, C, h, w) map, after the authors' ``SimpleLandmarker``: 1x1 and
+    3x3 convolutions at :data:`LANDMARK_WIDTH` channels, their 5x5 stride-2 and 7x7 stride-3
+    convolutions where the map has more than ``stride`` positions a side (a 7x7 map ends at
+    2x2 as theirs; the small grids of cached ViT tokens keep theirs), then one linear layer
+    over the flattened map, which keeps where on the grid each feature lit up. Like theirs,
+    no activations between the layers."""
+
+    def __init__(self, in_dim: int, grid: tuple[int, int], out_dim: int) -> None:
+        super().__init__()
+        w = LANDMARK_WIDTH
+        layers: list[nn.Module] = [nn.Conv2d(in_dim, w, 1), nn.Conv2d(w, w, 3, padding=1)]
+        size = list(grid)
+        for kernel, stride in ((5, 2), (7, 3)):
+            if min(size) > stride:
+                layers.append(nn.Conv2d(w, w, kernel, stride=stride, padding=kernel // 2))
+                size = [(n - 1) // stride + 1 for n in size]
+        self.convs = nn.Sequential(*layers)
+        self.linear = nn.Linear(w * size[0] * size[1], out_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.convs(h).flatten(1))
+
+
+def wing_loss(err: torch.Tensor, omega: float, epsilon: float) -> torch.Tensor:
+    """Wing loss (Feng et al., 2018) of errors: ``omega * ln(1 + |x| / epsilon)`` below
+    ``omega``, else ``|x| - C`` with ``C = omega - omega * ln(1 + omega / epsilon)``, which
+    joins the two pieces."""
+    a = err.abs()
+    c = omega - omega * math.log1p(omega / epsilon)
+    return torch.where(a < omega, omega * torch.log1p(a / epsilon), a - c)
+
+
 @dataclass
 class Task:
     """One prediction target. Subclasses define targets, loss, decoding and metrics."""
@@ -71,6 +110,8 @@ class Task:
     higher_is_better: ClassVar[bool] = True
     #: options a task string may set after ``?``, and their types
     options: ClassVar[dict[str, type]] = {}
+    #: whose head reads the canonical map under spatial heads (the others read it pooled)
+    spatial: ClassVar[bool] = False
 
     @property
     def out_dim(self) -> int:
@@ -85,8 +126,9 @@ class Task:
         """(N, k) float32 targets and an (N, k) mask of present labels."""
         raise NotImplementedError
 
-    def make_head(self, in_dim: int) -> nn.Module:
-        """The module that reads the fuser's representation for this task."""
+    def make_head(self, in_dim: int, grid: tuple[int, int] | None = None) -> nn.Module:
+        """The module that reads the fuser's representation for this task: a vector, or a
+        map of size ``grid`` for a :attr:`spatial` task under spatial heads."""
         return Head(in_dim, self.out_dim)
 
     def check_splits(self, dataset: Dataset, train: np.ndarray, evaluate: dict[str, np.ndarray]) -> None:
@@ -265,7 +307,11 @@ class Regress(Task):
         if not m.any():
             return out.sum() * 0
         mean, std = self._scale(out)
-        return F.l1_loss(out[m], ((y - mean) / std)[m])
+        return self.penalty(out[m] - ((y - mean) / std)[m]).mean()
+
+    def penalty(self, err: torch.Tensor) -> torch.Tensor:
+        """Per-value loss of errors in standardised units: L1."""
+        return err.abs()
 
     def decode(self, out):
         mean, std = self._scale(out)
@@ -282,25 +328,43 @@ class Regress(Task):
 @register_task("landmarks")
 @dataclass
 class Landmarks(Regress):
-    """Facial landmarks as 2K coordinates: L1 on standardised coordinates; NME, FR, AUC."""
+    """Facial landmarks as 2K coordinates: Wing loss (the authors', ``omega`` 0.1, ``epsilon``
+    2) or L1 (``criterion``), on standardised coordinates; NME, FR, AUC. Under spatial heads
+    a conv head reads the canonical map (:class:`LandmarkHead`)."""
 
+    criterion: str = "wing"
+    omega: float = 0.1
+    epsilon: float = 2.0
     primary: ClassVar[str] = "nme"
     reports: ClassVar[tuple[str, ...]] = ("nme",)
+    options: ClassVar[dict[str, type]] = {"criterion": str, "omega": float, "epsilon": float}
+    spatial: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.criterion not in LANDMARK_LOSSES:
+            raise EtfError(f"--loss {self.criterion!r}: use {' or '.join(LANDMARK_LOSSES)}")
+        if not (self.omega > 0 and self.epsilon > 0):
+            raise EtfError(f"--wing-omega {self.omega} / --wing-epsilon {self.epsilon}: both must be positive")
 
     @property
     def spec(self) -> str:
         return f"landmarks:{self.name}"
 
+    def make_head(self, in_dim: int, grid: tuple[int, int] | None = None) -> nn.Module:
+        return LandmarkHead(in_dim, grid, self.out_dim) if grid else Head(in_dim, self.out_dim)
+
+    def penalty(self, err: torch.Tensor) -> torch.Tensor:
+        return wing_loss(err, self.omega, self.epsilon) if self.criterion == "wing" else err.abs()
+
+    def state(self):
+        return {**super().state(), "criterion": self.criterion, "omega": self.omega, "epsilon": self.epsilon}
+
     def metrics(self, pred, y, m, extra):
         keep = m.all(axis=1)
         pts_true = y[keep].reshape(int(keep.sum()), -1, 2)
         pts_pred = pred[keep].reshape(pts_true.shape)
-        if "nme_norm" in extra:
-            norm = extra["nme_norm"][keep]
-        else:
-            span = pts_true.max(axis=1) - pts_true.min(axis=1)
-            norm = np.sqrt(span[:, 0] * span[:, 1])
-        per_sample = metrics.nme(pts_true, pts_pred, np.maximum(norm, 1e-8))
+        norm = metrics.landmark_norm(pts_true, extra["nme_norm"][keep] if "nme_norm" in extra else None)
+        per_sample = metrics.nme(pts_true, pts_pred, norm)
         return {**metrics.landmark_metrics(per_sample), "mae": float(np.abs(pts_true - pts_pred).mean())}
 
 
@@ -332,6 +396,24 @@ def parse_task(spec: str, dataset: Dataset) -> Task:
     name = parsed.names[0] if parsed.kind == "landmarks" or len(columns) == 1 else parsed.kind
     cls = TASKS[parsed.kind]
     return cls(name=name, columns=columns, **_task_options(cls, query, spec))
+
+
+def with_task_options(specs: list[str], kind: str, flags: str, **options: Any) -> list[str]:
+    """Set ``options`` (those not None) on every ``kind:`` task string that does not set them
+    itself: how a command's task flags (``flags``, named when no task takes them) reach the
+    task, and so its recorded config."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if not given:
+        return specs
+    if not any(s.startswith(f"{kind}:") for s in specs):
+        raise EtfError(f"{flags} apply to {kind} tasks; none in {', '.join(specs) or 'the tasks'}")
+    out = []
+    for spec in specs:
+        if spec.startswith(f"{kind}:"):
+            head, _, query = spec.partition("?")
+            spec = f"{head}?{urlencode({**given, **dict(parse_qsl(query))})}"
+        out.append(spec)
+    return out
 
 
 def unique_names(tasks: list[Task]) -> None:

@@ -6,6 +6,8 @@ Every function takes NumPy arrays of valid entries only (callers drop missing la
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 import numpy as np
@@ -60,17 +62,41 @@ def nme(points_true: np.ndarray, points_pred: np.ndarray, norm: np.ndarray) -> n
     return dist / norm
 
 
-def landmark_metrics(per_sample_nme: np.ndarray, threshold: float = 0.1) -> dict[str, float]:
-    """Mean NME, failure rate (NME > threshold) and the area under the cumulative error
-    distribution up to ``threshold``, normalised to [0, 1]."""
+def landmark_norm(points_true: np.ndarray, given: np.ndarray | None = None) -> np.ndarray:
+    """Per-sample NME normaliser: the dataset's ``nme_norm`` when it has one, else the square
+    root of the ground-truth landmarks' bounding-box area; never below 1e-8."""
+    if given is None:
+        span = points_true.max(axis=1) - points_true.min(axis=1)
+        given = np.sqrt(span[:, 0] * span[:, 1])
+    return np.maximum(given, 1e-8)
+
+
+#: the NME thresholds of the failure rate and the CED-AUC (the 300W and WFLW literature reports both)
+LANDMARK_THRESHOLDS = (0.08, 0.1)
+
+
+def landmark_metrics(
+    per_sample_nme: np.ndarray, thresholds: tuple[float, ...] = LANDMARK_THRESHOLDS
+) -> dict[str, float]:
+    """Mean NME and, per threshold, the failure rate (NME > threshold) and the area under the
+    cumulative error distribution up to it, normalised to [0, 1]."""
     errors = np.sort(per_sample_nme)
-    grid = np.linspace(0.0, threshold, 1001)
-    ced = np.searchsorted(errors, grid, side="right") / len(errors)
-    return {
-        "nme": float(per_sample_nme.mean()),
-        f"fr@{threshold:g}": float((per_sample_nme > threshold).mean()),
-        f"auc@{threshold:g}": float(np.trapezoid(ced, grid) / threshold),
-    }
+    out = {"nme": float(per_sample_nme.mean())}
+    for threshold in thresholds:
+        grid = np.linspace(0.0, threshold, 1001)
+        ced = np.searchsorted(errors, grid, side="right") / len(errors)
+        out[f"fr@{threshold:g}"] = float((per_sample_nme > threshold).mean())
+        out[f"auc@{threshold:g}"] = float(np.trapezoid(ced, grid) / threshold)
+    return out
+
+
+#: metrics without an upper bound (errors); every other metric lies in [0, 1]
+_UNBOUNDED = re.compile(r"^(mae|nme)(_.*)?$")
+
+
+def metric_bounds(name: str) -> tuple[float, float]:
+    """The values metric ``name`` can take: [0, inf) for errors (MAE, NME), else [0, 1]."""
+    return (0.0, math.inf) if _UNBOUNDED.match(name) else (0.0, 1.0)
 
 
 def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:

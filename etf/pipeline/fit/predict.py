@@ -3,7 +3,9 @@
 Everything is rebuilt from the run directory: each prior's encoder from its store spec
 (refused if the loaded weights hash differs from the one the cache was made with), the
 preprocessing from the recorded data config, the token selection and storage rounding
-as at extraction, then the fuser and heads from ``model.safetensors``.
+as at extraction, then the fuser and heads from ``model.safetensors``. Only the encoders
+the prediction needs are built: those the fuser reads, or with ``infer="canonical"`` the
+canonical prior's alone (the others, e.g. imported stores, need not be rebuildable).
 
 A run with a ``verify`` task also gives identity embeddings: of new images, or of a cached
 dataset's samples (no encoders run; its stores must match the run's priors), whose pair
@@ -29,7 +31,7 @@ from etf.data.images import read_image, require_readable
 from etf.errors import EtfError
 from etf.pipeline.extract.encoders import Encoder, create_encoder
 from etf.pipeline.extract.run import ExtractOptions, autocast_for, compute_tokens, resolve_device
-from etf.pipeline.fit.config import FuserConfig
+from etf.pipeline.fit.config import INFER_MODES, FuserConfig
 from etf.pipeline.fit.heads import Classify, Task
 from etf.pipeline.fit.train import FusionModel, build_model, load_run, predict_rows
 from etf.pipeline.fit.verification import Verify, pair_metrics, write_embeddings
@@ -43,11 +45,13 @@ class Predictor:
     run: Path
     config: dict[str, Any]
     stores: list[dict[str, Any]]
-    encoders: list[Encoder]
+    #: the encoders built, by prior index
+    encoders: dict[int, Encoder]
     tasks: list[Task]
     groups: list[Group]
     model: FusionModel
     device: torch.device
+    infer: str = "all"
 
 
 def load_model(run: Path) -> tuple[dict[str, Any], list[Task], list[Group], FusionModel]:
@@ -56,19 +60,29 @@ def load_model(run: Path) -> tuple[dict[str, Any], list[Task], list[Group], Fusi
     tasks = [Task.from_state(s) for s in config["tasks"]]
     groups = [Group.from_json(g) for g in config["groups"]]
     model = build_model(config["fuser"], groups, tasks, FuserConfig(**config["fuser_config"]), config["seed"])
-    model.load_state_dict(load_file(str(Path(run) / "model.safetensors")))
+    try:
+        model.load_state_dict(load_file(str(Path(run) / "model.safetensors")))
+    except RuntimeError:  # a run of an etf whose model had other parts (before the authors' ET-Fuser)
+        raise EtfError(
+            f"--run {run}: model.safetensors does not hold the model config.json describes "
+            f"(fitted by etf {config.get('etf_version', '?')} with another model layout?); fit it again"
+        ) from None
     return config, tasks, groups, model.eval()
 
 
-def _encoder_for(spec: dict[str, Any], weights: dict[str, Path], device: torch.device) -> Encoder:
+def _encoder_for(spec: dict[str, Any], weights: dict[str, list[Path]], device: torch.device) -> Encoder:
     name = spec["name"]
     if spec.get("source") == "import":
         raise EtfError(
             f"prior {name!r} was imported with etf cache import; predict cannot compute its tokens for new images"
+            " (--infer canonical needs only the canonical prior's encoder)"
         )
     if spec.get("weights_file") and name not in weights:
+        sources = [s["file"] for s in spec.get("soup") or [{"file": spec["weights_file"]}]]
         raise EtfError(
-            f"prior {name!r} was extracted with --weights {spec['weights_file']}; pass --weights {name}=FILE"
+            f"prior {name!r} was extracted with --weights {', '.join(sources)}; pass "
+            + " ".join(f"--weights {name}=FILE" for _ in sources)
+            + (" (the soup's sources, in that order)" if len(sources) > 1 else "")
         )
     encoder = create_encoder(
         spec["model"],
@@ -92,31 +106,39 @@ def _encoder_for(spec: dict[str, Any], weights: dict[str, Path], device: torch.d
     return encoder
 
 
-def load_predictor(run: str | Path, weights: dict[str, Path] | None = None, device: str = "auto") -> Predictor:
+def load_predictor(
+    run: str | Path, weights: dict[str, list[Path]] | None = None, device: str = "auto", infer: str = "all"
+) -> Predictor:
+    """The run's model and the encoders that ``infer`` needs."""
+    if infer not in INFER_MODES:
+        raise EtfError(f"--infer {infer!r}: use {' or '.join(INFER_MODES)}")
     run = Path(run)
     config, tasks, groups, model = load_model(run)
     stores = read_json(run / "stores.json")
     dev = resolve_device(device)
-    encoders = [_encoder_for(s["spec"], weights or {}, dev) for s in stores]
-    return Predictor(run, config, stores, encoders, tasks, groups, model.to(dev), dev)
+    needed = [0] if infer == "canonical" else model.fuser.reads
+    encoders = {p: _encoder_for(stores[p]["spec"], weights or {}, dev) for p in needed}
+    return Predictor(run, config, stores, encoders, tasks, groups, model.to(dev), dev, infer)
 
 
 @torch.no_grad()
 def prior_tokens(p: Predictor, images: list[Path]) -> list[torch.Tensor]:
-    """The fuser's input for ``images``: as the cache holds it, then the run's selection."""
-    stored = []
-    for encoder, entry in zip(p.encoders, p.stores):
-        spec = entry["spec"]
+    """The fuser's input for ``images``: as the cache holds it, then the run's selection;
+    zeros (absent, the missing rule) for the priors whose encoder was not built."""
+    stored = {}
+    for prior, encoder in p.encoders.items():
+        spec = p.stores[prior]["spec"]
         opts = ExtractOptions(tokens=spec["tokens"], norm=spec["norm"], dtype=spec["dtype"])
         tf = encoder.transform()
         x = torch.stack([tf(read_image(path)) for path in images]).to(p.device)
-        stored.append(
-            compute_tokens(
-                encoder, x, spec["layers"], opts, [str(i) for i in images], autocast_for(spec["precision"], p.device)
-            )
+        stored[prior] = compute_tokens(
+            encoder, x, spec["layers"], opts, [str(i) for i in images], autocast_for(spec["precision"], p.device)
         )
     out = []
     for g in p.groups:
+        if g.prior not in stored:
+            out.append(torch.zeros(len(images), g.tokens, g.dim, device=p.device))
+            continue
         entry = p.stores[g.prior]
         x = torch.from_numpy(decode_tokens(stored[g.prior][g.layer], entry["spec"]["dtype"]).astype(np.float32))
         if p.config.get("tokens"):
@@ -133,7 +155,7 @@ def predict(p: Predictor, images: list[Path]) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def _forward(p: Predictor, images: list[Path]) -> dict[str, Any]:
-    return p.model(prior_tokens(p, images))
+    return p.model(prior_tokens(p, images), p.infer)
 
 
 def _verify_tasks(tasks: list[Task], run: Path) -> list[Verify]:

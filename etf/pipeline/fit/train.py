@@ -10,8 +10,9 @@ from __future__ import annotations
 import copy
 import csv
 import math
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from etf.cache.location import cache_location
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.extract.run import autocast_for, resolve_device, resolve_precision
-from etf.pipeline.fit.config import FitConfig, FuserConfig, data_key
+from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key
 from etf.pipeline.fit.fusers import create_fuser
 from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
 from etf.pipeline.fit.heads import Classify, Task, parse_task, selection_metric, unique_names
@@ -36,15 +37,23 @@ from etf.utils import read_json, staged_dir, write_json_atomic
 
 
 class FusionModel(nn.Module):
-    """A fuser and one head per task."""
+    """A fuser and one head per task (a map head for the fuser's ``map_tasks``)."""
 
     def __init__(self, fuser: nn.Module, tasks: list[Task]) -> None:
         super().__init__()
         self.fuser = fuser
-        self.heads = nn.ModuleDict({t.name: t.make_head(fuser.out_dim) for t in tasks})
+        self.heads = nn.ModuleDict(
+            {
+                t.name: t.make_head(fuser.map_dim, fuser.grid)
+                if t.name in fuser.map_tasks
+                else t.make_head(fuser.out_dim)
+                for t in tasks
+            }
+        )
 
-    def forward(self, tokens: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        reps = self.fuser(tokens)
+    def forward(self, tokens: list[torch.Tensor], infer: str = "all") -> dict[str, torch.Tensor]:
+        """``infer``: ``all`` priors, or the ``canonical`` prior alone (the others absent)."""
+        reps = self.fuser(tokens, infer)
         return {name: head(reps[name]) for name, head in self.heads.items()}
 
 
@@ -55,15 +64,71 @@ def build_model(name: str, groups: list, tasks: list[Task], cfg: FuserConfig, se
 
 # ---------------------------------------------------------------------------- splits
 
+#: what ``--test-split`` declares for a dataset without a test split
+TEST_SPLITS = "holdout:F[:SEED] (a seeded hold-out of train, by group), val (its val split) or none (etf fit only)"
+#: the names a declared test split is evaluated and reported under
+HOLDOUT, VAL_AS_TEST = "test_holdout", "test_val"
+
+
+@dataclass(frozen=True)
+class ParsedTestSplit:
+    """A parsed ``--test-split``: ``dataset`` (its own test splits), ``holdout`` (``fraction``
+    of train's groups, seeded by ``seed``, the same for every run), ``val`` or ``none``."""
+
+    kind: str
+    fraction: float = 0.0
+    seed: int = 0
+
+
+def parse_test_split(value: str | None) -> ParsedTestSplit:
+    if value is None:
+        return ParsedTestSplit("dataset")
+    if value in ("val", "none"):
+        return ParsedTestSplit(value)
+    m = re.fullmatch(r"holdout:([0-9.]+)(?::([0-9]+))?", value)
+    try:
+        fraction = float(m[1]) if m else -1.0
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction < 1:
+        raise EtfError(f"--test-split {value!r}: use {TEST_SPLITS}, with 0 < F < 1")
+    return ParsedTestSplit("holdout", fraction, int(m[2] or 0))
+
+
+def evaluated_test_splits(dataset: Dataset, test_split: str | None) -> list[str]:
+    """The splits a fit evaluates as test, in report order. Val never stands in for test: a
+    dataset without a test split is refused unless ``--test-split`` declares one. Several
+    ``test_*`` subsets (300W's common and challenging) are also evaluated together as
+    ``test``, the full test set."""
+    spec = parse_test_split(test_split)
+    own = [s for s in dict.fromkeys(dataset.splits) if s.startswith("test")]
+    if spec.kind == "dataset":
+        if not own:
+            raise EtfError(
+                f"{dataset.describe()} has no test split, and val does not stand in for one: declare one with "
+                "--test-split holdout:0.2 (a seeded hold-out of train, by group), --test-split val (its val split) "
+                "or, for etf fit, --test-split none"
+            )
+        return (["test"] if len(own) > 1 and "test" not in own else []) + own
+    if own:
+        raise EtfError(
+            f"--test-split {test_split}: {dataset.describe()} has its own test split(s) ({', '.join(own)}); "
+            "--test-split declares one for a dataset that has none"
+        )
+    if spec.kind == "val" and "val" not in dataset.splits:
+        raise EtfError(f"--test-split val: {dataset.describe()} has no val split")
+    return {"holdout": [HOLDOUT], "val": [VAL_AS_TEST], "none": []}[spec.kind]
+
 
 @dataclass
 class Splits:
-    """Sample indices per split; ``evaluate`` lists val and every test split."""
+    """Sample indices per split; ``evaluate`` lists val and every test split; ``held_out``
+    says how each split made from train was drawn."""
 
     train: np.ndarray
     val: np.ndarray
     tests: dict[str, np.ndarray]
-    val_from_train: bool
+    held_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def evaluate(self) -> dict[str, np.ndarray]:
@@ -80,33 +145,81 @@ def _stratify(task: Task | None, y: np.ndarray | None, rows: np.ndarray) -> np.n
     return labels if np.bincount(labels).min(initial=0) >= 2 or len(np.unique(labels)) == 1 else None
 
 
-def make_splits(dataset: Dataset, usable: np.ndarray, cfg: FitConfig, first: Task, y0: np.ndarray) -> Splits:
-    """Train/val/test rows, with a seeded hold-out when there is no val split, then the
-    low-data protocols (``train_fraction``, ``shots``) applied to train only."""
-    from sklearn.model_selection import train_test_split
+@dataclass(frozen=True)
+class _Units:
+    """What hold-outs keep whole: per sample its group (None: each sample alone) and its name."""
 
+    groups: np.ndarray | None
+    name: str
+
+    @classmethod
+    def of(cls, dataset: Dataset, first: Task, y0: np.ndarray) -> _Units:
+        identities = first.split_groups(y0)
+        if identities is not None:
+            return cls(identities, "identity")
+        if dataset.groups is not None:
+            return cls(np.array(dataset.groups, dtype=object), dataset.group_by or "group")
+        return cls(None, "sample")
+
+    def hold_out(
+        self, rows: np.ndarray, fraction: float, seed: int, first: Task, y0: np.ndarray, flag: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(kept, held) sorted rows: a seeded ``fraction`` held out, of the groups where samples
+        have groups (no group on both sides), else of the samples, stratified by class where
+        every class can be. ``flag`` (the option and its value) names errors."""
+        from sklearn.model_selection import GroupShuffleSplit, train_test_split
+
+        if self.groups is not None:
+            if len(np.unique(self.groups[rows])) < 2:
+                raise EtfError(f"{flag}: train has a single {self.name}; nothing to hold out by {self.name}")
+            splitter = GroupShuffleSplit(1, test_size=fraction, random_state=seed)
+            kept, held = next(splitter.split(rows, groups=self.groups[rows]))
+            return np.sort(rows[kept]), np.sort(rows[held])
+        if len(rows) < 2:
+            raise EtfError(f"{flag}: train has {len(rows)} sample(s); nothing to hold out")
+        n_held = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        strat = _stratify(first, y0, rows)
+        if strat is not None and min(n_held, len(rows) - n_held) < len(np.unique(strat)):
+            strat = None
+        kept, held = train_test_split(rows, test_size=n_held, random_state=seed, stratify=strat)
+        return np.sort(kept), np.sort(held)
+
+    def describe(self, fraction: float, seed: int) -> str:
+        return f"{fraction:.0%} of train by {self.name}, seed {seed}"
+
+
+def make_splits(dataset: Dataset, usable: np.ndarray, cfg: FitConfig, first: Task, y0: np.ndarray) -> Splits:
+    """Train/val/test rows. The test splits are the dataset's or the one ``--test-split``
+    declares (a hold-out of train drawn first, with its own seed, so every run of a grid
+    tests on the same samples); with no val split, a seeded ``--val-fraction`` of the rest of
+    train; then the low-data protocols (``train_fraction``, ``shots``) on what remains of
+    train, so val never overlaps the K-shot pool. Every hold-out keeps whole groups
+    (subjects, identities, source images) on one side where the dataset has them."""
     split = np.array(dataset.splits)
     rows = lambda name: np.nonzero((split == name) & usable)[0]  # noqa: E731
+    names = evaluated_test_splits(dataset, cfg.test_split)
+    spec = parse_test_split(cfg.test_split)
+    units = _Units.of(dataset, first, y0)
     train, val = rows("train"), rows("val")
     if len(train) == 0:
         raise EtfError(f"{dataset.describe()}: the train split has no usable samples")
     if len(val) == 0 and (split == "val").any():
         raise EtfError(f"{dataset.describe()}: the val split has no usable samples (all skipped or unlabelled)")
-    val_from_train = len(val) == 0
-    if val_from_train:
+    held_out: dict[str, str] = {}
+    if spec.kind == "holdout":
+        train, held = units.hold_out(train, spec.fraction, spec.seed, first, y0, f"--test-split {cfg.test_split}")
+        tests = {HOLDOUT: held}
+        held_out[HOLDOUT] = units.describe(spec.fraction, spec.seed)
+    elif spec.kind == "val":
+        tests, val = {VAL_AS_TEST: val}, val[:0]
+    else:
+        own = [s for s in names if s in set(split)]
+        tests = {s: rows(s) if s in own else np.sort(np.concatenate([rows(t) for t in own])) for s in names}
+    if len(val) == 0:
         if not 0 < cfg.val_fraction < 1:
             raise EtfError(f"{dataset.describe()} has no val split; --val-fraction must be in (0, 1)")
-        groups = first.split_groups(y0)
-        if groups is not None:  # whole groups (identities) go to val
-            from sklearn.model_selection import GroupShuffleSplit
-
-            splitter = GroupShuffleSplit(1, test_size=cfg.val_fraction, random_state=cfg.seed)
-            keep, held = next(splitter.split(train, groups=groups[train]))
-            train, val = train[keep], train[held]
-        else:
-            strat = _stratify(first, y0, train)
-            train, val = train_test_split(train, test_size=cfg.val_fraction, random_state=cfg.seed, stratify=strat)
-        train, val = np.sort(train), np.sort(val)
+        train, val = units.hold_out(train, cfg.val_fraction, cfg.seed, first, y0, f"--val-fraction {cfg.val_fraction}")
+        held_out["val"] = units.describe(cfg.val_fraction, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.shots is not None:
         if not isinstance(first, Classify):
@@ -122,17 +235,12 @@ def make_splits(dataset: Dataset, usable: np.ndarray, cfg: FitConfig, first: Tas
     elif cfg.train_fraction < 1.0:
         if not 0 < cfg.train_fraction <= 1:
             raise EtfError(f"--train-fraction {cfg.train_fraction}: must be in (0, 1]")
-        keep = max(1, round(cfg.train_fraction * len(train)))
-        strat = _stratify(first, y0, train)
-        if strat is not None and keep >= len(np.unique(strat)) and keep < len(train):
-            train, _ = train_test_split(train, train_size=keep, random_state=cfg.seed, stratify=strat)
-        else:
-            train = rng.choice(train, keep, replace=False)
-        train = np.sort(train)
+        train, _ = units.hold_out(
+            train, 1 - cfg.train_fraction, cfg.seed, first, y0, f"--train-fraction {cfg.train_fraction}"
+        )
     if len(val) == 0:
         raise EtfError(f"{dataset.describe()}: the val split has no usable samples")
-    tests = {s: rows(s) for s in dict.fromkeys(split) if s.startswith("test")}
-    return Splits(train, val, {k: v for k, v in tests.items() if len(v)}, val_from_train)
+    return Splits(train, val, {k: v for k, v in tests.items() if len(v)}, held_out)
 
 
 # ---------------------------------------------------------------------------- batches
@@ -170,9 +278,15 @@ def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.opti
 
 @torch.no_grad()
 def predict_rows(
-    models: list[FusionModel], tasks: list[Task], batches: Batches, rows: np.ndarray, device: torch.device
+    models: list[FusionModel],
+    tasks: list[Task],
+    batches: Batches,
+    rows: np.ndarray,
+    device: torch.device,
+    infer: str = "all",
 ) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
-    """Row order and, per model and task, decoded predictions for ``rows``: one read for all models."""
+    """Row order and, per model and task, decoded predictions for ``rows`` in inference mode
+    ``infer``: one read for all models."""
     for model in models:
         model.eval()
     order, preds = [], [{t.name: [] for t in tasks} for _ in models]
@@ -180,7 +294,7 @@ def predict_rows(
         tokens = [t.to(device) for t in tokens]
         order.append(idx)
         for model, p in zip(models, preds):
-            out = model(tokens)
+            out = model(tokens, infer)
             for t in tasks:
                 p[t.name].append(t.decode(out[t.name]))
     return np.concatenate(order), [{k: np.concatenate(v) for k, v in p.items()} for p in preds]
@@ -223,7 +337,10 @@ def evaluate(
 
 
 def _score(task: Task, metric: str, metrics: dict[str, dict[str, float]]) -> float:
+    """Higher is better; an undefined (NaN) score is the worst, so it never stays the best."""
     value = metrics.get(task.name, {}).get(metric, float("nan"))
+    if math.isnan(value):
+        return -math.inf
     return value if task.higher_is_better else -value
 
 
@@ -429,28 +546,35 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
         results = [{"val": m.best_val[0]} for m in members]
         predictions = [[("val", *m.best_val[1])] for m in members]
         for name, rows in splits.tests.items():
-            order, preds = predict_rows(models, tasks, batches, rows, device)
-            for k, p in enumerate(preds):
-                results[k][name] = evaluate(tasks, order, p, targets, extra)
-                predictions[k].append((name, order, p))
+            for infer in INFER_MODES:  # every prior, then the canonical prior alone
+                split = name if infer == "all" else f"{name}:{infer}"
+                order, preds = predict_rows(models, tasks, batches, rows, device, infer)
+                for k, p in enumerate(preds):
+                    results[k][split] = evaluate(tasks, order, p, targets, extra)
+                    predictions[k].append((split, order, p))
         test_rows = np.unique(np.concatenate(list(splits.tests.values()))) if splits.tests else splits.val
         shares = attention_shares(models, batches, test_rows, priors.names, device)
         sample = [t[:1].to(device) for t in next(batches.iterate(splits.val[:1], shuffle=False))[1]]
-        encoder_flops = sum(int(s["info"].get("flops_per_image") or 0) for s in priors.specs())
+        flops = [int(s["info"].get("flops_per_image") or 0) for s in priors.specs()]
         seconds = time.perf_counter() - t0
         out = []
         for member, result, prediction, share in zip(members, results, predictions, shares):
+            reads = member.model.fuser.reads
             cost = {
                 "fuser_params": count_parameters(member.model),
                 "fuser_flops": flops_per_sample(member.model, sample),
-                "encoder_flops": encoder_flops,
+                "fuser_flops_canonical": flops_per_sample(member.model, sample, "canonical"),
+                "encoder_flops": sum(flops[p] for p in reads),
+                "canonical_encoder_flops": flops[0],
             }
             metrics = {
                 **result,
                 "best_epoch": member.best_epoch,
                 "selected_by": f"val {tasks[0].name} {selection}",
                 **cost,
+                "priors": [priors.names[p] for p in reads],
                 "splits": splits.counts(),
+                **({"held_out": splits.held_out} if splits.held_out else {}),
                 "streamed": batches.streamed,
                 "precision": precision,
                 "seconds": seconds,
@@ -509,9 +633,10 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
                     row += [_fmt(y[i, j]) if m[i, j] else "" for j in range(len(t.columns))]
                     row += [_fmt(v) for v in preds[t.name][k][: len(t.pred_columns)]]
                 w.writerow(row)
-    evaluated = [ids[i] for _, order, _ in predictions for i in order]
+    every_prior = [p for p in predictions if not p[0].endswith(":canonical")]  # embeddings: all-prior only
+    evaluated = [ids[i] for _, order, _ in every_prior for i in order]
     for t in tasks:
-        t.save_outputs(out, evaluated, np.concatenate([preds[t.name] for _, _, preds in predictions]))
+        t.save_outputs(out, evaluated, np.concatenate([preds[t.name] for _, _, preds in every_prior]))
     summary = format_summary(cfg, tasks, metrics)
     (out / "summary.txt").write_text(summary + "\n")
     return summary
@@ -523,21 +648,31 @@ def _fmt(v: float) -> str:
 
 def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -> str:
     lines = [
-        f"run {cfg.out}: {cfg.fuser} over {', '.join(cfg.encoders)}; best epoch {metrics['best_epoch']}/{cfg.epochs} by {metrics['selected_by']}"
+        f"run {cfg.out}: {cfg.fuser} over {', '.join(metrics['priors'])}; best epoch {metrics['best_epoch']}/{cfg.epochs} by {metrics['selected_by']}"
         + (" (streamed from the stores)" if metrics["streamed"] else ""),
         "samples  " + "  ".join(f"{k} {v}" for k, v in metrics["splits"].items()),
+        *(f"held out {k}: {v}" for k, v in metrics.get("held_out", {}).items()),
     ]
-    for split in [s for s in metrics if s == "val" or s.startswith("test")]:
+    if not any(s.startswith("test") for s in metrics["splits"]):
+        lines.append("no test split (--test-split none): val picked the epoch and is not a test")
+    splits = [s for s in metrics if s == "val" or s.startswith("test")]
+    width = max(8, *map(len, splits))
+    for split in splits:
         for t in tasks:
             ms = metrics[split].get(t.name)
             if ms:
-                lines.append(f"{split:<8} {t.name:<12} " + format_metrics(ms))
-    f, e = metrics["fuser_flops"], metrics["encoder_flops"]
-    share = f" ({100 * f / e:.2f}% of the encoders' {e / 1e9:.2f} GFLOPs)" if e else ""
-    lines.append(
-        f"cost     {metrics['fuser_params'] / 1e6:.3f} M trainable parameters, {f / 1e6:.2f} MFLOPs/sample{share}"
-    )
+                lines.append(f"{split:<{width}} {t.name:<12} " + format_metrics(ms))
+    lines.append(f"cost     {metrics['fuser_params'] / 1e6:.3f} M trainable parameters, " + _cost(metrics, ""))
+    lines.append(f"         canonical prior alone: {_cost(metrics, '_canonical')}")
     return "\n".join(lines)
+
+
+def _cost(metrics: dict[str, Any], mode: str) -> str:
+    """The fuser's MFLOPs/sample in one inference mode, against its encoders'."""
+    f = metrics[f"fuser_flops{mode}"]
+    e = metrics["canonical_encoder_flops" if mode else "encoder_flops"]
+    which = f"{metrics['priors'][0]}'s" if mode else "the encoders'"
+    return f"{f / 1e6:.2f} MFLOPs/sample" + (f" ({100 * f / e:.2f}% of {which} {e / 1e9:.2f} GFLOPs)" if e else "")
 
 
 def load_run(run: Path) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
-from urllib.parse import parse_qsl, urlencode
 
 import numpy as np
 import torch
@@ -32,7 +31,7 @@ from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.fit import metrics
 from etf.pipeline.fit.config import MARGINS
-from etf.pipeline.fit.heads import Task, _numeric, register_task
+from etf.pipeline.fit.heads import Task, _numeric, register_task, with_task_options
 from etf.utils import atomic_path
 
 FOLDS = 10
@@ -256,7 +255,7 @@ class Verify(Task):
         self._classes = np.unique(y[m[:, 0], 0].astype(np.int64))
         self.identities = len(self._classes)
 
-    def make_head(self, in_dim: int) -> nn.Module:
+    def make_head(self, in_dim: int, grid: tuple[int, int] | None = None) -> nn.Module:
         return EmbeddingHead(in_dim, self.dim, self.identities)
 
     def loss(self, out: Embedded, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -330,17 +329,4 @@ def with_options(specs: list[str], **options: Any) -> list[str]:
 
     How ``etf fit``'s --embed-dim/--margin flags reach the task, and so its recorded config.
     """
-    given = {k: v for k, v in options.items() if v is not None}
-    if not given:
-        return specs
-    if not any(s.startswith("verify:") for s in specs):
-        raise EtfError(
-            f"--embed-dim, --margin, --margin-scale and --margin-m apply to verify tasks; none in {', '.join(specs) or 'the tasks'}"
-        )
-    out = []
-    for spec in specs:
-        if spec.startswith("verify:"):
-            head, _, query = spec.partition("?")
-            spec = f"{head}?{urlencode({**given, **dict(parse_qsl(query))})}"
-        out.append(spec)
-    return out
+    return with_task_options(specs, "verify", "--embed-dim, --margin, --margin-scale and --margin-m", **options)

@@ -4,6 +4,10 @@ Every fuser reads the same cached token groups (one layer of one prior each), so
 Tokens that are exactly zero are missing (skipped samples, dropped priors) and are never
 attended to; training-time masking (``token:P``, ``prior:P``) uses that same rule by
 zeroing tokens, so a prior zeroed at test time is handled as it was in training.
+
+Heads read either the canonical prior's patch grid (``--head spatial``: a (B, C, h, w) map
+with the fused information added, pooled again for every task but landmarks) or one
+pooled vector (``--head pooled``); ``auto`` is spatial wherever the canonical tokens have a grid.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from etf.cache.features import Group
 from etf.cache.tokens import TokenLayout
 from etf.errors import EtfError
-from etf.pipeline.fit.config import FuserConfig, parse_aux, parse_mask
+from etf.pipeline.fit.config import FuserConfig, parse_aux, parse_mask, resolve
 
 
 def canonical_token(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -24,16 +29,70 @@ def canonical_token(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     return x[:, 0] if layout.prefix else x[:, layout.prefix :].mean(dim=1)
 
 
+def grid_map(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """A group's patch tokens (B, T, C) as its (B, C, h, w) map (prefix tokens left out)."""
+    h, w = layout.grid
+    return x[:, layout.prefix :].transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+
+
+def as_map(x: torch.Tensor, layout: TokenLayout, size: tuple[int, int]) -> torch.Tensor:
+    """A group's tokens as a (B, C, *size) map: its grid resampled (bilinear, anti-aliased)
+    where sizes differ, or its pooled token repeated where it has no grid."""
+    if layout.grid is None:
+        return canonical_token(x, layout)[..., None, None].expand(-1, -1, *size)
+    m = grid_map(x, layout)
+    return m if tuple(layout.grid) == tuple(size) else F.interpolate(m, size=size, mode="bilinear", antialias=True)
+
+
+def add_onto(base: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, C) or per query (B, Q, C) added to a canonical representation: broadcast
+    over a (B, C, h, w) map's positions, or over the queries. Per-query outputs never feed a
+    map (a landmarks task has one query), so a map under them is pooled first."""
+    if base.dim() == 4 and t.dim() == 2:
+        return base + t[..., None, None]
+    if base.dim() == 4:
+        base = base.mean(dim=(2, 3))
+    return base[:, None] + t if t.dim() == 3 else base + t
+
+
+class GroupInput(nn.Module):
+    """A group's tokens as heads read them without fusion. With ``grid``: its patch grid
+    resampled to that size (:func:`as_map`), a (B, C, h, w) map normalised over the whole
+    map (GroupNorm with one group), so that positions keep their relative strength, which a
+    per-position LayerNorm would erase. Without: its pooled token, layer-normalised (B, C)."""
+
+    def __init__(self, group: Group, grid: tuple[int, int] | None) -> None:
+        super().__init__()
+        self.layout, self.grid = group.layout, grid
+        self.norm = nn.GroupNorm(1, group.dim) if grid else nn.LayerNorm(group.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid:
+            return self.norm(as_map(x, self.layout, self.grid))
+        return self.norm(canonical_token(x, self.layout))
+
+
+def channels(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``linear`` over the channels of a (B, C) vector or a (B, C, h, w) map."""
+    return linear(x) if x.dim() == 2 else linear(x.movedim(1, -1)).movedim(-1, 1)
+
+
 class Fuser(nn.Module):
     """Base: training-time token/prior dropping, then ``fuse``; one output per task.
 
     ``forward`` returns ``{task name: representation}``: (B, out_dim) for fusers shared by
-    all tasks, (B, Q, out_dim) for per-query fusers (Q-Face, one query per label).
+    all tasks, (B, Q, out_dim) for per-query fusers (Q-Face, one query per label), and for
+    the tasks in ``map_tasks`` (landmarks under spatial heads) a (B, map_dim, h, w) map of
+    the canonical grid. Fusers whose own representation is a map (``makes_maps``) pool it
+    for the other tasks; the others have their vector added onto the normalised canonical
+    map through a zero-initialised linear layer, so they too start at the ``linear`` map.
     """
 
     fuser_name = ""
     #: the ``--aux`` objectives this fuser implements
     aux_kinds: tuple[str, ...] = ()
+    #: fusers whose representation is built on the canonical map when heads are spatial
+    makes_maps = False
 
     def __init__(self, groups: list[Group], tasks: list[Any], cfg: FuserConfig) -> None:
         super().__init__()
@@ -41,6 +100,7 @@ class Fuser(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         if not groups:
             raise EtfError("a fuser needs at least one prior")
+        cfg = resolve(self.fuser_name, cfg)
         self.groups, self.cfg = groups, cfg
         self.task_names = [t.name for t in tasks]
         self.num_priors = max(g.prior for g in groups) + 1
@@ -51,20 +111,60 @@ class Fuser(nn.Module):
             raise EtfError(f"--aux {cfg.aux}: the {self.fuser_name} fuser offers {offered}")
         # the canonical representation: the last layer of the first prior
         self.canonical = max((i for i, g in enumerate(groups) if g.prior == 0), key=lambda i: groups[i].layer)
+        canon = groups[self.canonical]
+        if cfg.head == "spatial" and canon.layout.grid is None:
+            raise EtfError(
+                f"--head spatial: the canonical prior {canon.name}'s tokens have no patch grid (stored or read as cls); "
+                "extract or read them with --tokens all, patch or pool:G, or use --head pooled"
+            )
+        spatial = cfg.head != "pooled" and canon.layout.grid is not None
+        #: the canonical grid that spatial heads read (None: pooled heads), and the tasks whose heads read it
+        self.grid: tuple[int, int] | None = tuple(canon.layout.grid) if spatial else None
+        self.map_tasks = [t.name for t in tasks if spatial and t.spatial]
+        if self.map_tasks and not self.makes_maps:
+            self.map_in = GroupInput(canon, self.grid)
+            self.to_map = nn.Linear(self.out_dim, canon.dim)
+            nn.init.zeros_(self.to_map.weight)
+            nn.init.zeros_(self.to_map.bias)
 
     @property
     def out_dim(self) -> int:
         raise NotImplementedError
 
+    @property
+    def map_dim(self) -> int:
+        """Channels of the maps spatial heads read."""
+        return self.out_dim if self.makes_maps else self.groups[self.canonical].dim
+
+    @property
+    def reads(self) -> list[int]:
+        """The priors this fuser reads (what its inputs cost): all of them, unless it says less."""
+        return list(range(self.num_priors))
+
     def fuse(self, tokens: list[torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def forward(self, tokens: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def fuse_canonical(self, tokens: list[torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+        """``fuse`` with only the canonical prior: the others are absent (zero, the missing
+        rule). ET-Fuser overrides it to leave them out of its sequence altogether."""
+        return self.fuse([t if g.prior == 0 else torch.zeros_like(t) for t, g in zip(tokens, self.groups)])
+
+    def forward(self, tokens: list[torch.Tensor], infer: str = "all") -> dict[str, torch.Tensor]:
+        """Per task representations; ``infer="canonical"``: as if only the canonical prior were there."""
         self.aux_loss = None
         if self.training and self.mask_p > 0:
             tokens = self._drop(tokens)
-        out = self.fuse([t.float() for t in tokens])
-        return out if isinstance(out, dict) else dict.fromkeys(self.task_names, out)
+        tokens = [t.float() for t in tokens]
+        out = self.fuse_canonical(tokens) if infer == "canonical" else self.fuse(tokens)
+        reps = out if isinstance(out, dict) else dict.fromkeys(self.task_names, out)
+        return {name: self._for_head(name, r, tokens) for name, r in reps.items()}
+
+    def _for_head(self, name: str, rep: torch.Tensor, tokens: list[torch.Tensor]) -> torch.Tensor:
+        if name not in self.map_tasks:
+            return rep.mean(dim=(2, 3)) if rep.dim() == 4 else rep
+        if rep.dim() == 4:
+            return rep
+        return add_onto(self.map_in(tokens[self.canonical]), self.to_map(rep))
 
     def attention_maps(self, tokens: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Named (B, S) weights over the groups' concatenated tokens: where the fuser looks
@@ -85,13 +185,14 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def flops_per_sample(model: nn.Module, tokens: list[torch.Tensor]) -> int:
-    """Forward FLOPs of ``model`` on one sample (multiply-add = 2), measured by torch."""
+def flops_per_sample(model: nn.Module, tokens: list[torch.Tensor], infer: str = "all") -> int:
+    """Forward FLOPs of ``model`` on one sample in inference mode ``infer`` (multiply-add =
+    2), measured by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     was = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model([t[:1].float() for t in tokens])
+        model([t[:1].float() for t in tokens], infer=infer)
     model.train(was)
     return int(counter.get_total_flops())

@@ -1,4 +1,10 @@
-"""Baselines over the same cache: the canonical prior alone, the mean and the concatenation."""
+"""Baselines over the same cache: the canonical prior alone, the mean and the concatenation.
+
+Under spatial heads ``mean`` and ``concat`` work on maps, as the authors' ``ModelEnsemblePool``
+(average of the feature maps) and ``ModelEnsembleCat`` (channel concatenation) do: every
+group's grid is resampled to the canonical grid (a group without a grid repeats its pooled
+token over it).
+"""
 
 from __future__ import annotations
 
@@ -6,52 +12,63 @@ import torch
 from torch import nn
 
 from etf.pipeline.fit.fusers import register_fuser
-from etf.pipeline.fit.fusers.base import Fuser, canonical_token
+from etf.pipeline.fit.fusers.base import Fuser, GroupInput, channels
 
 
 @register_fuser("linear")
 class LinearProbe(Fuser):
-    """The single-prior baseline: the canonical prior's class/pooled token only."""
+    """The single-prior baseline: the canonical prior's grid, or its class/pooled token, only."""
+
+    makes_maps = True
 
     def __init__(self, groups, tasks, cfg):
         super().__init__(groups, tasks, cfg)
-        self.norm = nn.LayerNorm(groups[self.canonical].dim)
+        self.canonical_in = GroupInput(groups[self.canonical], self.grid)
 
     @property
     def out_dim(self) -> int:
         return self.groups[self.canonical].dim
 
+    @property
+    def reads(self) -> list[int]:
+        return [0]
+
     def fuse(self, tokens):
-        return self.norm(canonical_token(tokens[self.canonical], self.groups[self.canonical].layout))
+        return self.canonical_in(tokens[self.canonical])
 
 
 @register_fuser("mean")
 class MeanFuser(Fuser):
-    """Average of every group's pooled token after a per-group projection to ``dim``."""
+    """Average of every group's pooled token (map) after a per-group projection to ``dim``."""
+
+    makes_maps = True
 
     def __init__(self, groups, tasks, cfg):
         super().__init__(groups, tasks, cfg)
-        self.proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(g.dim), nn.Linear(g.dim, cfg.dim)) for g in groups)
+        self.inputs = nn.ModuleList(GroupInput(g, self.grid) for g in groups)
+        self.proj = nn.ModuleList(nn.Linear(g.dim, cfg.dim) for g in groups)
 
     @property
     def out_dim(self) -> int:
         return self.cfg.dim
 
     def fuse(self, tokens):
-        return torch.stack([p(canonical_token(t, g.layout)) for p, t, g in zip(self.proj, tokens, self.groups)]).mean(0)
+        return torch.stack([channels(p, i(t)) for i, p, t in zip(self.inputs, self.proj, tokens)]).mean(0)
 
 
 @register_fuser("concat")
 class ConcatFuser(Fuser):
-    """Concatenation of every group's normalised pooled token."""
+    """Concatenation of every group's normalised pooled token (map, along channels)."""
+
+    makes_maps = True
 
     def __init__(self, groups, tasks, cfg):
         super().__init__(groups, tasks, cfg)
-        self.norms = nn.ModuleList(nn.LayerNorm(g.dim) for g in groups)
+        self.inputs = nn.ModuleList(GroupInput(g, self.grid) for g in groups)
 
     @property
     def out_dim(self) -> int:
         return sum(g.dim for g in self.groups)
 
     def fuse(self, tokens):
-        return torch.cat([n(canonical_token(t, g.layout)) for n, t, g in zip(self.norms, tokens, self.groups)], dim=1)
+        return torch.cat([i(t) for i, t in zip(self.inputs, tokens)], dim=1)

@@ -1,16 +1,29 @@
-"""ET-Fuser, token-level: the model this project first built (every choice a flag, see ``FuserConfig``):
+"""ET-Fuser: a learned knowledge (ensemble) token over the priors, added into the canonical model.
 
-1. each token group (a prior's layer) is mapped by LayerNorm + Linear to width ``dim`` and
-   marked by a learnable embedding of the prior (and layer) it came from;
-2. a learnable ensemble token is prepended and ``depth`` pre-norm self-attention blocks run
-   over the whole sequence (``attn=intra``: prior tokens attend only within their prior;
-   the ensemble token attends to all);
-3. the canonical representation ``c`` (the first prior's class/pooled token, i.e. the
-   single-prior model) is fused with the ensemble token ``t`` through a zero-initialised
-   gate, ``h = LN(c) + g * W t``, so training starts exactly at the ``linear`` baseline;
-4. task heads read ``h``.
+The authors' formulation (repository ZombaSY/KT-Adaptor-pytorch at c1b3cfd, ``KTAdaptor``
+and ``KTAdaptor_base``) is the default, ``--prior-tokens pooled --fuse add``:
 
-``--aux recon:W`` adds the patch-level reconstruction objective (``TokenReconstruction``).
+1. each group (a prior's layer) gives one token, its patch grid's global average pool
+   (:class:`~etf.pipeline.fit.fusers.layers.PooledTokens`), zero-padded to the widest group;
+2. a learnable knowledge token (uniform init, as theirs) goes first and a fixed code of the
+   position (0 = knowledge token, 1..G = groups; ``--position-code``) is added to every token;
+3. ``--depth`` pre-LN blocks of their kind run at the token width: no qkv bias, no output
+   projection, dropout on the attention weights and in the FFN, FFN width = token width
+   (``--mlp-ratio 1``), then a final LayerNorm;
+4. the outputs at the knowledge token and at the canonical group go through one Linear to
+   the canonical width (the identity when that is the token width, as theirs) and are averaged: t;
+5. t is added to the canonical prior's map, broadcast over its grid, and heads read that
+   map (``--head``); the map is normalised first (``GroupInput``), as every etf fuser
+   normalises what its heads read;
+6. ``--infer canonical`` (``fuse_canonical``): the other priors are not in the sequence at
+   all, which is [knowledge token, canonical token] with their own position codes.
+
+The token-level model this project first built is ``--prior-tokens all --fuse gate``: every
+token of every group through LayerNorm + Linear to ``--dim`` plus a learnable source
+embedding, a trunc-normal ensemble token, ViT blocks (``--attn intra``: prior tokens attend
+only within their prior), t the ensemble token's output through a Linear, joined through a
+zero-initialised gate, ``h = LN(c) + g * t``, so that training starts at the ``linear``
+baseline. ``--aux recon:W`` (token-level only) adds the patch-level reconstruction objective.
 """
 
 from __future__ import annotations
@@ -21,90 +34,155 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from etf.cache.features import Group
+from etf.errors import EtfError
 from etf.pipeline.fit.fusers import register_fuser
-from etf.pipeline.fit.fusers.base import Fuser, canonical_token
-from etf.pipeline.fit.fusers.layers import Block, PriorTokens, TokenReconstruction, group_shares, keeping_attention
+from etf.pipeline.fit.fusers.base import Fuser, GroupInput, add_onto
+from etf.pipeline.fit.fusers.layers import (
+    Block,
+    PooledTokens,
+    PriorTokens,
+    TokenReconstruction,
+    group_shares,
+    keeping_attention,
+)
+
+
+def spread(weights: torch.Tensor, groups: list[Group]) -> torch.Tensor:
+    """(B, G) weights on pooled tokens to (B, S) weights on the groups' tokens: a pooled
+    token stands for all its patches alike, so its weight is shared evenly among them
+    (shares per group stay exact; a patch map of it is flat)."""
+    parts = []
+    for k, g in enumerate(groups):
+        skip = g.layout.prefix if g.layout.grid else 0
+        share = weights[:, k : k + 1].expand(-1, g.tokens - skip) / (g.tokens - skip)
+        parts.append(F.pad(share, (skip, 0)))
+    return torch.cat(parts, dim=1)
 
 
 @register_fuser("etfuser")
 class ETFuser(Fuser):
-    """Learned ensemble token over all priors' tokens, gated into the canonical representation."""
+    """Knowledge token over the priors' pooled tokens (or all their tokens), added (or gated)
+    into the canonical prior's representation."""
 
     no_weight_decay: ClassVar[tuple[str, ...]] = ("ensemble", "gate")
 
     aux_kinds = ("recon",)
+    makes_maps = True
 
     def __init__(self, groups, tasks, cfg):
         super().__init__(groups, tasks, cfg)
-        self.tokens_in = PriorTokens(groups, cfg.dim)
-        self.ensemble = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        nn.init.trunc_normal_(self.ensemble, std=0.02)
-        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.dim)
+        cfg = self.cfg
+        self.pooled = cfg.prior_tokens == "pooled"
         c_dim = groups[self.canonical].dim
-        self.canonical_norm = nn.LayerNorm(c_dim)
-        self.out = nn.Linear(cfg.dim, c_dim)
-        self.gate = nn.Parameter(torch.zeros(c_dim))
-        owner = torch.cat([torch.full((1,), -1)] + [torch.full((g.tokens,), g.prior) for g in groups])
-        self.register_buffer("owner", owner, persistent=False)  # prior of each position; -1: ensemble
+        if self.pooled:
+            if self.aux_kind == "recon":
+                raise EtfError("--aux recon: it reconstructs hidden prior tokens, so it needs --prior-tokens all")
+            self.tokens_in = PooledTokens(groups, cfg.position_code)
+            self.width = self.tokens_in.width
+            if self.width % cfg.heads:
+                raise EtfError(
+                    f"--heads {cfg.heads}: the pooled tokens' width {self.width} (the widest prior's) is not divisible by it"
+                )
+            self.ensemble = nn.Parameter(torch.rand(1, 1, self.width))
+            kind = {"attn_drop": cfg.dropout, "proj": False, "qkv_bias": False}
+            self.out = nn.Linear(self.width, c_dim) if self.width > c_dim else nn.Identity()
+        else:
+            self.tokens_in = PriorTokens(groups, cfg.dim)
+            self.width = cfg.dim
+            self.ensemble = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+            nn.init.trunc_normal_(self.ensemble, std=0.02)
+            kind = {}
+            self.out = nn.Linear(cfg.dim, c_dim)
+        self.blocks = nn.ModuleList(
+            Block(self.width, cfg.heads, cfg.mlp_ratio, cfg.dropout, **kind) for _ in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(self.width)
+        self.canonical_in = GroupInput(groups[self.canonical], self.grid)
+        self.gate = nn.Parameter(torch.zeros(c_dim)) if cfg.fuse == "gate" else None
+        #: the groups of the canonical prior: all the sequence holds under ``--infer canonical``
+        self.canonical_groups = [i for i, g in enumerate(groups) if g.prior == 0]
         self.recon = TokenReconstruction(groups, cfg.dim, cfg.recon_ratio) if self.aux_kind == "recon" else None
 
     @property
     def out_dim(self) -> int:
         return self.groups[self.canonical].dim
 
-    def structure(self) -> torch.Tensor:
-        """(S, S) allowed attention pairs before missing tokens are removed."""
-        s = self.owner.numel()
+    def structure(self, owner: torch.Tensor) -> torch.Tensor:
+        """(S, S) allowed attention pairs between positions owned by ``owner`` (their
+        prior; -1: the ensemble token) before missing tokens are removed."""
+        s = owner.numel()
         if self.cfg.attn == "full":
-            return torch.ones(s, s, dtype=torch.bool, device=self.owner.device)
-        same = self.owner[:, None] == self.owner[None, :]
+            return torch.ones(s, s, dtype=torch.bool, device=owner.device)
+        same = owner[:, None] == owner[None, :]
         same[0, :] = True  # the ensemble token sees every prior
         return same
 
     def encode(
-        self, tokens: list[torch.Tensor], hidden: torch.Tensor | None = None
+        self, tokens: list[torch.Tensor], which: list[int] | None = None, hidden: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normalised output sequence (B, 1 + S, dim), ensemble token first, and the
-        (B, 1 + S) mask of positions that were attended to. ``hidden`` (B, S) replaces those
-        prior tokens by reconstruction placeholders."""
-        x, present = self.tokens_in(tokens)
+        """The normalised output sequence (B, 1 + S, width) over the groups ``which``
+        (default: all), ensemble token first, and the (B, 1 + S) mask of positions that
+        were attended to. ``hidden`` (B, S) replaces those prior tokens by reconstruction
+        placeholders (all groups only)."""
+        which = list(range(len(self.groups))) if which is None else which
+        x, present = self.tokens_in(tokens, which)
         if hidden is not None:
             x = torch.where(hidden[..., None], self.recon.placeholder, x)
             present = present & ~hidden
         b = x.shape[0]
-        x = torch.cat([self.ensemble.expand(b, -1, -1), x], dim=1)
+        first = self.ensemble + self.tokens_in.code[0] if self.pooled else self.ensemble
+        x = torch.cat([first.expand(b, -1, -1), x], dim=1)
         present = torch.cat([present.new_ones(b, 1), present], dim=1)
-        allowed = self.structure()[None] & present[:, None, :]
+        owner = torch.tensor(
+            [-1] + [self.groups[i].prior for i in which for _ in range(self.tokens_in.counts[i])], device=x.device
+        )
+        allowed = self.structure(owner)[None] & present[:, None, :]
         allowed = allowed | torch.eye(x.shape[1], dtype=torch.bool, device=x.device)  # no empty rows
         allowed = allowed[:, None]
         for blk in self.blocks:
             x = blk(x, allowed)
         return self.norm(x), present
 
-    def ensemble_token(self, tokens: list[torch.Tensor]) -> torch.Tensor:
-        return self.encode(tokens)[0][:, 0]
+    def ensemble_output(self, seq: torch.Tensor, which: list[int] | None = None) -> torch.Tensor:
+        """t (B, canonical width): with pooled tokens the mean of the knowledge token's and
+        the canonical group's outputs through ``out``; token-level, the ensemble token's."""
+        if not self.pooled:
+            return self.out(seq[:, 0])
+        at = 1 + (self.canonical if which is None else which.index(self.canonical))
+        return self.out(seq[:, [0, at]]).mean(dim=1)
 
-    def canonical_rep(self, tokens: list[torch.Tensor]) -> torch.Tensor:
-        """The normalised canonical representation ``c``: the single-prior model's input."""
-        return self.canonical_norm(canonical_token(tokens[self.canonical], self.groups[self.canonical].layout))
+    def join(self, base: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``--fuse add``: base + t; ``gate``: base + g * t (g starts at zero)."""
+        return add_onto(base, t if self.gate is None else self.gate * t)
 
     def set_aux_loss(self, tokens: list[torch.Tensor]) -> None:
         """During training with ``--aux recon:W``: a second pass that reconstructs hidden tokens."""
         if self.training and self.recon is not None:
             present = torch.cat([(t != 0).any(dim=-1) for t in tokens], dim=1)
             hidden = self.recon.hide(present)
-            out, _ = self.encode(tokens, hidden)
+            out, _ = self.encode(tokens, hidden=hidden)
             self.aux_loss = self.aux_weight * self.recon.loss(out[:, 1:], tokens, hidden)
+
+    def fuse_groups(
+        self, tokens: list[torch.Tensor], which: list[int] | None
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The representation from the sequence over the groups ``which`` (default: all)."""
+        seq, _ = self.encode(tokens, which)
+        return self.join(self.canonical_in(tokens[self.canonical]), self.ensemble_output(seq, which))
 
     def fuse(self, tokens):
         self.set_aux_loss(tokens)
-        return self.canonical_rep(tokens) + self.gate * self.out(self.ensemble_token(tokens))
+        return self.fuse_groups(tokens, None)
+
+    def fuse_canonical(self, tokens):
+        return self.fuse_groups(tokens, self.canonical_groups)
 
     def ensemble_map(self) -> dict[str, torch.Tensor]:
         """The last block's ensemble-token attention over the prior tokens (heads averaged),
-        from a forward run under ``keeping_attention(self.blocks[-1])``."""
-        return {"ensemble": self.blocks[-1].attention[:, :, 0, 1:].mean(dim=1)}
+        from a forward over all groups under ``keeping_attention(self.blocks[-1])``."""
+        weights = self.blocks[-1].attention[:, :, 0, 1:].mean(dim=1)
+        return {"ensemble": spread(weights, self.groups) if self.pooled else weights}
 
     @torch.no_grad()
     def attention_maps(self, tokens):

@@ -55,6 +55,7 @@ class FRAFuser(Fuser):
 
     def __init__(self, groups: list[Group], tasks: list[Any], cfg: FuserConfig) -> None:
         super().__init__(groups, tasks, cfg)
+        cfg = self.cfg  # resolved: unset settings filled
         d, k = cfg.dim, cfg.regions
         self.tokens_in = PriorTokens(groups, d)
         self.key = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))  # FRA's per-pixel projection

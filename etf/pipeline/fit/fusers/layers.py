@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from etf.cache.features import Group
+from etf.cache.tokens import TokenLayout
 
 
 def group_shares(weights: torch.Tensor, groups: list[Group]) -> torch.Tensor:
@@ -21,15 +22,16 @@ def group_shares(weights: torch.Tensor, groups: list[Group]) -> torch.Tensor:
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, keep: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, keep: bool, dropout: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled dot-product attention over (B, H, S, dh) tensors, and its weights when ``keep``
-    (the fused kernel, used otherwise, never materialises them)."""
+    """Scaled dot-product attention over (B, H, S, dh) tensors, with ``dropout`` on the
+    attention weights, and the weights when ``keep`` (the fused kernel, used otherwise,
+    never materialises them)."""
     if not keep:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed), None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout), None
     logits = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     attn = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    return attn @ v, attn.detach()
+    return F.dropout(attn, dropout) @ v, attn.detach()
 
 
 @contextmanager
@@ -70,14 +72,29 @@ class CrossAttention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm transformer block whose attention can report its weights. With ``cross`` it
-    is a decoder block: self-attention, cross-attention to a memory, then the MLP."""
+    is a decoder block: self-attention, cross-attention to a memory, then the MLP.
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, cross: bool = False) -> None:
+    The defaults are a ViT block (qkv bias, output projection with dropout); the authors'
+    ET-Fuser block has ``qkv_bias=False``, ``proj=False`` (no output projection and so no
+    dropout after attention) and ``attn_drop`` on the attention weights.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float,
+        dropout: float,
+        cross: bool = False,
+        attn_drop: float = 0.0,
+        proj: bool = True,
+        qkv_bias: bool = True,
+    ) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.attn_drop = heads, attn_drop
         self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout)) if proj else nn.Identity()
         self.cross = CrossAttention(dim, heads) if cross else None
         self.norm2 = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
@@ -96,8 +113,8 @@ class Block(nn.Module):
         """``allowed`` (B, 1, S, S): True where a query may attend to a key."""
         b, s, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y, self.attention = attend(q, k, v, allowed, self.keep_attention)
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, s, d)))
+        y, self.attention = attend(q, k, v, allowed, self.keep_attention, self.attn_drop if self.training else 0.0)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, s, d))
         if self.cross is not None:
             x = x + self.drop(self.cross(x, memory, memory_allowed))
         return x + self.drop(self.mlp(self.norm2(x)))
@@ -123,12 +140,60 @@ class PriorTokens(nn.Module):
         self.proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(g.dim), nn.Linear(g.dim, dim)) for g in first.values())
         self.embed = nn.Parameter(torch.zeros(len(groups), dim))
         nn.init.trunc_normal_(self.embed, std=0.02)
+        self.counts = [g.tokens for g in groups]
 
-    def forward(self, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, S, dim) projected tokens and the (B, S) mask of present (non-zero) tokens."""
-        seq = [self.proj[j](t) + self.embed[i] for i, (j, t) in enumerate(zip(self.source, tokens))]
-        present = [(t != 0).any(dim=-1) for t in tokens]
+    def forward(self, tokens: list[torch.Tensor], which: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, dim) projected tokens of the groups ``which`` (default: all) and the (B, S)
+        mask of present (non-zero) tokens."""
+        which = range(len(tokens)) if which is None else which
+        seq = [self.proj[self.source[i]](tokens[i]) + self.embed[i] for i in which]
+        present = [(tokens[i] != 0).any(dim=-1) for i in which]
         return torch.cat(seq, dim=1), torch.cat(present, dim=1)
+
+
+def position_code(positions: int, dim: int, kind: str) -> torch.Tensor:
+    """(positions, dim) fixed code of each position: ``sinusoidal`` is Vaswani et al.'s
+    (channel pair i at frequency 10000^(-2i/dim)); ``single`` is the authors' code, whose
+    frequency list has one entry (1), so every even channel is sin(pos) and every odd one cos(pos)."""
+    pos = torch.arange(positions, dtype=torch.float64)[:, None]
+    if kind == "sinusoidal":
+        freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    else:
+        freq = torch.ones(1, dtype=torch.float64)
+    angle = pos * freq
+    code = torch.zeros(positions, dim, dtype=torch.float64)
+    code[:, 0::2] = torch.sin(angle)
+    code[:, 1::2] = torch.cos(angle[:, : dim // 2])
+    return code.float()
+
+
+def pooled_token(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """A group's one token: the mean of its present patch tokens (its global average pool),
+    or of all its present tokens where it has no grid (a class-token store: that token).
+    Tokens dropped in training (zero) are left out of the mean; none present gives zero."""
+    x = x[:, layout.prefix :] if layout.grid else x
+    present = (x != 0).any(dim=-1, keepdim=True).to(x.dtype)
+    return (x * present).sum(dim=1) / present.sum(dim=1).clamp(min=1)
+
+
+class PooledTokens(nn.Module):
+    """The authors' prior tokens: one per group (:func:`pooled_token`), zero-padded to the
+    widest group, plus a fixed code of its position (1..G; 0 is the knowledge token's)."""
+
+    def __init__(self, groups: list[Group], code: str) -> None:
+        super().__init__()
+        self.layouts = [g.layout for g in groups]
+        self.width = max(g.dim for g in groups)
+        self.register_buffer("code", position_code(len(groups) + 1, self.width, code), persistent=False)
+        self.counts = [1] * len(groups)
+
+    def forward(self, tokens: list[torch.Tensor], which: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, width) pooled, padded and position-coded tokens of the groups ``which``
+        (default: all), and the (B, S) mask of present ones (a missing prior pools to zero)."""
+        which = list(range(len(tokens))) if which is None else which
+        pooled = [F.pad(pooled_token(tokens[i], self.layouts[i]), (0, self.width - tokens[i].shape[-1])) for i in which]
+        x = torch.stack(pooled, dim=1)
+        return x + self.code[[i + 1 for i in which]], (x != 0).any(dim=-1)
 
 
 class TokenReconstruction(nn.Module):

@@ -7,9 +7,10 @@ multi-label task (``queries=label``), run ``depth`` decoder blocks of query self
 and cross-attention to those tokens; each task's head reads its own queries.
 
 ``etfuser+qface``: the ET-Fuser sequence is the decoder's memory and the ensemble token is
-an extra query the label queries can read; each task's query output goes through
-ET-Fuser's zero-initialised gate, ``h = LN(c) + g * W q``, so training starts at the
-single-prior baseline as ``etfuser`` does.
+an extra query the label queries can read; each task's query output joins the canonical
+representation as ET-Fuser's t does. Its defaults are the token-level formulation
+(``--prior-tokens all --fuse gate``: ``h = LN(c) + g * W q`` through a zero-initialised
+gate, so training starts at the single-prior baseline); the pooled sequence works too.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ class QueryDecoder(nn.Module):
 
     no_weight_decay: ClassVar[tuple[str, ...]] = ("queries",)
 
-    def __init__(self, tasks: list[Any], cfg: FuserConfig) -> None:
+    def __init__(self, tasks: list[Any], cfg: FuserConfig, dim: int | None = None) -> None:
+        """``dim``: the memory's width (default ``cfg.dim``)."""
         super().__init__()
+        dim = dim or cfg.dim
         #: per task, its query positions and the names of the labels they stand for
         self.spans: dict[str, slice] = {}
         self.labels: list[str] = []
@@ -42,12 +45,12 @@ class QueryDecoder(nn.Module):
             names = [f"{t.name}:{c}" for c in t.columns] if per_label else [t.name]
             self.spans[t.name] = slice(len(self.labels), len(self.labels) + len(names))
             self.labels += names
-        self.queries = nn.Parameter(torch.zeros(1, len(self.labels), cfg.dim))
+        self.queries = nn.Parameter(torch.zeros(1, len(self.labels), dim))
         nn.init.trunc_normal_(self.queries, std=0.02)
         self.blocks = nn.ModuleList(
-            Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, cross=True) for _ in range(cfg.depth)
+            Block(dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, cross=True) for _ in range(cfg.depth)
         )
-        self.norm = nn.LayerNorm(cfg.dim)
+        self.norm = nn.LayerNorm(dim)
 
     def forward(
         self, memory: torch.Tensor, present: torch.Tensor, extra: torch.Tensor | None = None
@@ -85,7 +88,7 @@ class QFace(Fuser):
         super().__init__(groups, tasks, cfg)
         self.tokens_in = PriorTokens(groups, cfg.dim, share_layers=True)
         self.memory_norm = nn.LayerNorm(cfg.dim)
-        self.decoder = QueryDecoder(tasks, cfg)
+        self.decoder = QueryDecoder(tasks, self.cfg)
 
     @property
     def out_dim(self) -> int:
@@ -108,14 +111,13 @@ class ETQFace(ETFuser):
 
     def __init__(self, groups: list[Group], tasks: list[Any], cfg: FuserConfig) -> None:
         super().__init__(groups, tasks, cfg)
-        self.decoder = QueryDecoder(tasks, cfg)
+        self.decoder = QueryDecoder(tasks, self.cfg, self.width)
 
-    def fuse(self, tokens):
-        self.set_aux_loss(tokens)
-        seq, present = self.encode(tokens)
-        c = self.canonical_rep(tokens)
+    def fuse_groups(self, tokens, which):
+        seq, present = self.encode(tokens, which)
+        c = self.canonical_in(tokens[self.canonical])
         reps = self.decoder(seq[:, 1:], present[:, 1:], extra=seq[:, 0])
-        return {name: (c if r.dim() == 2 else c[:, None]) + self.gate * self.out(r) for name, r in reps.items()}
+        return {name: self.join(c, self.out(r)) for name, r in reps.items()}
 
     @torch.no_grad()
     def attention_maps(self, tokens):
