@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -214,10 +217,27 @@ def test_dask_backend_on_a_two_process_cluster_matches_loky(xor, tmp_path, loky_
 
 def test_ray_backend_on_a_local_two_worker_instance_matches_loky(xor, tmp_path, loky_grid):
     pytest.importorskip("ray")
-    grid = _grid(xor, tmp_path, fusers="etfuser", seeds="0", subsets="k=2", backend="ray", jobs=2)
-    outcome = run_grid(plan_grid(grid))  # no --scheduler: a local Ray instance of --jobs CPUs
-    assert (outcome.done, outcome.failed) == (2, [])
-    assert _grid_metrics(tmp_path) == loky_grid
+    _, spec, cache = xor
+    toml = tmp_path / "grid.toml"
+    toml.write_text(
+        f'data = "{spec}"\nencoders = ["A", "B"]\nsubsets = "k=2"\nfusers = ["etfuser"]\nseeds = [0]\n'
+        f'tasks = "classify:label"\nepochs = 2\nbatch_size = 16\ndim = 16\ndepth = 1\nheads = 2\n'
+    )
+    out = tmp_path / "grid"
+    # no --scheduler: a local Ray instance of --jobs CPUs, in its own process group with a
+    # deadline, so that a Ray that cannot start fails this test instead of hanging the suite
+    cmd = [sys.executable, "-m", "etf.cli", "ablate", "--config", str(toml), "--cache", str(cache), "--out", str(out),
+           "--backend", "ray", "--jobs", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("etf ablate --backend ray did not finish within 300 s")
+    assert proc.returncode == 0, output
+    assert "on 2 ray worker(s)" in output, output
+    assert _grid_metrics(out) == loky_grid
 
 
 @pytest.mark.parametrize("backend,extra", [("ray", "ray"), ("dask", "dask")])
