@@ -123,7 +123,7 @@ def fitting(args: argparse.Namespace, device: torch.device, work: Path) -> None:
         runs[name] = (float(np.mean(rates)), metrics["streamed"])
     base = bare_step_rate(spec, cache, cfg, device, steps=max(10, args.fit_n // args.fit_batch))
     print(
-        f"\nfit: etfuser dim 128 over {args.fit_n} x {t} x {d} float16 ({size / 2**20:.0f} MiB), batch {args.fit_batch}, {args.precision}"
+        f"\nfit: etfuser (default formulation) over {args.fit_n} x {t} x {d} float16 ({size / 2**20:.0f} MiB), batch {args.fit_batch}, {args.precision}"
     )
     print(f"  bare training step (random tokens on the device)          {base:9.0f} samples/s  1.000")
     for name, (rate, streamed) in runs.items():
