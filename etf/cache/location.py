@@ -318,10 +318,12 @@ class RemoteLocation(Location):
 
     def exists(self) -> bool:
         with self._io() as fs:
+            fs.invalidate_cache(self.url)  # not a listing cached before another process wrote it
             return fs.exists(self.url)
 
     def is_dir(self) -> bool:
         with self._io() as fs:
+            fs.invalidate_cache(self.url)
             return fs.isdir(self.url)
 
     def children(self) -> list[str]:

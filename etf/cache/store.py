@@ -297,11 +297,17 @@ class StoreWriter:
             if self.complete:
                 return True
             self._check_chunks()
-            reasons = {
-                sid: why
-                for name in self.done_dir.glob("*.json")
-                for sid, why in (self.done_dir / name).read_json().items()
-            }
+            try:
+                markers = [(self.done_dir / name).read_json() for name in self.done_dir.glob("*.json")]
+            except EtfError:  # a marker vanished as it was read
+                markers = []
+            if len(markers) < self.num_chunks:
+                # without a lock (object storage), another shard published at the same time and
+                # removed the staging folder: its store is the same one
+                if self.complete:
+                    return True
+                raise EtfError(f"{self.partial}: chunk markers vanished during publication; re-run to resume")
+            reasons = {sid: why for marker in markers for sid, why in marker.items()}
             attrs = {**self.attrs, "complete": True, "skipped": sorted(reasons), "skip_reasons": reasons}
             if self.fmt == "zarr":
                 store = self.data.zarr_store()
