@@ -221,7 +221,8 @@ class PriorSet:
 
     def load(self, rows: np.ndarray, block_rows: int | None = None) -> list[torch.Tensor]:
         """The selected tokens of ``rows`` (sorted sample indices) in memory, read block-wise
-        into preallocated tensors: peak memory is the result plus one block."""
+        into preallocated tensors: peak memory is the result plus one block (each block's
+        rows are gathered straight into the result, not into a copy of the block first)."""
         step = block_rows or self.block_rows * max(1, (64 << 20) // max(1, self.row_bytes() * self.block_rows))
         out = [
             torch.empty((len(rows), g.tokens, g.dim), dtype=_TORCH_DTYPE[self.stores[g.prior].spec["dtype"]])
@@ -234,7 +235,7 @@ class PriorSet:
             if len(sel):
                 local = torch.from_numpy(sel - start)
                 for o, b in zip(out, self.read_block(start, stop)):
-                    o[filled : filled + len(sel)] = b[local]
+                    torch.index_select(b, 0, local, out=o[filled : filled + len(sel)])
                 filled += len(sel)
         return out
 
