@@ -159,14 +159,17 @@ def test_two_shards_fill_one_s3_store(s3, fs, tmp_path):
 
 
 def _imported(s3, tmp_path, name: str) -> tuple[str, str]:
-    """A synthetic two-prior cache on s3 (cache import), and its --data spec."""
+    """A synthetic two-prior cache on s3 (A imported through the API, B by ``etf cache
+    import``), and its --data spec."""
     n = 40
     rng = np.random.default_rng(0)
     label = rng.integers(0, 2, n).astype(float)
     dataset, spec = make_csv_dataset(tmp_path / "data", {"label": label}, standard_splits(n))
     cache = s3.url(name)
-    for prior in ("A", "B"):
-        import_prior(cache_location(cache), dataset, prior, planted_tokens(rng, 2 * label - 1, 3.0), tmp_path)
+    import_prior(cache_location(cache), dataset, "A", planted_tokens(rng, 2 * label - 1, 3.0), tmp_path)
+    np.save(tmp_path / "B.npy", planted_tokens(rng, 2 * label - 1, 3.0))
+    imported = etf("cache", "import", "--cache", cache, "--data", spec, "--name", "B", "--array", tmp_path / "B.npy")
+    assert imported.exit_code == 0 and f"{cache}/" in imported.output, imported.output
     return cache, spec
 
 
