@@ -404,10 +404,12 @@ def _fake_run(path: Path, splits: dict[str, list[tuple[str, np.ndarray, np.ndarr
     """A finished landmarks run: predictions.csv (two points per sample) and metrics.json with
     the NME of each split, as fit writes them."""
     from etf.pipeline.fit import metrics
+    from etf.pipeline.fit.heads import Landmarks
 
     path.mkdir(parents=True)
-    cols = ["lm0_x", "lm0_y", "lm1_x", "lm1_y"]
-    lines = ["id,split," + ",".join(f"lm:true:{c}" for c in cols) + "," + ",".join(f"lm:pred:{c}" for c in cols)]
+    task = Landmarks(name="lm", columns=["lm0_x", "lm0_y", "lm1_x", "lm1_y"])
+    (path / "config.json").write_text(json.dumps({"tasks": [task.state()]}))
+    lines = [",".join(["id", "split", *(c for side in task.csv_columns() for c in side)])]
     result = {}
     for split, rows in splits.items():
         for sid, y, p in rows:

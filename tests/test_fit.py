@@ -92,9 +92,10 @@ def test_run_directory_and_metrics_agree_with_sklearn(xor, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == json.loads(json.dumps(m))
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "predictions.csv")) if r["split"] == "test"]
     truth = {sid: label for sid, label in zip(dataset.ids, dataset.column("label"))}
-    y = [int(r["label:true:label"]) for r in rows]
+    classes = json.loads((tmp_path / "run" / "config.json").read_text())["tasks"][0]["classes"]
+    y = [classes.index(r["label_true"]) for r in rows]  # class names, not indices
     assert y == [truth[r["id"]] for r in rows]  # predictions line up with the right samples
-    p = [int(r["label:pred:label"]) for r in rows]
+    p = [classes.index(r["label_pred"]) for r in rows]
     assert m["test"]["label"]["accuracy"] == pytest.approx(accuracy_score(y, p))
     assert m["test"]["label"]["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
     stores = json.loads((tmp_path / "run" / "stores.json").read_text())

@@ -278,7 +278,7 @@ def test_predict_infer_canonical_runs_only_the_canonical_encoder(imported_run):
     assert out.exit_code == 0, out.output
     got = json.loads((tmp / "p.json").read_text())
     config, _, _, model = load_model(tmp / "run")
-    assert [g["label"] for g in got] == [config["tasks"][0]["classes"][int(r["label:pred:label"])] for r in rows]
+    assert [g["label"] for g in got] == [r["label_pred"] for r in rows]  # class names, as predict
     priors = PriorSet(tmp / "cache", dataset, config["encoders"])
     index = np.array([dataset.ids.index(r["id"]) for r in rows])
     rows_sorted = np.sort(index)

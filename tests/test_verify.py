@@ -156,7 +156,7 @@ def test_ensemble_token_joins_identity_halves_from_two_priors(ids, tmp_path):
     splits = dict(zip(dataset.ids, dataset.splits))
     assert embeddings.shape == (len(names), 32) and all(splits[n] in ("val", "test") for n in names)
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
-    assert open(run / "predictions.csv").readline().strip() == "id,split,identity:true:identity"
+    assert open(run / "predictions.csv").readline().strip() == "id,split,identity_true"
     task = json.loads((run / "config.json").read_text())["tasks"][0]
     assert (task["kind"], task["dim"], task["margin"], task["s"], task["m"], task["identities"]) == (
         "verify",

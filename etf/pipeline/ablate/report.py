@@ -100,18 +100,21 @@ def _load(run: Run, metric: Metric, norms: dict[str, float] | None) -> _Result:
             if t.get("fold_accuracy")
         }
     else:
-        terms = _prediction_terms(run.path / "predictions.csv", metric, norms)
+        terms = _prediction_terms(run.path, metric, norms)
     return _Result(values, others, metrics.get("attention_share"), terms)
 
 
-def _prediction_terms(path: Path, metric: Metric, norms: dict[str, float] | None) -> dict[str, Terms]:
-    """Per test split, the metric's per-sample terms from a run's predictions.csv."""
+def _prediction_terms(run: Path, metric: Metric, norms: dict[str, float] | None) -> dict[str, Terms]:
+    """Per test split, the metric's per-sample terms from a run's predictions.csv, read
+    through the run's task (class names back to indices)."""
+    from etf.pipeline.fit.heads import Task
+
+    (state,) = [t for t in read_json(run / "config.json")["tasks"] if t["name"] == metric.task]
+    task = Task.from_state(state)
+    true, pred = task.csv_columns()
     rows: dict[str, list[tuple[str, list[str], list[str]]]] = {metric.key(s): [] for s in metric.splits}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        true = [c for c in reader.fieldnames or [] if c.startswith(f"{metric.task}:true:")]
-        pred = [c.replace(":true:", ":pred:", 1) for c in true]
-        for row in reader:
+    with open(run / "predictions.csv", newline="") as f:
+        for row in csv.DictReader(f):
             if row["split"] in rows:
                 rows[row["split"]].append((row["id"], [row[c] for c in true], [row[c] for c in pred]))
     out = {}
@@ -120,8 +123,8 @@ def _prediction_terms(path: Path, metric: Metric, norms: dict[str, float] | None
         if not entries:
             continue
         ids = [i for i, _, _ in entries]
-        y = np.array([[float(v) if v != "" else math.nan for v in t] for _, t, _ in entries])
-        p = np.array([[float(v) for v in q] for _, _, q in entries])
+        y = np.array([[task.parse_cell(v) for v in t] for _, t, _ in entries])
+        p = np.array([[task.parse_cell(v) for v in q] for _, _, q in entries])
         norm = None if norms is None else np.array([norms.get(i, math.nan) for i in ids], dtype=np.float64)
         out[split] = sample_terms(metric.kind, metric.name, ids, y, p, ~np.isnan(y), norm)
     return out
@@ -427,10 +430,15 @@ def _plot_priors(rows: list[dict[str, Any]], metric: Metric, out: Path) -> tuple
     for i, (variant, members) in enumerate(variants.items()):
         shift = 0.08 * (i - (len(variants) - 1) / 2)
         x = np.array([r["priors"] for r in members], dtype=float) + shift
+        for k in {r["priors"] for r in members}:  # subsets of one size side by side, not on top
+            at = [j for j, r in enumerate(members) if r["priors"] == k]
+            x[at] += 0.3 * (np.arange(len(at)) - (len(at) - 1) / 2) / max(len(at), 1) / max(len(variants), 1)
         y = np.array([r["mean"] for r in members])
         low, high = (np.array([r[k] for r in members]) for k in ("ci_low", "ci_high"))
         err = np.nan_to_num(np.stack([y - low, high - y]))
         line = ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, alpha=0.8, label=variant)
+        for r, xi, yi in zip(members, x, y):  # which subset each marker is: A and B share x = 1
+            ax.annotate(r["subset"], (xi, yi), xytext=(4, 3), textcoords="offset points", fontsize="x-small")
         ks = sorted({r["priors"] for r in members})
         ax.plot(
             np.array(ks) + shift,
@@ -442,7 +450,8 @@ def _plot_priors(rows: list[dict[str, Any]], metric: Metric, out: Path) -> tuple
     ax.set_xticks(sorted({r["priors"] for r in rows}))
     ax.set_xlabel("number of priors")
     ax.set_ylabel(title)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(f"{title} by number of priors: mean over seeds, 95% CI; line: mean per variant", fontsize="medium")
+    ax.legend(title="fuser variant", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(out / "priors.png", dpi=120)
     return f"{title} vs number of priors", "priors.png"
 
@@ -455,6 +464,8 @@ def _plot_heatmap(rows: list[dict[str, Any]], metric: Metric, out: Path) -> tupl
     k = max(r["priors"] for r in rows)
     rows = [r for r in rows if r["priors"] == k] or rows
     fusers, masks = sorted({r["fuser"] for r in rows}), sorted({r["mask"] for r in rows})
+    if len(fusers) * len(masks) < 2:
+        return None  # one cell: the table says it
     grid = np.full((len(fusers), len(masks)), np.nan)
     for i, f in enumerate(fusers):
         for j, m in enumerate(masks):
@@ -471,7 +482,7 @@ def _plot_heatmap(rows: list[dict[str, Any]], metric: Metric, out: Path) -> tupl
     ax.set_xlabel("mask")
     ax.set_ylabel("fuser")
     ax.set_title(f"{metric.title(metric.splits[0])}, {k} prior(s)", fontsize="medium")
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label=metric.name)
     fig.savefig(out / "heatmap.png", dpi=120)
     return f"fuser x mask, {k} prior(s)", "heatmap.png"
 
@@ -494,6 +505,7 @@ def _plot_shares(rows: list[dict[str, Any]], priors: list[str], out: Path) -> tu
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("share of the ensemble token's attention")
+    ax.set_title("Which prior the ensemble token reads: last block, test split, mean over seeds", fontsize="medium")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(out / "attention.png", dpi=120)
     return "attention share of each prior", "attention.png"

@@ -152,6 +152,27 @@ class Task:
         """Metrics of predictions for the rows ``extra["rows"]`` (sample indices)."""
         raise NotImplementedError
 
+    def csv_columns(self) -> tuple[list[str], list[str]]:
+        """predictions.csv's true and predicted columns: ``<task>_true`` and ``<task>_pred``,
+        one per column as ``<task>_true_<column>`` when the task reads several."""
+
+        def named(side: str, columns: list[str]) -> list[str]:
+            if len(self.columns) == 1:
+                return [f"{self.name}_{side}"] if columns else []
+            return [f"{self.name}_{side}_{c}" for c in columns]
+
+        return named("true", self.columns), named("pred", self.pred_columns)
+
+    def cell(self, value: float) -> str:
+        """One label or prediction as predictions.csv writes it (``""``: no label)."""
+        if math.isnan(value):
+            return ""
+        return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+
+    def parse_cell(self, text: str) -> float:
+        """The inverse of :meth:`cell`, for readers of predictions.csv (NaN: no label)."""
+        return float(text) if text != "" else math.nan
+
     def save_outputs(self, out: Path, ids: list[str], pred: np.ndarray) -> None:
         """Write decoded outputs that predictions.csv does not hold (an embedding) into the run
         directory ``out``; ``ids`` name the rows of ``pred``."""
@@ -232,6 +253,12 @@ class Classify(Task):
     def metrics(self, pred, y, m, extra):
         k = m[:, 0]
         return metrics.classification_metrics(y[k, 0].astype(int), pred[k, 0].astype(int))
+
+    def cell(self, value):
+        return "" if math.isnan(value) else self.classes[int(value)]  # the class name, not its index
+
+    def parse_cell(self, text):
+        return float(self.classes.index(text)) if text != "" else math.nan
 
     def state(self):
         return {**super().state(), "classes": self.classes}

@@ -622,7 +622,7 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
         w = csv.writer(f)
         header = ["id", "split"]
         for t in tasks:
-            header += [f"{t.name}:true:{c}" for c in t.columns] + [f"{t.name}:pred:{c}" for c in t.pred_columns]
+            header += [c for side in t.csv_columns() for c in side]
         w.writerow(header)
         ids = dataset.ids
         for split, order, preds in predictions:
@@ -630,8 +630,8 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
                 row = [ids[i], split]
                 for t in tasks:
                     y, m = targets[t.name]
-                    row += [_fmt(y[i, j]) if m[i, j] else "" for j in range(len(t.columns))]
-                    row += [_fmt(v) for v in preds[t.name][k][: len(t.pred_columns)]]
+                    row += [t.cell(y[i, j]) if m[i, j] else "" for j in range(len(t.columns))]
+                    row += [t.cell(v) for v in preds[t.name][k][: len(t.pred_columns)]]
                 w.writerow(row)
     every_prior = [p for p in predictions if not p[0].endswith(":canonical")]  # embeddings: all-prior only
     evaluated = [ids[i] for _, order, _ in every_prior for i in order]
@@ -640,10 +640,6 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
     summary = format_summary(cfg, tasks, metrics)
     (out / "summary.txt").write_text(summary + "\n")
     return summary
-
-
-def _fmt(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:.6g}"
 
 
 def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -> str:
