@@ -37,6 +37,7 @@ bench: install
 	$(BIN)/python bench/ablate.py
 	$(BIN)/python bench/storage.py
 	$(BIN)/python bench/paper_fuser.py
+	$(BIN)/python bench/scale.py
 
 # Random-init tiny encoders: the demo must run offline. Drop --no-pretrained with network access.
 DEMO_IMAGES = $${ETF_DATA_HOME:-$$HOME/.cache/etf/data}/lfw-subset
