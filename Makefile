@@ -37,7 +37,9 @@ bench: install
 	$(BIN)/python bench/ablate.py
 	$(BIN)/python bench/ablate.py --views 4 --skip-reextract
 	$(BIN)/python bench/views.py
+	$(BIN)/python bench/storage.py
 	$(BIN)/python bench/paper_fuser.py
+	$(BIN)/python bench/scale.py
 
 # Random-init tiny encoders: the demo must run offline. Drop --no-pretrained with network access.
 DEMO_IMAGES = $${ETF_DATA_HOME:-$$HOME/.cache/etf/data}/lfw-subset

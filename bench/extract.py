@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 
 from etf.cache import store as store_mod
-from etf.cache.audit import disk_bytes
 from etf.cache.importer import guess_layout
+from etf.cache.location import cache_location
 from etf.cache.store import CODECS, StoreWriter, TokenStore, plan_arrays
 from etf.data import load_dataset
 from etf.pipeline.extract import run as extract_mod
@@ -217,9 +217,9 @@ def storage(tokens: np.ndarray, rows: int, chunk_mib: list[int], work: Path) -> 
         f"chunk targets: zarr {store_mod.ZARR_CHUNK_BYTES // MiB} MiB, hdf5 {store_mod.HDF5_CHUNK_BYTES // MiB} MiB"
     )
     print(f"  {'zarr codec':<12} {'bytes/sample':>12} {'vs none':>8} {'write MB/s':>11} {'read GB/s':>10}  other load")
-    raw = disk_bytes(codecs["none"]) / rows
+    raw = cache_location(codecs["none"]).size() / rows
     for codec, path in codecs.items():
-        size = disk_bytes(path) / rows
+        size = cache_location(path).size() / rows
         rate, run = rates[path]
         print(
             f"  {codec:<12} {size:12,.0f} {size / raw:8.3f} {mb / writes[codec].seconds:11.0f} {rate:10.2f}  {run.others:5.0%}"

@@ -36,9 +36,9 @@ from etf.pipeline.fit.train import FitConfig, fit  # noqa: E402
 from tests.synthetic import make_csv_dataset, planted_tokens, standard_splits  # noqa: E402
 
 
-def make_store(tmp: Path, n: int, t: int, d: int) -> tuple[str, Path]:
-    """A labelled dataset of ``n`` samples and two stores (Zarr ``Pzarr``, HDF5 ``Phdf5``)
-    of (t, d) float16 tokens whose first channels carry the label."""
+def make_store(tmp: Path, n: int, t: int, d: int, formats: tuple[str, ...] = ("zarr", "hdf5")) -> tuple[str, Path]:
+    """A labelled dataset of ``n`` samples and a store per format (Zarr ``Pzarr``, HDF5
+    ``Phdf5``) of (t, d) float16 tokens whose first channels carry the label."""
     rng = np.random.default_rng(0)
     s = rng.choice([-1.0, 1.0], n)
     dataset, spec = make_csv_dataset(tmp / "data", {"label": (s > 0).astype(float)}, standard_splits(n))
@@ -47,7 +47,7 @@ def make_store(tmp: Path, n: int, t: int, d: int) -> tuple[str, Path]:
     tmp.mkdir(parents=True, exist_ok=True)
     np.save(tmp / "tokens.npy", tokens)
     cache = tmp / "cache"
-    for f in ("zarr", "hdf5"):
+    for f in formats:
         import_tokens(cache, dataset, f"P{f}", tmp / "tokens.npy", store_format=f)
     return spec, cache
 

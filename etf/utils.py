@@ -89,19 +89,29 @@ def finite(obj: Any) -> Any:
     return obj
 
 
+def json_text(obj: Any) -> str:
+    """Strict JSON (NaN and infinities as null), sorted keys: how etf writes every JSON file."""
+    return json.dumps(finite(obj), indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Strict JSON (NaN and infinities as null), written beside and renamed into place."""
+    """:func:`json_text`, written beside and renamed into place."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(finite(obj), indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n")
+        tmp.write_text(json_text(obj))
+
+
+def parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EtfError(f"{where}: not valid JSON ({e})") from None
 
 
 def read_json(path: str | os.PathLike) -> Any:
     try:
-        return json.loads(Path(path).read_text())
+        return parse_json(Path(path).read_text(), str(path))
     except FileNotFoundError:
         raise EtfError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise EtfError(f"{path}: not valid JSON ({e})") from None
 
 
 def parse_size(text: str) -> int:
@@ -113,3 +123,19 @@ def parse_size(text: str) -> int:
         return int(float(num) * units[unit])
     except ValueError:
         raise EtfError(f"--max-memory {text!r}: expected a size like 8G or 512M") from None
+
+
+def writable_dir(path: Path, flag: str) -> Path:
+    """Refuse, before any work, an output directory that cannot be created: a path through a
+    file, or a parent without write permission."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise EtfError(f"{flag} {path}: exists and is not a directory")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise EtfError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EtfError(f"{flag} {path}: {parent} is not writable")
+    return path

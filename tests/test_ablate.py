@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,34 +184,67 @@ def test_a_dead_worker_stops_the_grid_but_keeps_what_finished(xor, tmp_path, mon
     assert run_grid(plan_grid(grid)).done == 1
 
 
-def test_dask_backend_runs_a_small_grid(xor, tmp_path):
+@pytest.fixture(scope="module")
+def loky_grid(xor, tmp_path_factory) -> dict[str, dict]:
+    """Run id -> metrics (without wall time) of a small grid run on loky with two workers: the
+    reference every cluster backend must reproduce."""
+    out = tmp_path_factory.mktemp("loky")
+    outcome = run_grid(plan_grid(_grid(xor, out, fusers="etfuser", seeds="0", subsets="k=2", jobs=2)))
+    assert (outcome.done, outcome.failed) == (2, [])
+    return _grid_metrics(out)
+
+
+def _grid_metrics(out: Path) -> dict[str, dict]:
+    runs = {}
+    for path in sorted((out / "runs").glob("*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        metrics.pop("seconds")
+        runs[path.parent.name] = metrics
+    return runs
+
+
+def test_dask_backend_on_a_two_process_cluster_matches_loky(xor, tmp_path, loky_grid):
     distributed = pytest.importorskip("dask.distributed")
-    with distributed.LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-    ) as cluster:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         grid = _grid(
-            xor,
-            tmp_path,
-            fusers="etfuser",
-            seeds="0",
-            subsets="k=2",
-            backend="dask",
+            xor, tmp_path, fusers="etfuser", seeds="0", subsets="k=2", backend="dask", jobs=2,
             scheduler=cluster.scheduler_address,
-        )
+        )  # fmt: skip
         outcome = run_grid(plan_grid(grid))
     assert (outcome.done, outcome.failed) == (2, [])
-    assert (tmp_path / "report.md").exists()
+    assert _grid_metrics(tmp_path) == loky_grid
 
 
-def test_ray_backend_without_ray_is_one_clear_error(xor, tmp_path):
+def test_ray_backend_on_a_local_two_worker_instance_matches_loky(xor, tmp_path, loky_grid):
+    pytest.importorskip("ray")
+    _, spec, cache = xor
+    toml = tmp_path / "grid.toml"
+    toml.write_text(
+        f'data = "{spec}"\nencoders = ["A", "B"]\nsubsets = "k=2"\nfusers = ["etfuser"]\nseeds = [0]\n'
+        f'tasks = "classify:label"\nepochs = 2\nbatch_size = 16\ndim = 16\ndepth = 1\nheads = 2\n'
+    )
+    out = tmp_path / "grid"
+    # no --scheduler: a local Ray instance of --jobs CPUs, in its own process group with a
+    # deadline, so that a Ray that cannot start fails this test instead of hanging the suite
+    cmd = [sys.executable, "-m", "etf.cli", "ablate", "--config", str(toml), "--cache", str(cache), "--out", str(out),
+           "--backend", "ray", "--jobs", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        import ray  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("ray is installed")
-    with pytest.raises(EtfError, match="pip install 'etf\\[ray\\]'"):
-        run_grid(plan_grid(_grid(xor, tmp_path, fusers="etfuser", seeds="0", subsets="k=2", backend="ray", jobs=2)))
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("etf ablate --backend ray did not finish within 300 s")
+    assert proc.returncode == 0, output
+    assert "on 2 ray worker(s)" in output, output
+    assert _grid_metrics(out) == loky_grid
+
+
+@pytest.mark.parametrize("backend,extra", [("ray", "ray"), ("dask", "dask")])
+def test_a_backend_that_is_not_installed_is_one_clear_error(xor, tmp_path, monkeypatch, backend, extra):
+    monkeypatch.setitem(sys.modules, backend if backend == "ray" else "dask.distributed", None)  # import fails
+    with pytest.raises(EtfError, match=f"pip install 'etf\\[{extra}\\]'"):
+        run_grid(plan_grid(_grid(xor, tmp_path, fusers="etfuser", seeds="0", subsets="k=2", backend=backend)))
 
 
 @pytest.mark.parametrize(

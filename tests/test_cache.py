@@ -133,7 +133,7 @@ def store_path(request, tmp_path, dataset) -> Path:
     npy, _ = _tokens(tmp_path, (24, 5, 4096))
     chunk = 4 * 5 * 4096 * 2
     with mock.patch.multiple(store_mod, ZARR_CHUNK_BYTES=chunk, HDF5_CHUNK_BYTES=chunk, MIN_CHUNKS=1):
-        return import_tokens(tmp_path / "c", dataset, "x", npy, store_format=request.param)
+        return Path(import_tokens(tmp_path / "c", dataset, "x", npy, store_format=request.param))
 
 
 def test_verify_passes_a_sound_store(store_path):

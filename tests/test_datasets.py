@@ -493,3 +493,23 @@ def test_csv_saved_with_a_byte_order_mark(tmp_path):
     (tmp_path / "bom.csv").write_bytes("\ufeffpath,split,label\nx.png,train,1\n".encode())
     dataset = load_dataset(f"csv:{tmp_path / 'bom.csv'}")
     assert dataset.ids == ["x.png"] and dataset.column("label") == [1]
+
+
+def test_file_digests_are_the_bytes_hash_whatever_the_path_spelling(tmp_path, monkeypatch):
+    """A relative path, an absolute one and one through a symlinked folder name one file:
+    one digest (BLAKE2b of its bytes), remembered once; a missing file is unreadable."""
+    import hashlib
+    import sqlite3
+
+    from etf.data.content import UNREADABLE, file_digests
+
+    monkeypatch.setenv("ETF_DATA_HOME", str(tmp_path / "home"))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "a.png").write_bytes(b"pixels")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    paths = [tmp_path / "real" / "a.png", Path("link/a.png"), Path("real/a.png"), Path("real/missing.png")]
+    digest = hashlib.blake2b(b"pixels", digest_size=16).hexdigest()
+    assert file_digests(paths) == [digest] * 3 + [UNREADABLE]
+    with sqlite3.connect(tmp_path / "home" / "digests.sqlite") as db:
+        assert db.execute("SELECT path FROM digests").fetchall() == [(str(tmp_path.resolve() / "real" / "a.png"),)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import etf.cache.store
+import etf.cache.location
 import etf.pipeline.extract.run
 from etf.cache.store import TokenStore
 from etf.data import load_dataset
@@ -74,14 +74,14 @@ def test_ctrl_c_keeps_finished_chunks_and_resumes_identically(dataset, tiny_vit,
 
 def test_failed_write_stops_the_run_and_resumes_identically(dataset, tiny_vit, tmp_path, reference, monkeypatch):
     calls = _count_batches(monkeypatch)
-    real = etf.cache.store.write_json_atomic
+    real = etf.cache.location.write_json_atomic
 
     def disk_full(path, obj):
         if Path(path).name == "1.json":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, obj)
 
-    monkeypatch.setattr(etf.cache.store, "write_json_atomic", disk_full)
+    monkeypatch.setattr(etf.cache.location, "write_json_atomic", disk_full)
     with pytest.raises(EtfError, match=r"cannot write chunk 1 \(.*No space left on device\); fix that and re-run"):
         extract(dataset, tiny_vit, tmp_path / "c", ExtractOptions(**OPTS))
     assert len(calls) < 6, "a failed write stops the run within two chunks"

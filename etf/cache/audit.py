@@ -3,50 +3,40 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections import Counter
 from typing import Any
 
 import numpy as np
-import zarr
 
-from etf.cache.catalog import STORE_RE, list_stores, read_manifest
-from etf.cache.store import ArraySpec, TokenStore, decode_tokens, version_mismatch
+from etf.cache.catalog import STORE_RE, CacheDir, list_stores, read_manifest
+from etf.cache.location import Location, cache_location
+from etf.cache.store import ArraySpec, TokenStore, decode_tokens, partial_of, version_mismatch
 from etf.errors import EtfError
 from etf.utils import spec_hash
 
 
-def disk_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _partial(path: Path) -> Path:
-    return path if path.name.endswith(".partial") else path.with_name(path.name + ".partial")
-
-
-def _partial_attrs(path: Path) -> dict[str, Any] | None:
+def _partial_attrs(path: Location) -> dict[str, Any] | None:
     """The ``etf`` attributes of a store still being extracted (None before its first chunk)."""
-    data = _partial(path) / "data.zarr"
-    return zarr.open_group(str(data), mode="r").attrs["etf"] if data.exists() else None
+    attrs = partial_of(path) / "attrs.json"
+    return attrs.read_json() if attrs.exists() else None
 
 
-def partial_progress(path: Path) -> tuple[int, int]:
+def partial_progress(path: Location) -> tuple[int, int]:
     """(chunks done, chunks in all) of a store still being extracted."""
     attrs = _partial_attrs(path)
     if attrs is None:
         return 0, 0
     total = -(-int(attrs["spec"]["n"]) // int(attrs["chunk_rows"]))
-    return len(list((_partial(path) / "done").glob("*.json"))), total
+    return len((partial_of(path) / "done").glob("*.json")), total
 
 
-def list_summary(cache_dir: Path) -> list[dict[str, str]]:
+def list_summary(cache_dir: CacheDir) -> list[dict[str, str]]:
     """One row per store under ``cache_dir`` for ``etf cache ls``: state (complete, damaged,
     incomplete with its progress), what tells stores of one encoder apart (layers, tokens,
     input size, weights or init seed) and the size on disk."""
     rows = []
     for e in list_stores(cache_dir):
-        row = {"dataset_key": e.dataset_key, "store": e.path.name, "size": human_size(disk_bytes(e.path))}
+        row = {"dataset_key": e.dataset_key, "store": e.path.name, "size": human_size(e.path.size())}
         try:
             if e.complete:
                 with TokenStore.open(e.path, check=False) as store:
@@ -92,7 +82,8 @@ def human_size(n: float) -> str:
     return str(n)
 
 
-def store_info(path: Path) -> dict[str, Any]:
+def store_info(path: str | Location) -> dict[str, Any]:
+    path = cache_location(path)
     with TokenStore.open(path) as store:
         spec = store.spec
         return {
@@ -116,17 +107,17 @@ def store_info(path: Path) -> dict[str, Any]:
             "input_size": (spec.get("data_config") or {}).get("input_size"),
             "chunk_rows": store.chunk_rows,
             "codec": store.attrs.get("codec"),
-            "bytes": disk_bytes(path),
+            "bytes": path.size(),
             "flops_per_image": store.attrs.get("info", {}).get("flops_per_image"),
             "versions": store.attrs.get("info", {}).get("versions"),
             "format_version": store.attrs.get("format_version"),
         }
 
 
-def verify_store(path: Path, cache_dir: Path | None = None) -> list[str]:
+def verify_store(path: str | Location, cache_dir: CacheDir | None = None) -> list[str]:
     """Every problem found (empty when the store is sound): spec hash, manifest, shape,
     completeness of every chunk, finite values."""
-    path = Path(path)
+    path = cache_location(path)
     problems: list[str] = []
     try:
         store = TokenStore.open(path, check=False)
@@ -160,7 +151,7 @@ def verify_store(path: Path, cache_dir: Path | None = None) -> list[str]:
     return problems
 
 
-def _row_ids(cache_dir: Path, store: TokenStore) -> list[str]:
+def _row_ids(cache_dir: CacheDir, store: TokenStore) -> list[str]:
     """Sample ids of the store's rows (row numbers when the manifest is unusable)."""
     try:
         ids = read_manifest(cache_dir, store.spec["dataset_key"])["ids"]
@@ -214,10 +205,10 @@ def _scan_geometry(store: TokenStore, a: ArraySpec, ids: list[str]) -> list[str]
     return problems
 
 
-def manifest_summary(cache_dir: Path, key: str) -> str:
+def manifest_summary(cache_dir: CacheDir, key: str) -> str:
     try:
         m = read_manifest(cache_dir, key)
     except EtfError:
         return "(no manifest)"
-    splits = {s: m["splits"].count(s) for s in dict.fromkeys(m["splits"])}
+    splits = Counter(m["splits"])  # in order of first appearance, one pass
     return f"{m['name']} ({len(m['ids'])} samples: {json.dumps(splits)[1:-1]})"

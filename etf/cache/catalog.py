@@ -1,23 +1,26 @@
-"""Where things live in a cache directory: manifests per dataset key, stores per encoder."""
+"""Where things live in a cache (a directory or a URL): manifests per dataset key, stores per encoder."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from etf.cache.location import Location, cache_location
+from etf.cache.store import is_complete
 from etf.errors import EtfError
-from etf.utils import read_json, write_json_atomic
+
+CacheDir = str | os.PathLike | Location
 
 STORE_RE = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{16})\.(?P<ext>zarr|h5)(?P<partial>\.partial)?$")
 
 
-def dataset_dir(cache_dir: Path, key: str) -> Path:
-    return Path(cache_dir) / key
+def dataset_dir(cache_dir: CacheDir, key: str) -> Location:
+    return cache_location(cache_dir) / key
 
 
-def write_manifest(cache_dir: Path, dataset: Any, skipped: dict[str, str] | None = None) -> Path:
+def write_manifest(cache_dir: CacheDir, dataset: Any, skipped: dict[str, str] | None = None) -> Location:
     """Write ``manifest.json`` for ``dataset`` (atomic), merging newly skipped sample ids.
 
     Skipped entries are those the adapter could not use (kept from ``Dataset.skipped``) and
@@ -26,24 +29,26 @@ def write_manifest(cache_dir: Path, dataset: Any, skipped: dict[str, str] | None
     """
     path = dataset_dir(cache_dir, dataset.key) / "manifest.json"
     manifest = dataset.manifest()
-    old = read_json(path) if path.exists() else {}
+    old = path.read_json() if path.exists() else {}
     known = {s["id"]: s for s in [*manifest["skipped"], *old.get("skipped", [])]}
     paths = dict(zip(dataset.ids, (str(s.path) for s in dataset.samples)))
     for sid, why in (skipped or {}).items():
         known.setdefault(sid, {"id": sid, "path": paths.get(sid, ""), "reason": why})
     manifest["skipped"] = sorted(known.values(), key=lambda s: s["id"])
     if manifest != old:
-        write_json_atomic(path, manifest)
+        path.write_json(manifest)
     return path
 
 
-def read_manifest(cache_dir: Path, key: str) -> dict[str, Any]:
-    return read_json(dataset_dir(cache_dir, key) / "manifest.json")
+def read_manifest(cache_dir: CacheDir, key: str) -> dict[str, Any]:
+    return (dataset_dir(cache_dir, key) / "manifest.json").read_json()
 
 
 @dataclass(frozen=True)
 class StoreEntry:
-    path: Path
+    """One store of a cache: ``path`` is the store, or its staging folder while incomplete."""
+
+    path: Location
     dataset_key: str
     name: str
     spec_hash: str
@@ -54,26 +59,26 @@ class StoreEntry:
         return f"{self.name}-{self.spec_hash}"
 
 
-def list_stores(cache_dir: Path, dataset_key: str | None = None) -> list[StoreEntry]:
-    """Every store (complete or partial) under ``cache_dir``, optionally for one dataset."""
-    root = Path(cache_dir)
-    dirs = (
-        [root / dataset_key]
-        if dataset_key
-        else sorted(p for p in root.iterdir() if p.is_dir())
-        if root.is_dir()
-        else []
-    )
+def list_stores(cache_dir: CacheDir, dataset_key: str | None = None) -> list[StoreEntry]:
+    """Every store (complete or partial) under ``cache_dir``, optionally for one dataset.
+
+    On object storage a store being filled has both its staging folder and its arrays in
+    place: it is listed once, as incomplete, until its root metadata is written."""
+    root = cache_location(cache_dir)
+    keys = [dataset_key] if dataset_key else [k for k in root.children() if (root / k).is_dir()]
     out = []
-    for d in dirs:
-        for p in sorted(d.iterdir()) if d.is_dir() else []:
-            m = STORE_RE.match(p.name)
-            if m:
-                out.append(StoreEntry(p, d.name, m["name"], m["hash"], m["partial"] is None))
+    for key in keys:
+        d = root / key
+        names = d.children()
+        labels = dict.fromkeys(m.group("name", "hash", "ext") for m in map(STORE_RE.match, names) if m)
+        for name, h, ext in labels:
+            path, staged = d / f"{name}-{h}.{ext}", f"{name}-{h}.{ext}.partial"
+            complete = path.name in names and is_complete(path)
+            out.append(StoreEntry(path if complete or staged not in names else d / staged, key, name, h, complete))
     return out
 
 
-def find_store(cache_dir: Path, dataset_key: str, name: str) -> Path:
+def find_store(cache_dir: CacheDir, dataset_key: str, name: str) -> Location:
     """Resolve ``name`` (``vit_b``, or ``vit_b-<hash prefix>``) to one complete store.
 
     Refuses ambiguity: several complete stores for one encoder (different layers, tokens)

@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from etf.cache.catalog import find_store, read_manifest
+from etf.cache.catalog import CacheDir, find_store, read_manifest
+from etf.cache.location import Location, cache_location
 from etf.cache.store import TokenStore
 from etf.cache.tokens import TokenLayout, parse_tokens, select_tokens
 from etf.data.base import Dataset
@@ -35,6 +35,36 @@ def default_memory_budget() -> int:
     except (ValueError, OSError):
         total = 8 << 30
     return int(min(16 << 30, 0.4 * total))
+
+
+def default_device_budget(device: torch.device) -> int:
+    """Device memory the tokens may take when they live on an accelerator: half of what is
+    free when fitting starts (the rest is the models', their activations and optimisers')."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+    return free // 2
+
+
+class DeviceCopy:
+    """Whole blocks onto the fitting device, for a reader thread: pinned host memory and a
+    non-blocking copy on a side stream, finished before the block is handed over, so the
+    training stream never waits on a host-to-device copy. Identity on the CPU."""
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.device = device if device is not None and device.type == "cuda" else None
+        self._stream = torch.cuda.Stream(self.device) if self.device is not None else None
+
+    def __call__(self, block: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.device is None:
+            return block
+        consumer = torch.cuda.default_stream(self.device)
+        with torch.cuda.stream(self._stream):
+            out = [x.pin_memory().to(self.device, non_blocking=True) for x in block]
+        self._stream.synchronize()
+        for x in out:  # freed later by the training stream: keep the allocator from reusing it early
+            x.record_stream(consumer)
+        return out
 
 
 @dataclass(frozen=True)
@@ -65,7 +95,7 @@ class Group:
         return cls(d["prior"], d["name"], d["layer"], TokenLayout.from_json(d["layout"]), d["dim"])
 
 
-def _check_manifest(cache_dir: Path, dataset: Dataset) -> None:
+def _check_manifest(cache_dir: Location, dataset: Dataset) -> None:
     """The cached manifest must describe exactly the data given by ``--data``."""
     try:
         manifest = read_manifest(cache_dir, dataset.key)
@@ -86,7 +116,7 @@ class PriorSet:
 
     def __init__(
         self,
-        cache_dir: str | Path,
+        cache_dir: CacheDir,
         dataset: Dataset,
         priors: list[str],
         layers: str = "last",
@@ -96,7 +126,7 @@ class PriorSet:
             raise EtfError("--encoders: name at least one prior")
         if len(set(priors)) != len(priors):
             raise EtfError(f"--encoders {','.join(priors)}: a prior is named twice")
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = cache_location(cache_dir)
         self.dataset = dataset
         _check_manifest(self.cache_dir, dataset)
         self.paths = [self._resolve(p) for p in priors]
@@ -126,10 +156,12 @@ class PriorSet:
                 self.groups.append(Group(p, priors[p], layer, layout, store.shape(layer)[1]))
                 self._source.append((p, layer))
 
-    def _resolve(self, prior: str) -> Path:
-        path = Path(prior)
-        if path.suffix in (".zarr", ".h5") and path.exists():
-            return path
+    def _resolve(self, prior: str) -> Location:
+        """A store named by path or URL, else by name in the cache."""
+        if prior.endswith((".zarr", ".h5")):
+            path = cache_location(prior)
+            if path.exists():
+                return path
         return find_store(self.cache_dir, self.dataset.key, prior)
 
     @staticmethod
@@ -202,7 +234,8 @@ class PriorSet:
 
     def load(self, rows: np.ndarray, block_rows: int | None = None, view: int = 0) -> list[torch.Tensor]:
         """The selected tokens of ``rows`` (sorted sample indices) in one view in memory, read
-        block-wise into preallocated tensors: peak memory is the result plus one block."""
+        block-wise into preallocated tensors: peak memory is the result plus one block (each
+        block's rows are gathered straight into the result, not into a copy of the block first)."""
         step = block_rows or self.block_rows * max(1, (64 << 20) // max(1, self.row_bytes() * self.block_rows))
         out = [
             torch.empty((len(rows), g.tokens, g.dim), dtype=_TORCH_DTYPE[self.stores[g.prior].spec["dtype"]])
@@ -215,7 +248,7 @@ class PriorSet:
             if len(sel):
                 local = torch.from_numpy(sel - start)
                 for o, b in zip(out, self.read_block(start, stop, view)):
-                    o[filled : filled + len(sel)] = b[local]
+                    torch.index_select(b, 0, local, out=o[filled : filled + len(sel)])
                 filled += len(sel)
         return out
 
@@ -271,7 +304,8 @@ class BlockStream:
     (a shuffle buffer), so that a batch mixes many parts of the dataset even when it is
     stored sorted by class; a block leaves the pool once all its rows are drawn. Batches
     are full-sized until the last, so an epoch has as many steps as one from memory. Peak
-    memory is the pool plus the block being read, whatever N is.
+    memory is the pool plus the block being read, whatever N is. With ``to_device`` on a
+    GPU the pool lives in device memory and batches are gathered there.
     """
 
     def __init__(
@@ -284,10 +318,12 @@ class BlockStream:
         seed: int,
         pool_blocks: int = 8,
         views: int = 1,
+        to_device: DeviceCopy | None = None,
     ) -> None:
         self.priors, self.rows, self.batch_size = priors, np.sort(rows), batch_size
         self.shuffle, self.seed, self.pool_blocks = shuffle, seed, max(1, pool_blocks)
         self.views = views
+        self.to_device = to_device or DeviceCopy(None)
         n = len(priors.dataset)
         self.blocks = [(b * block_rows, min(n, (b + 1) * block_rows)) for b in np.unique(self.rows // block_rows)]
 
@@ -307,7 +343,7 @@ class BlockStream:
                 start, stop = self.blocks[i]
                 sel = rows_between(self.rows, start, stop)
                 view = int(block_view[i])
-                block = self.priors.read_block(start, stop, view)
+                block = self.to_device(self.priors.read_block(start, stop, view))
                 yield [sel, torch.from_numpy(sel - start), block, np.full(len(sel), view)]
 
         blocks = prefetch(read(), depth=1)
@@ -367,13 +403,30 @@ class Batches:
     ``views`` > 1 (``etf fit --views random``) makes :meth:`train_epoch` draw each training
     sample's view: per sample from memory (every view is loaded), per block when streamed
     (one view of each block is read). Evaluation (:meth:`iterate`) reads view 0.
-    """
+
+    With a ``device`` (fit passes its accelerator), tokens that fit ``device_budget``
+    (default: half its free memory) are loaded onto it once and every batch is gathered
+    there (``resident``); streamed blocks go to it whole, from pinned memory, in the reader
+    thread, when the shuffle pool fits. Batches come out alike either way."""
 
     def __init__(
-        self, priors: PriorSet, rows: np.ndarray, budget: int, batch_size: int, seed: int, views: int = 1
+        self,
+        priors: PriorSet,
+        rows: np.ndarray,
+        budget: int,
+        batch_size: int,
+        seed: int,
+        views: int = 1,
+        device: torch.device | None = None,
+        device_budget: int | None = None,
     ) -> None:
         self.batch_size, self.seed, self.views = batch_size, seed, views
-        self.streamed = priors.row_bytes() * len(rows) * views > budget
+        nbytes = priors.row_bytes() * len(rows) * views
+        self.streamed = nbytes > budget
+        if device is not None and device_budget is None:
+            device_budget = default_device_budget(device)
+        self.resident = device is not None and not self.streamed and nbytes <= device_budget
+        self.device = device if self.resident else None
         if self.streamed:
             # blocks: a multiple of the chunk size, about 1/24 of the budget; a shuffle pool of
             # blocks up to half of it (the reader's copies and batches take the rest)
@@ -381,9 +434,12 @@ class Batches:
             self.block_rows = per_block - per_block % priors.block_rows
             self.pool_blocks = max(1, (budget // 2) // (self.block_rows * max(1, priors.row_bytes())))
             self.priors = priors
+            pool = self.block_rows * self.pool_blocks * priors.row_bytes()
+            self.to_device = DeviceCopy(device if device is not None and pool <= device_budget else None)
         else:
             self.rows = np.sort(rows)
-            self.tokens = [priors.load(self.rows, view=v) for v in range(views)]  # per view, per group
+            loaded = [priors.load(self.rows, view=v) for v in range(views)]  # per view, per group
+            self.tokens = [[t.to(device) for t in ts] for ts in loaded] if self.resident else loaded
 
     def iterate(
         self, rows: np.ndarray, shuffle: bool, epoch: int = 0
@@ -401,7 +457,15 @@ class Batches:
     ) -> Iterator[tuple[np.ndarray, np.ndarray, list[torch.Tensor]]]:
         if self.streamed:
             stream = BlockStream(
-                self.priors, rows, self.batch_size, self.block_rows, shuffle, self.seed, self.pool_blocks, views
+                self.priors,
+                rows,
+                self.batch_size,
+                self.block_rows,
+                shuffle,
+                self.seed,
+                self.pool_blocks,
+                views,
+                self.to_device,
             )
             yield from stream.epoch(epoch)
             return
@@ -413,11 +477,15 @@ class Batches:
         for b in range(0, len(order), self.batch_size):
             sel, view = pos[b : b + self.batch_size], seen_in[b : b + self.batch_size]
             if views == 1:
-                yield order[b : b + self.batch_size], view, [t[torch.from_numpy(sel)] for t in self.tokens[0]]
+                yield (
+                    order[b : b + self.batch_size],
+                    view,
+                    [t[torch.from_numpy(sel).to(self.device)] for t in self.tokens[0]],
+                )
                 continue
-            tokens = [torch.empty((len(sel), *t.shape[1:]), dtype=t.dtype) for t in self.tokens[0]]
+            tokens = [torch.empty((len(sel), *t.shape[1:]), dtype=t.dtype, device=t.device) for t in self.tokens[0]]
             for v in np.unique(view):
-                which = torch.from_numpy(np.nonzero(view == v)[0])
+                which = torch.from_numpy(np.nonzero(view == v)[0]).to(self.device)
                 for out, t in zip(tokens, self.tokens[v]):
-                    out[which] = t[torch.from_numpy(sel[view == v])]
+                    out[which] = t[torch.from_numpy(sel[view == v]).to(self.device)]
             yield order[b : b + self.batch_size], view, tokens

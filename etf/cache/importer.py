@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from etf.cache.catalog import write_manifest
-from etf.cache.store import StoreWriter, plan_arrays, plan_views, store_path
+from etf.cache.catalog import CacheDir, write_manifest
+from etf.cache.location import Location
+from etf.cache.store import StoreWriter, is_complete, plan_arrays, plan_views, store_path
 from etf.cache.tokens import TokenLayout, encode_tokens
 from etf.data.base import Dataset
 from etf.errors import EtfError
@@ -53,7 +54,7 @@ def _row_order(dataset: Dataset, n_rows: int, ids_file: Path | None) -> np.ndarr
 
 
 def import_tokens(
-    cache_dir: Path,
+    cache_dir: CacheDir,
     dataset: Dataset,
     name: str,
     tokens_file: Path,
@@ -62,7 +63,7 @@ def import_tokens(
     prefix: int | None = None,
     store_format: str = "zarr",
     geometry_file: Path | None = None,
-) -> Path:
+) -> Location:
     """Write ``tokens_file`` ((N, T, D) or (N, L, T, D) .npy) as the complete store ``name``.
 
     With ``geometry_file`` ((N, K, 3, 3) .npy: per sample and view, the matrix from clean to
@@ -98,7 +99,7 @@ def import_tokens(
     }
     path = store_path(cache_dir, dataset.key, name, spec, store_format)
     write_manifest(cache_dir, dataset)
-    if path.exists():
+    if is_complete(path):
         return path
     arrays = plan_arrays(layers, [(t, d)] * n_layers)
     writer = StoreWriter(path, spec, arrays, {layer: layout for layer in layers}, views=plan_views(arrays, views))

@@ -1,12 +1,14 @@
 """Token stores: one per (dataset manifest, encoder spec), content-addressed and resumable.
 
-On disk (documented in the README, readable without etf)::
+Layout (documented in the README, readable without etf); ``DIR`` is a local directory or
+an fsspec URL (:mod:`etf.cache.location`)::
 
     DIR/<dataset-key>/manifest.json
-    DIR/<dataset-key>/<name>-<spec-hash>.zarr      complete stores only (or .h5)
+    DIR/<dataset-key>/<name>-<spec-hash>.zarr      complete stores (or .h5, local only)
     DIR/<dataset-key>/<name>-<spec-hash>.zarr.partial/   while extraction is under way
-        data.zarr/     the arrays being filled
+        attrs.json     the store's etf attributes, "complete": false
         done/<c>.json  one file per finished chunk c (its skipped sample ids and why)
+        data.zarr/     on a local disk: the arrays being filled
 
 Arrays are ``tokens`` (N, L, T, D) when every layer has the same shape, else one
 ``tokens_<layer>`` (N, T, D) per layer. A store of augmented views (``--views K``) also
@@ -14,20 +16,20 @@ holds ``views`` (N, K-1, L, T, D) or ``views_<layer>`` (N, K-1, T, D), views 1..
 one view at a time, and the geometry of every view, view 0 (the clean image) included:
 ``view_matrix`` (N, K, 3, 3) and ``view_flip`` (N, K). Rows are written a whole chunk at a time and a
 chunk's marker is written after its data, so a run killed at any moment resumes by
-redoing only unmarked chunks. A store appears at its final path only once complete
-(an atomic rename), and its ``etf`` attributes then say ``"complete": true``.
+redoing only unmarked chunks. The arrays are staged without a root group: the root
+``zarr.json``, whose ``etf`` attributes say ``"complete": true``, is written last, once
+every chunk object is known to exist, so neither etf nor another Zarr reader can open a
+store before it is complete. On a local disk the staged arrays are then renamed into
+place; on object storage, which cannot rename, they were written in place from the start.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import json
 import os
-import shutil
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,9 +45,10 @@ from etf.cache.format import (
     PHYSICAL,
     ZARR_CHUNK_BYTES,
 )
+from etf.cache.location import Location, cache_location
 from etf.cache.tokens import TokenLayout
 from etf.errors import EtfError
-from etf.utils import atomic_path, canonical_json, read_json, spec_hash, write_json_atomic
+from etf.utils import atomic_path, canonical_json, spec_hash
 
 
 def physical_dtype(dtype: str) -> np.dtype:
@@ -127,11 +130,32 @@ def plan_views(arrays: list[ArraySpec], views: int) -> list[ArraySpec]:
     return tokens + [ArraySpec(name, (), shapes[name], dtype) for name, (dtype, _) in GEOMETRY.items()]
 
 
-def store_path(cache_dir: Path, dataset_key: str, name: str, spec: dict[str, Any], fmt: str = "zarr") -> Path:
+def store_path(
+    cache_dir: str | os.PathLike | Location, dataset_key: str, name: str, spec: dict[str, Any], fmt: str = "zarr"
+) -> Location:
+    cache = check_store_format(cache_dir, fmt)
+    safe = name.replace("/", "_").replace(":", "_")
+    return cache / dataset_key / f"{safe}-{spec_hash(spec)}{FORMATS[fmt]}"
+
+
+def check_store_format(cache_dir: str | os.PathLike | Location, fmt: str) -> Location:
+    """The cache's location, once ``--store FMT`` is known to be possible there."""
     if fmt not in FORMATS:
         raise EtfError(f"--store {fmt!r}: use zarr or hdf5")
-    safe = name.replace("/", "_").replace(":", "_")
-    return Path(cache_dir) / dataset_key / f"{safe}-{spec_hash(spec)}{FORMATS[fmt]}"
+    cache = cache_location(cache_dir)
+    if fmt == "hdf5" and not cache.renames:
+        raise EtfError(f"--store hdf5: HDF5 needs a local --cache, not {cache}; use --store zarr on object storage")
+    return cache
+
+
+def partial_of(path: Location) -> Location:
+    """The staging folder of a store (the store itself when given its staging folder)."""
+    return path if path.name.endswith(".partial") else path.with_name(path.name + ".partial")
+
+
+def is_complete(path: Location) -> bool:
+    """Whether the store at ``path`` is published: its root metadata (written last) exists."""
+    return (path / "zarr.json").exists() if path.suffix == ".zarr" else path.exists()
 
 
 #: a store has at least this many chunks (when it has the samples): the chunk is the unit of
@@ -162,15 +186,16 @@ def _zarr_compressors(codec: str) -> Any:
 class StoreWriter:
     """Create or resume the partial store for ``spec`` and fill it chunk by chunk.
 
-    Nothing is created on disk until the first chunk is written, so a run that stops at
-    its input checks leaves no trace. Several processes may hold a writer on the same
-    store (``--shard I/N``): they write disjoint chunks, and whichever finds every chunk
-    done publishes the complete store.
+    Nothing is created until the first chunk is written, so a run that stops at its input
+    checks leaves no trace. Several processes may hold a writer on the same store
+    (``--shard I/N``): they write disjoint chunks, and whichever finds every chunk done
+    publishes the complete store. Publication is idempotent (every publisher writes the
+    same bytes), so on object storage, which has no lock, shards finishing together are safe.
     """
 
     def __init__(
         self,
-        path: Path,
+        path: str | os.PathLike | Location,
         spec: dict[str, Any],
         arrays: list[ArraySpec],
         layouts: dict[int, TokenLayout],
@@ -180,15 +205,19 @@ class StoreWriter:
         info: dict[str, Any] | None = None,
         views: list[ArraySpec] | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path = cache_location(path)
         self.fmt = "hdf5" if self.path.suffix == ".h5" else "zarr"
+        if self.fmt == "hdf5" and not self.path.renames:
+            raise EtfError(f"{self.path}: HDF5 needs a local file system; use --store zarr on object storage")
         self.spec = spec
         self.arrays = arrays
         self.view_arrays = views or []
         self.all_arrays = arrays + self.view_arrays
         self.n = int(spec["n"])
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = partial_of(self.path)
         self.done_dir = self.partial / "done"
+        # the arrays: staged in the partial folder where the file system renames, else in place
+        self.data = self.partial / "data.zarr" if self.path.renames else self.path
         self._itemsize = physical_dtype(spec["dtype"]).itemsize
         _zarr_compressors(codec)  # refuse an unknown codec before anything runs
         self.chunk_rows = min(self.n, chunk_rows or _chunk_rows(arrays, self._itemsize, ZARR_CHUNK_BYTES, self.n))
@@ -206,12 +235,12 @@ class StoreWriter:
         }
         self._codec = codec
         self._staged: dict[str, zarr.Array] | None = None
-        if not self.complete and (self.partial / "data.zarr").exists():
+        if not self.complete and (self.partial / "attrs.json").exists():
             self._open_partial()
 
     @property
     def complete(self) -> bool:
-        return self.path.exists()
+        return is_complete(self.path)
 
     @property
     def num_chunks(self) -> int:
@@ -223,21 +252,31 @@ class StoreWriter:
     def done_chunks(self) -> set[int]:
         if self.complete:
             return set(range(self.num_chunks))
-        return {int(p.stem) for p in self.done_dir.glob("*.json")}
+        return {int(name.removesuffix(".json")) for name in self.done_dir.glob("*.json")}
 
     def _open_partial(self) -> None:
         """Open the staging arrays, adopting the chunking they were created with (resume).
 
-        Empty chunks are written too: every chunk of a finished store then exists on disk,
-        which is what ``etf cache verify`` checks (a chunk of skipped rows is all zeros).
+        Empty chunks are written too: every chunk of a finished store then exists, which is
+        what readers and ``etf cache verify`` check (a chunk of skipped rows is all zeros).
         """
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            group = zarr.open_group(str(self.partial / "data.zarr"), mode="r+")
-            staged = {a.name: group[a.name] for a in self.all_arrays if a.name in group}
-        found = group.attrs.get("etf", {})
-        if canonical_json(found.get("spec")) != canonical_json(self.spec) or len(staged) != len(self.all_arrays):
+        found = (self.partial / "attrs.json").read_json()
+        if canonical_json(found.get("spec")) != canonical_json(self.spec):
             raise EtfError(f"{self.partial}: holds a different spec than this run; remove it to start over")
-        self.chunk_rows = int(found["chunk_rows"])
+        rows = int(found["chunk_rows"])
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            try:
+                staged = {
+                    a.name: zarr.open_array((self.data / a.name).zarr_store(), mode="r+") for a in self.all_arrays
+                }
+            except (FileNotFoundError, KeyError, ValueError, zarr.errors.NodeTypeValidationError) as e:
+                raise EtfError(f"{self.partial}: staged arrays unreadable ({e}); remove it to start over") from None
+        if any(arr.chunks[0] != rows or arr.shape[0] != self.n for arr in staged.values()):
+            raise EtfError(
+                f"{self.partial}: its arrays were created with another chunking than its attributes say "
+                "(shards started with different --chunk-rows?); remove it to start over"
+            )
+        self.chunk_rows = rows
         self.attrs = {**found, "info": {**found.get("info", {}), **self.attrs["info"]}}
         self._staged = staged
 
@@ -245,7 +284,7 @@ class StoreWriter:
         """The staging arrays, created on first use."""
         if self._staged is None:
             planned = self.chunk_rows
-            self._create(self.partial / "data.zarr")
+            self._create()
             self._open_partial()
             if self.chunk_rows != planned:  # another shard created it with other --chunk-rows
                 raise EtfError(
@@ -254,30 +293,29 @@ class StoreWriter:
                 )
         return self._staged
 
-    def _create(self, data: Path) -> None:
-        """Build the empty arrays in a temporary folder and rename it into place (atomic)."""
-        self.partial.mkdir(parents=True, exist_ok=True)
-        self.done_dir.mkdir(exist_ok=True)
-        if data.exists():
+    def _create(self) -> None:
+        """The empty arrays (no root group: that is written last, on publication), then
+        ``attrs.json``. Each array is created at the root of its own store, so that zarr
+        writes no parent group metadata. Shards racing here write the same metadata; the
+        first to write ``attrs.json`` wins and the others adopt it."""
+        if (self.partial / "attrs.json").exists():
             return
-        tmp = self.partial / f".data.zarr.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         for a in self.all_arrays:
-            group.create_array(
-                a.name,
-                shape=(self.n, *a.shape),
-                chunks=a.chunks(self.chunk_rows),
-                dtype=a.dtype or physical_dtype(self.spec["dtype"]),
-                compressors=_zarr_compressors(self._codec),
-                fill_value=0,
-                dimension_names=a.dimension_names,
-            )
-        group.attrs["etf"] = self.attrs
-        try:
-            os.rename(tmp, data)
-        except OSError:  # another shard created it first
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                zarr.create_array(
+                    (self.data / a.name).zarr_store(),
+                    shape=(self.n, *a.shape),
+                    chunks=a.chunks(self.chunk_rows),
+                    dtype=a.dtype or physical_dtype(self.spec["dtype"]),
+                    compressors=_zarr_compressors(self._codec),
+                    fill_value=0,
+                    dimension_names=a.dimension_names,
+                    zarr_format=3,
+                )
+            except zarr.errors.ContainsArrayError:  # another shard created it first
+                pass
+        if not (self.partial / "attrs.json").exists():
+            (self.partial / "attrs.json").write_json(self.attrs)
 
     def write_chunk(self, c: int, data: dict[str, np.ndarray], skipped: dict[str, str]) -> None:
         """Write chunk ``c`` of every array, then mark it done (the marker is the commit)."""
@@ -290,56 +328,76 @@ class StoreWriter:
             staging = self._staging()
             for a in self.all_arrays:
                 staging[a.name][start:stop] = data[a.name]
-            write_json_atomic(self.done_dir / f"{c}.json", skipped)
+            (self.done_dir / f"{c}.json").write_json(skipped)
         except OSError as e:
             raise EtfError(f"{self.partial}: cannot write chunk {c} ({e}); fix that and re-run to resume") from None
-
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        with open(self.partial / "lock", "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
 
     def finalize(self) -> bool:
         """Publish the store if every chunk is done; True once the complete store exists."""
         if self.complete:
-            shutil.rmtree(self.partial, ignore_errors=True)
+            self.partial.remove()
             return True
         if len(self.done_chunks()) < self.num_chunks:
             return False
-        with self._lock():
+        with (self.partial / "lock").lock():
             if self.complete:
                 return True
-            reasons = {sid: why for p in self.done_dir.glob("*.json") for sid, why in read_json(p).items()}
+            self._check_chunks()
+            try:
+                markers = [(self.done_dir / name).read_json() for name in self.done_dir.glob("*.json")]
+            except EtfError:  # a marker vanished as it was read
+                markers = []
+            if len(markers) < self.num_chunks:
+                # without a lock (object storage), another shard published at the same time and
+                # removed the staging folder: its store is the same one
+                if self.complete:
+                    return True
+                raise EtfError(f"{self.partial}: chunk markers vanished during publication; re-run to resume")
+            reasons = {sid: why for marker in markers for sid, why in marker.items()}
             attrs = {**self.attrs, "complete": True, "skipped": sorted(reasons), "skip_reasons": reasons}
-            data = self.partial / "data.zarr"
             if self.fmt == "zarr":
-                zarr.open_group(str(data), mode="r+").attrs["etf"] = attrs
+                store = self.data.zarr_store()
+                zarr.open_group(store, mode="a", zarr_format=3).attrs["etf"] = attrs  # the commit
                 with warnings.catch_warnings():  # zarr notes that v3 does not standardise it yet
                     warnings.simplefilter("ignore", UserWarning)
-                    zarr.consolidate_metadata(str(data))  # xarray.open_zarr reads it in one request
-                os.rename(data, self.path)
+                    zarr.consolidate_metadata(store)  # xarray.open_zarr reads it in one request
+                if self.path.renames:
+                    self.data.rename(self.path)
             else:
                 rows = _chunk_rows(self.arrays, self._itemsize, HDF5_CHUNK_BYTES, self.n)
-                _zarr_to_hdf5(
-                    zarr.open_group(str(data), mode="r"), self.path, {**attrs, "chunk_rows": rows}, self.all_arrays
-                )
-        shutil.rmtree(self.partial, ignore_errors=True)
+                staged = {
+                    a.name: zarr.open_array((self.data / a.name).zarr_store(read_only=True)) for a in self.all_arrays
+                }
+                _zarr_to_hdf5(staged, self.path.local_path, {**attrs, "chunk_rows": rows}, self.all_arrays)
+        self.partial.remove()
         return True
 
+    def _check_chunks(self) -> None:
+        """Every chunk marked done must exist before the store is published: markers of
+        missing chunks are removed (the next run redoes them) and publication refused."""
+        missing: set[int] = set()
+        for a in self.all_arrays:
+            arr = zarr.open_array((self.data / a.name).zarr_store(read_only=True))
+            index, keys, found = _chunk_objects(arr, chunk_grid(a, self.n, self.chunk_rows))
+            missing |= {i[0] for i, k in zip(index, keys) if k not in found}
+        if missing:
+            for c in missing:
+                (self.done_dir / f"{c}.json").remove()
+            raise EtfError(
+                f"{self.partial}: {len(missing)} chunk(s) marked done were not found (first: chunk {min(missing)}); "
+                "re-run the same etf extract to redo them"
+            )
 
-def _zarr_to_hdf5(group, path: Path, attrs: dict[str, Any], arrays: list[ArraySpec]) -> None:
+
+def _zarr_to_hdf5(arrays: dict[str, zarr.Array], path: Path, attrs: dict[str, Any], specs: list[ArraySpec]) -> None:
     """Copy the staged arrays into an HDF5 file with ``attrs["chunk_rows"]`` samples per
     chunk (every array alike, views one view per chunk), written beside and renamed into place."""
     import h5py
 
     rows = int(attrs["chunk_rows"])
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        for a in arrays:
-            name, arr = a.name, group[a.name]
+        for a in specs:
+            name, arr = a.name, arrays[a.name]
             ds = f.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=a.chunks(rows))
             step = rows * -(-arr.chunks[0] // rows)  # whole HDF5 chunks, at least one Zarr chunk
             for start in range(0, arr.shape[0], step):
@@ -362,7 +420,7 @@ class TokenStore:
         other = TokenStore.open(state["path"], check=False)  # checked by the process that pickled it
         self.__dict__.update(other.__dict__)
 
-    def __init__(self, path: Path, attrs: dict[str, Any], arrays: dict[str, Any], handle: Any = None) -> None:
+    def __init__(self, path: Location, attrs: dict[str, Any], arrays: dict[str, Any], handle: Any = None) -> None:
         self.path = path
         self.attrs = attrs
         self._arrays = arrays
@@ -372,27 +430,23 @@ class TokenStore:
         self.layouts = {int(k): TokenLayout.from_json(v) for k, v in attrs["layouts"].items()}
 
     @classmethod
-    def open(cls, path: str | os.PathLike, check: bool = True) -> TokenStore:
+    def open(cls, path: str | os.PathLike | Location, check: bool = True) -> TokenStore:
         """Open a complete store. With ``check`` (always, except for ``etf cache verify``, which
         reports every problem itself) a store with a missing or truncated chunk is refused:
         one listing of the chunk objects, no data read."""
-        path = Path(path)
+        path = cache_location(path)
+        incomplete = (
+            "incomplete store (extraction still under way or interrupted); re-run the same etf extract to resume"
+        )
         if path.name.endswith(".partial"):
-            raise EtfError(
-                f"{path}: incomplete store (extraction still under way or interrupted); re-run the same etf extract to resume"
-            )
-        if not path.exists():
-            partial = path.with_name(path.name + ".partial")
-            if partial.exists():
-                raise EtfError(
-                    f"{path}: incomplete store (extraction still under way or interrupted); re-run the same etf extract to resume"
-                )
-            raise EtfError(f"{path}: no such store")
+            raise EtfError(f"{path}: {incomplete}")
+        if not is_complete(path):
+            raise EtfError(f"{path}: {incomplete if partial_of(path).exists() or path.exists() else 'no such store'}")
         if path.suffix == ".h5":
             import h5py
 
             try:
-                f = h5py.File(path, "r", rdcc_nbytes=64 << 20)
+                f = h5py.File(path.local_path, "r", rdcc_nbytes=64 << 20)
                 attrs = json.loads(f.attrs["etf"])
             except (OSError, KeyError, ValueError) as e:
                 raise EtfError(f"{path}: not a readable etf HDF5 store ({e})") from None
@@ -400,8 +454,10 @@ class TokenStore:
             handle = f
         else:
             try:
-                group = zarr.open_group(str(path), mode="r")
+                group = zarr.open_group(path.zarr_store(read_only=True), mode="r")
                 attrs = dict(group.attrs)["etf"]
+            except EtfError:
+                raise
             except Exception as e:
                 raise EtfError(f"{path}: not a readable etf Zarr store ({type(e).__name__}: {e})") from None
             arrays = {k: v for k, v in group.arrays()}
@@ -511,7 +567,7 @@ class TokenStore:
                 problems.append(f"{a.name}: array missing")
                 continue
             arr = self._arrays[a.name]
-            grid = [-(-s // c) for s, c in zip((self.n, *a.shape), a.chunks(self.chunk_rows))]
+            grid = chunk_grid(a, self.n, self.chunk_rows)
             if self.path.suffix == ".h5":
                 expected, found = int(np.prod(grid)), arr.id.get_num_chunks()
                 bad = [] if found == expected else [f"{a.name}: {expected - found} of {expected} chunks missing"]
@@ -557,23 +613,35 @@ class TokenStore:
 REPAIR = "run etf cache verify on it, then delete it and re-run etf extract"
 
 
-def _zarr_chunk_damage(arr: zarr.Array, name: str, grid: list[int], uncompressed: bool) -> list[str]:
-    """Missing and (for uncompressed arrays, whose chunks all have one size) truncated chunk
-    objects of a Zarr array chunked by rows (and views), from one listing of its keys."""
+def _chunk_objects(arr: zarr.Array, grid: list[int]) -> tuple[list[tuple[int, ...]], list[str], dict[str, int]]:
+    """The index and key of every chunk of an array chunked by rows (and views) over the
+    chunk ``grid``, and the size of every object stored under the array, from one listing."""
     import itertools
 
     from zarr.core.sync import sync
 
-    store, prefix = arr.store_path.store, arr.store_path.path
+    store, path = arr.store_path.store, arr.store_path.path
+    prefix = f"{path}/" if path else ""
 
     async def sizes() -> dict[str, int]:
-        keys = [k async for k in store.list_prefix(f"{prefix}/")]
+        keys = [k async for k in store.list_prefix(prefix)]
         return dict(zip(keys, await asyncio.gather(*(store.getsize(k) for k in keys))))
 
-    found = sync(sizes())
     encode = arr.metadata.chunk_key_encoding.encode_chunk_key
-    index = list(itertools.product(*(range(g) for g in grid)))
-    keys = [f"{prefix}/{encode(i)}" for i in index]
+    rest = [1] * (arr.ndim - len(grid))
+    index = list(itertools.product(*(range(g) for g in [*grid, *rest])))
+    return index, [f"{prefix}{encode(i)}" for i in index], sync(sizes())
+
+
+def chunk_grid(a: ArraySpec, n: int, chunk_rows: int) -> list[int]:
+    """The number of chunks of array ``a`` of ``n`` rows along each axis."""
+    return [-(-s // c) for s, c in zip((n, *a.shape), a.chunks(chunk_rows))]
+
+
+def _zarr_chunk_damage(arr: zarr.Array, name: str, grid: list[int], uncompressed: bool) -> list[str]:
+    """Missing and (for uncompressed arrays, whose chunks all have one size) truncated chunk
+    objects of a Zarr array chunked by rows (and views), from one listing of its keys."""
+    index, keys, found = _chunk_objects(arr, grid)
     missing = [index[c] for c, k in enumerate(keys) if k not in found]
     out = []
     if missing:
@@ -613,7 +681,7 @@ def _public(version: str) -> str:
     return version.split("+")[0]
 
 
-def report_versions(path: Path, attrs: dict[str, Any]) -> None:
+def report_versions(path: Location, attrs: dict[str, Any]) -> None:
     """One warning when a store was written with other versions of the libraries that compute
     tokens: it is used as it is (its spec has not changed), not rebuilt."""
     differs = version_mismatch(attrs)

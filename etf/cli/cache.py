@@ -7,13 +7,17 @@ from pathlib import Path
 import click
 
 from etf.cache.format import DTYPES
-from etf.cli.options import cache_option, data_options, echo_kv, open_dataset
+from etf.cli.options import cache_option, data_options, echo_kv, location_type, open_dataset, storage_option
 from etf.errors import EtfError
 
-STORE_PATH = click.Path(exists=True, path_type=Path)
+
+def store_argument(fn):
+    """STORE: a store's path or URL, with the ``--storage-option`` flags to reach it."""
+    fn = click.argument("store", metavar="STORE", callback=location_type)(fn)
+    return storage_option(fn)
 
 
-def describe_store(path: Path) -> None:
+def describe_store(path) -> None:
     from etf.cache.audit import human_size, store_info
 
     info = store_info(path)
@@ -61,9 +65,10 @@ def command() -> None:
 
 
 @command.command("ls")
-@click.argument("cache_dir", type=click.Path(file_okay=False, path_type=Path), default="cache")
-def ls(cache_dir: Path) -> None:
-    """List datasets and stores under CACHE_DIR: state, encoder settings and size."""
+@click.argument("cache_dir", metavar="CACHE", default="cache", callback=location_type)
+@storage_option
+def ls(cache_dir) -> None:
+    """List datasets and stores under CACHE (a directory or URL): state, encoder settings and size."""
     from etf.cache.audit import list_summary, manifest_summary
 
     if not cache_dir.is_dir():
@@ -83,15 +88,15 @@ def ls(cache_dir: Path) -> None:
 
 
 @command.command("info")
-@click.argument("store", type=STORE_PATH)
-def info(store: Path) -> None:
+@store_argument
+def info(store) -> None:
     """What STORE holds: encoder, layers, token layout, dtype, size."""
     describe_store(store)
 
 
 @command.command("verify")
-@click.argument("store", type=STORE_PATH)
-def verify(store: Path) -> None:
+@store_argument
+def verify(store) -> None:
     """Check STORE: spec hash, manifest, shapes, every chunk present and readable, finite values."""
     from etf.cache.audit import verify_store
 
@@ -137,9 +142,9 @@ def verify(store: Path) -> None:
 def import_(cache_dir, data_spec, crop, name, array_file, ids_file, prefix, geometry_file, dtype, store_format) -> None:
     """Bring tokens computed elsewhere into the cache as a store."""
     from etf.cache.importer import import_tokens
-    from etf.cli.options import writable_dir
+    from etf.cache.store import check_store_format
 
-    writable_dir(cache_dir, "--cache")
+    check_store_format(cache_dir, store_format).check_writable("--cache")
     dataset = open_dataset(data_spec, crop)
     path = import_tokens(cache_dir, dataset, name, array_file, ids_file, dtype, prefix, store_format, geometry_file)
     describe_store(path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from etf.cli.options import device_option, run_option, weights_option, writable_dir
+from etf.cli.options import device_option, location_type, run_option, storage_option, weights_option, writable_dir
 
 
 @click.command("explain")
@@ -19,9 +19,11 @@ from etf.cli.options import device_option, run_option, weights_option, writable_
 @click.option(
     "--cache",
     "cache_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="With --split: the cache.  [default: the run's]",
+    callback=location_type,
+    metavar="DIR|URL",
+    help="With --split: the cache, a directory or fsspec URL.  [default: the run's]",
 )
+@storage_option
 @weights_option
 @device_option
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the PNGs.")

@@ -14,7 +14,6 @@ from etf.cli.options import (
     encoders_option,
     open_dataset,
     progress_option,
-    writable_dir,
 )
 from etf.pipeline.extract import PRECISIONS
 
@@ -164,6 +163,7 @@ def command(
     progress,
 ) -> None:
     """Run each frozen --encoder once over --data and cache its tokens (resumable)."""
+    from etf.cache.store import check_store_format
     from etf.cache.tokens import parse_tokens
 
     if weights and len(encoders) > 1:
@@ -180,7 +180,7 @@ def command(
     from etf.pipeline.extract.augment import check_view_options
 
     check_view_options(views, augment)
-    writable_dir(cache_dir, "--cache")
+    check_store_format(cache_dir, store_format).check_writable("--cache")
     dataset = open_dataset(data_spec, crop)
 
     from etf.cli.cache import describe_store

@@ -19,6 +19,7 @@ from etf.cli.options import (
     progress_option,
     writable_dir,
 )
+from etf.pipeline.extract import PRECISIONS
 from etf.pipeline.fit.config import (
     FUSE_MODES,
     HEADS,
@@ -173,6 +174,12 @@ def training_options(fn):
                 "(token dropout, per-channel scaling, Gaussian noise).",
             ),
             device_option,
+            _fit(
+                "precision",
+                type=click.Choice(PRECISIONS),
+                help="Autocast precision of training (the loss stays fp32; fp16 scales it). "
+                "auto: bf16 on a GPU that has it, else fp32.",
+            ),
             progress_option,
         ]
     ):

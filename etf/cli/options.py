@@ -16,6 +16,7 @@ import click
 
 from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
+from etf.utils import writable_dir  # noqa: F401  (re-exported for the commands)
 
 
 def default(cls: type, name: str) -> Any:
@@ -29,15 +30,45 @@ def default(cls: type, name: str) -> Any:
     raise KeyError(name)
 
 
-def cache_option(fn: Callable) -> Callable:
+def _set_storage_options(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> None:
+    from etf.cache.location import parse_storage_options, set_storage_options
+
+    set_storage_options(parse_storage_options(values))
+
+
+def storage_option(fn: Callable) -> Callable:
+    """``--storage-option KEY=VALUE``: fsspec options of the caches this command reaches. Eager,
+    so that every cache location the command builds carries them."""
     return click.option(
+        "--storage-option",
+        multiple=True,
+        is_eager=True,
+        expose_value=False,
+        callback=_set_storage_options,
+        metavar="KEY=VALUE",
+        help="fsspec option for a cache URL (endpoint_url=..., anon=true); repeat for several. "
+        "Also from $ETF_STORAGE_OPTIONS (JSON) and the usual AWS_* variables. Never recorded.",
+    )(fn)
+
+
+def location_type(ctx: click.Context | None, param: click.Parameter | None, value: str | None):
+    """A cache directory or store as a local path or an fsspec URL (``s3://bucket/prefix``)."""
+    from etf.cache.location import cache_location
+
+    return None if value is None else cache_location(value)
+
+
+def cache_option(fn: Callable) -> Callable:
+    fn = click.option(
         "--cache",
         "cache_dir",
-        type=click.Path(file_okay=False, path_type=Path),
         default=lambda: os.environ.get("ETF_CACHE", "cache"),
+        callback=location_type,
         show_default="$ETF_CACHE or ./cache",
-        help="Cache directory holding manifests and token stores.",
+        metavar="DIR|URL",
+        help="Cache holding manifests and token stores: a directory or an fsspec URL (s3://bucket/prefix).",
     )(fn)
+    return storage_option(fn)
 
 
 def data_options(fn: Callable | None = None, *, multiple: bool = False) -> Callable:
@@ -132,22 +163,6 @@ def _named_files(ctx: click.Context, param: click.Parameter, values: tuple[str, 
 
 def open_dataset(data_spec: str, crop: str | None, **options: Any) -> Dataset:
     return load_dataset(data_spec, crop=crop, **options)
-
-
-def writable_dir(path: Path, flag: str) -> Path:
-    """Refuse, before any work, an output directory that cannot be created: a path through a
-    file, or a parent without write permission."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise EtfError(f"{flag} {path}: exists and is not a directory")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise EtfError(f"{flag} {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise EtfError(f"{flag} {path}: {parent} is not writable")
-    return path
 
 
 def writable_file(path: Path | None, flag: str) -> Path | None:

@@ -44,9 +44,22 @@ def _hash(path: str) -> str:
     return h.hexdigest()
 
 
+def _absolute(paths: Sequence[Path]) -> list[str]:
+    """Each path made absolute with its folder's symlinks resolved, each folder resolved once:
+    ``Path.resolve`` per file walks every component of every path (most of a warm load)."""
+    folders: dict[str, str] = {}
+    out = []
+    for p in paths:
+        head, tail = os.path.split(os.fspath(p))
+        if (real := folders.get(head)) is None:
+            real = folders[head] = os.path.realpath(head or ".")
+        out.append(os.path.join(real, tail))
+    return out
+
+
 def file_digests(paths: Sequence[Path], workers: int = 8) -> list[str]:
     """The content digest of each file, hashing only files not seen unchanged before."""
-    names = [str(Path(p).resolve()) for p in paths]
+    names = _absolute(paths)
     unique = list(dict.fromkeys(names))
     stamps: dict[str, tuple[int, int, int, int] | None] = {}
     for name in unique:

@@ -36,6 +36,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from etf.cache.features import PriorSet
+from etf.cache.location import Location, cache_location
 from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
 from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
@@ -70,6 +71,7 @@ FIT_AXES = (
     "device",
     "views",
     "feature_aug",
+    "precision",
 )
 FUSER_AXES = tuple(f.name for f in fields(FuserConfig))
 AXES = {f.name: f.default for f in fields(FitConfig) if f.name in FIT_AXES} | {
@@ -173,7 +175,7 @@ class Grid:
     Several ``data`` make every point a joint fit (``joint`` its fixed settings, ``mix`` an axis)."""
 
     data: list[str]
-    cache: Path
+    cache: Location
     out: Path | None
     encoders: list[str]
     crop: str | None = None
@@ -233,7 +235,7 @@ class Grid:
         tasks = s["tasks"]
         return cls(
             data=data,
-            cache=Path(s["cache"]),
+            cache=cache_location(s["cache"]),
             out=Path(s["out"]) if s.get("out") else None,
             encoders=_listed(s["encoders"]),
             crop=s["crop"],
@@ -565,12 +567,17 @@ def _backend(grid: Grid, threads: int) -> Iterator[dict[str, Any]]:
         except ImportError:
             raise EtfError("--backend ray: ray is not installed; pip install 'etf[ray]'") from None
         register_ray()
+        # without --scheduler: a local instance with one CPU (one worker process) per job
+        local = {"num_cpus": grid.jobs, "include_dashboard": False, "log_to_driver": False}
         try:
-            ray.init(address=grid.scheduler) if grid.scheduler else ray.init(num_cpus=grid.jobs)
+            ray.init(address=grid.scheduler) if grid.scheduler else ray.init(**local)
         except Exception as e:  # refused, timed out, not a Ray head
-            raise EtfError(
-                f"--scheduler {grid.scheduler}: cannot join the Ray cluster ({type(e).__name__}: {str(e)[:120]})"
-            ) from None
+            what = (
+                f"--scheduler {grid.scheduler}: cannot join the Ray cluster"
+                if grid.scheduler
+                else "--backend ray: cannot start a local Ray instance"
+            )
+            raise EtfError(f"{what} ({type(e).__name__}: {str(e)[:120]})") from None
         try:
             yield {"backend": "ray"}
         finally:

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,12 +20,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from etf.cache.catalog import write_manifest
+from etf.cache.catalog import CacheDir, write_manifest
 from etf.cache.format import DTYPES
+from etf.cache.location import Location, cache_location
 from etf.cache.store import (
     ArraySpec,
     StoreWriter,
     TokenStore,
+    is_complete,
     library_versions,
     physical_dtype,
     plan_arrays,
@@ -70,7 +71,7 @@ class ExtractOptions:
 
 @dataclass
 class ExtractResult:
-    path: Path
+    path: Location
     complete: bool
     samples_done: int
     seconds: float
@@ -96,13 +97,14 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, without_bf16: str = "fp16") -> str:
+    """``auto``: bf16 on a GPU that has it (else ``without_bf16``), fp32 on the CPU."""
     if precision not in PRECISIONS:
         raise EtfError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if torch.cuda.is_bf16_supported() else without_bf16
     return "fp32"
 
 
@@ -209,7 +211,7 @@ def _bad_list(bad: list[tuple[str, str]]) -> str:
     return shown + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
 
 
-def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: ExtractOptions) -> ExtractResult:
+def extract(dataset: Dataset, encoder: Encoder, cache_dir: CacheDir, opts: ExtractOptions) -> ExtractResult:
     """Fill (or resume, or find complete) the store of ``encoder`` over ``dataset``."""
     t0 = time.perf_counter()
     if opts.dtype not in DTYPES:
@@ -226,12 +228,12 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     if opts.store == "hdf5" and shard is not None:
         raise EtfError("--shard with --store hdf5: HDF5 has no concurrent writers; extract to zarr, or run one process")
     layers = encoder.resolve_layers(opts.layers)
-    encoder.model.to(device)
-
+    cache = cache_location(cache_dir)
     spec = store_spec(dataset, encoder, layers, opts, precision)
-    path = store_path(Path(cache_dir), dataset.key, encoder.name, spec, opts.store)
-    write_manifest(Path(cache_dir), dataset)
-    if path.exists():
+    path = store_path(cache, dataset.key, encoder.name, spec, opts.store)
+    encoder.model.to(device)
+    write_manifest(cache, dataset)
+    if is_complete(path):
         with TokenStore.open(path) as store:
             return ExtractResult(path, True, 0, time.perf_counter() - t0, store.skipped)
 
@@ -274,7 +276,7 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: str | Path, opts: Ext
     if complete:
         with TokenStore.open(path) as store:
             skipped = store.skipped
-            write_manifest(Path(cache_dir), dataset, store.skip_reasons)
+            write_manifest(cache, dataset, store.skip_reasons)
     return ExtractResult(path, complete, done_rows, time.perf_counter() - t0, skipped)
 
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from etf.cache.location import Location
 from etf.errors import EtfError
 
 #: verify tasks' margin softmax kinds and their default margin m
@@ -151,7 +152,7 @@ def parse_aux(aux: str) -> tuple[str, float]:
 class FitConfig:
     """Everything ``etf fit`` takes besides the dataset. Recorded in the run's config.json."""
 
-    cache_dir: Path
+    cache_dir: Path | Location  # or a URL: see etf.cache.location
     encoders: list[str]
     out: Path
     tasks: list[str] = field(default_factory=list)
@@ -171,6 +172,8 @@ class FitConfig:
     test_split: str | None = None
     max_memory: int | None = None
     device: str = "auto"
+    #: autocast precision of training: auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16
+    precision: str = "auto"
     progress: bool | None = None
     #: ``random`` or ``clean``; None: random where the stores hold augmented views
     views: str | None = None

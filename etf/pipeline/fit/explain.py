@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from etf.cache.catalog import CacheDir
 from etf.cache.features import Batches, Group, PriorSet, default_memory_budget
 from etf.data.base import Dataset, get_adapter, load_dataset
 from etf.data.images import read_image, require_readable
@@ -130,7 +131,7 @@ def split_shares(
     run: Path,
     split: str,
     data_spec: str | None = None,
-    cache_dir: Path | None = None,
+    cache_dir: CacheDir | None = None,
     device: str = "auto",
     batch_size: int = 256,
 ) -> tuple[list[str], dict[str, list[float]], int]:
@@ -144,9 +145,7 @@ def split_shares(
         )
     dev = resolve_device(device)
     fuser = model.fuser.to(dev).eval()
-    priors = PriorSet(
-        cache_dir or Path(config["cache_dir"]), dataset, config["encoders"], config["layers"], config["tokens"]
-    )
+    priors = PriorSet(cache_dir or config["cache_dir"], dataset, config["encoders"], config["layers"], config["tokens"])
     try:
         if priors.groups != groups:
             raise EtfError(f"--run {run}: the cache's token groups differ from the run's (re-extracted stores?)")
@@ -162,7 +161,12 @@ def split_shares(
 
 
 def explain_split(
-    run: Path, split: str, out: Path, data_spec: str | None = None, cache_dir: Path | None = None, device: str = "auto"
+    run: Path,
+    split: str,
+    out: Path,
+    data_spec: str | None = None,
+    cache_dir: CacheDir | None = None,
+    device: str = "auto",
 ) -> list[Path]:
     """A bar chart of each map's mean share per group over ``split``, and the numbers as JSON."""
     import matplotlib

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from etf.cache.catalog import CacheDir
 from etf.cache.features import Batches, Group, PriorSet, default_memory_budget
 from etf.cache.store import decode_tokens
 from etf.cache.tokens import TokenLayout, select_tokens
@@ -222,7 +223,7 @@ def _check_priors(run: Path, config: dict[str, Any], priors: PriorSet) -> None:
 
 @torch.no_grad()
 def embed_dataset(
-    run: str | Path, dataset: Dataset, cache_dir: Path, embed: Path, batch_size: int = 256, device: str = "auto"
+    run: str | Path, dataset: Dataset, cache_dir: CacheDir, embed: Path, batch_size: int = 256, device: str = "auto"
 ) -> dict[str, Any]:
     """Each verify task's embeddings of ``dataset``'s cached samples, written to ``embed``, and
     the dataset's pair protocols evaluated on them (also written, as ``embed/metrics.json``)."""

@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 import etf
 from etf.cache.features import Batches, PriorSet, default_memory_budget
+from etf.cache.location import cache_location
 from etf.data.base import Dataset
 from etf.data.geometry import check_views, view_samples
 from etf.data.labels import point_columns
 from etf.errors import EtfError
-from etf.pipeline.extract.run import resolve_device
+from etf.pipeline.extract.run import autocast_for, resolve_device, resolve_precision
 from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key
 from etf.pipeline.fit.feature_aug import feature_augment, parse_feature_aug
 from etf.pipeline.fit.fusers import create_fuser
@@ -398,16 +399,36 @@ class FitResult:
     summary: str
 
 
+def _fp32(out: Any) -> Any:
+    """A head's output (a tensor, or a tuple such as a verify head's) with its floating-point
+    tensors in fp32: autocast leaves them in bf16/fp16, the losses are computed in fp32."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, tuple):
+        items = [_fp32(v) for v in out]
+        return type(out)(*items) if hasattr(out, "_fields") else tuple(items)
+    return out
+
+
 class _Member:
     """One model of a :func:`fit_many` group: its own optimiser, schedule, history, best
     state and torch RNG stream (continued from its seeded init, as in a separate fit)."""
 
     def __init__(
-        self, cfg: FitConfig, groups: list, tasks: list[Task], steps_per_epoch: int, device: torch.device
+        self,
+        cfg: FitConfig,
+        groups: list,
+        tasks: list[Task],
+        steps_per_epoch: int,
+        device: torch.device,
+        precision: str = "fp32",
     ) -> None:
         self.cfg = cfg
         self.model = build_model(cfg.fuser, groups, tasks, cfg.fuser_config, cfg.seed).to(device)
         self.cuda = [device] if device.type == "cuda" else []
+        self.device, self.precision = device, precision
+        # fp16 gradients underflow without loss scaling; a disabled scaler is a pass-through
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.rng = self._rng_state()
         self.opt = _optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.sched = _schedule(self.opt, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
@@ -428,13 +449,15 @@ class _Member:
             torch.set_rng_state(self.rng[0])
             for d, state in zip(self.cuda, self.rng[1:]):
                 torch.cuda.set_rng_state(state, d)
-            out = self.model(feature_augment(tokens, self.feature_aug) if self.feature_aug else tokens)
-            loss = self.task_loss(out, targets, tasks)
+            with autocast_for(self.precision, self.device):  # the forward in --precision
+                out = self.model(feature_augment(tokens, self.feature_aug) if self.feature_aug else tokens)
+            loss = self.task_loss({k: _fp32(v) for k, v in out.items()}, targets, tasks)  # the loss in fp32
             if self.model.fuser.aux_loss is not None:
-                loss = loss + self.model.fuser.aux_loss
+                loss = loss + self.model.fuser.aux_loss.float()
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
             self.sched.step()
             self.rng = self._rng_state()
         self.loss_sum += float(loss.detach()) * len(tokens[0])
@@ -543,6 +566,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise EtfError("--epochs and --batch-size must be at least 1")
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device, without_bf16="fp32")
     priors = PriorSet(cfg.cache_dir, dataset, cfg.encoders, cfg.layers, cfg.tokens)
     try:
         targets, splits, extra = prepare_data(dataset, priors, tasks, cfg)
@@ -554,22 +578,28 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
             if views > 1
             else {k: (y[None], m[None]) for k, (y, m) in targets.items()}
         )
-        batches = Batches(priors, all_rows, budget, cfg.batch_size, cfg.seed, views)
+        # on an accelerator the tokens live there when they fit (else streamed blocks are copied whole)
+        batches = Batches(
+            priors, all_rows, budget, cfg.batch_size, cfg.seed, views, device=device if device.type != "cpu" else None
+        )
         steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
         selection = selection_metric(tasks[0], dataset)
-        members = [_Member(c, priors.groups, tasks, steps_per_epoch, device) for c in configs]
+        members = [_Member(c, priors.groups, tasks, steps_per_epoch, device, precision) for c in configs]
         models = [m.model for m in members]
         disable = None if cfg.progress is None else not cfg.progress
         bar = tqdm(range(cfg.epochs), desc=f"fit {'+'.join(c.fuser for c in configs)}", unit="epoch", disable=disable)
-        y_dev = {name: (torch.from_numpy(y), torch.from_numpy(m)) for name, (y, m) in train_targets.items()}
+        y_dev = {
+            name: (torch.from_numpy(y).to(device), torch.from_numpy(m).to(device))
+            for name, (y, m) in train_targets.items()
+        }
         for epoch in bar:
             for model in models:
                 model.train()
             te, seen = time.perf_counter(), 0
             for idx, seen_in, tokens in batches.train_epoch(splits.train, epoch):
-                tokens = [t.to(device, non_blocking=True) for t in tokens]
-                sel = (torch.from_numpy(seen_in), torch.from_numpy(idx))
-                batch_targets = {name: (y[sel].to(device), m[sel].to(device)) for name, (y, m) in y_dev.items()}
+                tokens = [t.to(device, non_blocking=True) for t in tokens]  # a no-op for resident tokens
+                sel = (torch.from_numpy(seen_in).to(device), torch.from_numpy(idx).to(device))
+                batch_targets = {name: (y[sel], m[sel]) for name, (y, m) in y_dev.items()}
                 for member in members:
                     member.step(tokens, batch_targets, tasks)
                 seen += len(idx)
@@ -620,6 +650,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
                 **({"held_out": splits.held_out} if splits.held_out else {}),
                 "streamed": batches.streamed,
                 "views": views,
+                "precision": precision,
                 "seconds": seconds,
             }
             if share is not None:
@@ -647,7 +678,7 @@ def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, pred
     config = {
         "etf_version": etf.__version__,
         **cfg.to_json(),
-        "cache_dir": str(Path(cfg.cache_dir).resolve()),
+        "cache_dir": cache_location(cfg.cache_dir).absolute(),
         "out": str(Path(cfg.out).resolve()),
         "dataset": {"name": dataset.name, "key": dataset.key, "root": str(dataset.root), "options": dataset.options},
         "tasks": [t.state() for t in tasks],

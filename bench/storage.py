@@ -1,0 +1,101 @@
+"""Zarr store layers on object storage: fsspec (s3fs) against obstore, with local disk as the baseline.
+
+Starts a local S3 server (moto's server mode, the one the tests use) on 127.0.0.1, writes
+a float16 token array of whole 8 MiB chunks through each store layer and reads it back in
+the block sizes ``etf fit`` streams, all in one run. What carries over between machines is
+the ratio of the two object-store layers; both talk to the same server.
+
+    python bench/storage.py [--mib 256] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.s3 import S3Server  # noqa: E402
+
+
+def _stores(server: S3Server, local: Path) -> dict:
+    import obstore.store
+    import zarr.storage
+
+    fs = zarr.storage.FsspecStore.from_url(f"s3://{server.bucket}/fsspec", storage_options=server.storage_options)
+    obs = obstore.store.S3Store(
+        server.bucket,
+        prefix="obstore",
+        endpoint=server.endpoint,
+        access_key_id="testing",
+        secret_access_key="testing",
+        region="us-east-1",
+        client_options={"allow_http": True},
+    )
+    return {
+        "local disk": zarr.storage.LocalStore(local),
+        "s3 via fsspec (s3fs)": fs,
+        "s3 via obstore": zarr.storage.ObjectStore(obs),
+    }
+
+
+def measure(store, data: np.ndarray, rows: int, block: int) -> tuple[float, float, float]:
+    """(write MB/s, block read MB/s, open + chunk listing s) of one array in ``store``."""
+    import zarr
+
+    t = time.perf_counter()
+    arr = zarr.create_array(store, name="tokens", shape=data.shape, chunks=(rows, *data.shape[1:]), dtype=data.dtype,
+                            compressors=None, fill_value=0, overwrite=True)  # fmt: skip
+    for start in range(0, len(data), rows):
+        arr[start : start + rows] = data[start : start + rows]
+    write = data.nbytes / (time.perf_counter() - t) / 1e6
+    t = time.perf_counter()
+    arr = zarr.open_array(store, path="tokens", mode="r")
+    for start in range(0, len(data), block):
+        np.asarray(arr[start : start + block])
+    read = data.nbytes / (time.perf_counter() - t) / 1e6
+    from zarr.core.sync import sync
+
+    async def keys() -> list[str]:
+        return [k async for k in store.list_prefix("tokens/")]
+
+    t = time.perf_counter()
+    sync(keys())
+    return write, read, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=256, help="array size")
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    t, d = 197, 384  # ViT-S tokens
+    row = t * d * 2
+    rows = (8 << 20) // row
+    n = (args.mib << 20) // row // rows * rows
+    data = np.random.default_rng(0).standard_normal((n, t, d)).astype(np.float16)
+    block = rows * 4
+    print(f"{n} x {t} x {d} float16 ({data.nbytes / 2**20:.0f} MiB), {rows} rows per chunk, reads of {block} rows")
+    local = Path(tempfile.mkdtemp(prefix="etf-bench-storage-"))
+    try:
+        with S3Server() as server:
+            print(f"| store layer | write MB/s | block read MB/s | listing {n // rows} chunks, ms |")
+            print("|---|---|---|---|")
+            for name, store in _stores(server, local).items():
+                runs = [measure(store, data, rows, block) for _ in range(args.repeat)]
+                w, r, ls = (" / ".join(f"{v:.0f}" for v in col) for col in zip(*[(a, b, c * 1e3) for a, b, c in runs]))
+                print(f"| {name} | {w} | {r} | {ls} |")
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+        os.environ.pop("AWS_ENDPOINT_URL", None)
+
+
+if __name__ == "__main__":
+    main()
