@@ -216,10 +216,12 @@ def _joint_args(pair, out, *extra):
 
 def test_the_command_line_fits_jointly(pair, tmp_path):
     args = ["--task", "1=classify:expression", "--task", "csv2=multilabel:AU1", "--epochs", "1", "--dim", "16"]
-    result = _etf(*_joint_args(pair, tmp_path / "run", *args, "--mix", "balanced", "--select", "AU1", "--no-progress"))
+    extra = ["--mix", "balanced", "--select", "AU1", "--precision", "bf16", "--no-progress"]
+    result = _etf(*_joint_args(pair, tmp_path / "run", *args, *extra))
     assert result.exit_code == 0, result.output
     assert "jointly on csv1, csv2" in result.output and "by val AU1 mean_f1" in result.output
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["mix"] == {"csv1": 0.5, "csv2": 0.5}
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["mix"] == {"csv1": 0.5, "csv2": 0.5} and metrics["precision"] == "bf16"  # autocast as in one fit
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ import etf
 from etf.cache.features import Batches, PriorSet, default_memory_budget
 from etf.data.base import Dataset
 from etf.errors import EtfError
-from etf.pipeline.extract.run import resolve_device
+from etf.pipeline.extract.run import resolve_device, resolve_precision
 from etf.pipeline.fit.config import INFER_MODES, FitConfig
 from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
 from etf.pipeline.fit.heads import Task, parse_task, selection_metric, unique_names
@@ -221,8 +221,9 @@ class _JointMember(_Member):
         device: torch.device,
         joint: JointConfig,
         selection: Selection,
+        precision: str = "fp32",
     ) -> None:
-        super().__init__(cfg, groups, tasks, steps_per_epoch, device)
+        super().__init__(cfg, groups, tasks, steps_per_epoch, device, precision)
         self.weights = {t.name: float(joint.task_weights.get(t.name, 1.0)) for t in tasks}
         self.selection = selection
         self.uncertainty = TaskUncertainty([t.name for t in tasks]).to(device) if joint.uncertainty else None
@@ -290,6 +291,7 @@ def fit_joint(
         own = any(s.startswith("test") for s in d.splits)
         evaluated_test_splits(d, None if own else cfg.test_split)
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device, without_bf16="fp32")
     priors: list[PriorSet] = []
     try:
         for d in datasets:
@@ -311,7 +313,7 @@ def fit_joint(
         mix = mix_probabilities(joint.mix, sizes)
         steps = joint.steps_per_epoch or -(-max(sizes) // cfg.batch_size)
         members = [
-            _JointMember(c, priors[0].groups, tasks, steps, device, joint, Selection(parts, joint.select))
+            _JointMember(c, priors[0].groups, tasks, steps, device, joint, Selection(parts, joint.select), precision)
             for c in configs
         ]
         models = [m.model for m in members]
@@ -395,6 +397,7 @@ def fit_joint(
                 "selected_by": member.selection.describe(),
                 "mix": {p.label: float(q) for p, q in zip(parts, mix)},
                 "steps_per_epoch": steps,
+                "precision": precision,
                 "task_weights": member.weights,
                 **({"log_variance": member.uncertainty.values()} if member.uncertainty is not None else {}),
                 "fuser_params": count_parameters(member.model),
