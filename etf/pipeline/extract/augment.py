@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -184,7 +185,9 @@ class Augmenter:
         # torchvision places keypoints on pixel indices (pixel i centred at i), labels here are
         # continuous (pixel i spans [i, i + 1)): shift by half a pixel into its frame and back
         points = tv_tensors.KeyPoints(torch.tensor(corners - 0.5, dtype=torch.float64), canvas_size=(h, w))
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # erasing is photometric: torchvision's note that it passes keypoints through is moot
+            warnings.filterwarnings("ignore", message="RandomErasing.*KeyPoints")
             torch.manual_seed(view_seed(self.seed, sample_id, view))
             out, moved = pipeline(img, points)
         return out, homography(corners, np.asarray(moved, dtype=np.float64) + 0.5)
