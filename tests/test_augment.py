@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from etf.data.geometry import MIRROR_5, MIRROR_68, MIRROR_98, check_views, is_mirror, view_labels
+from etf.data.geometry import MIRROR_5, MIRROR_68, MIRROR_98, apply_homography, check_views, is_mirror, view_labels
 from etf.errors import EtfError
-from etf.pipeline.extract.augment import Augmenter, apply_homography, parse_augment
+from etf.pipeline.extract.augment import Augmenter, parse_augment
 
 H, W = 96, 80
 # five points of a face (eyes, nose, mouth corners) in a 80x96 image

@@ -84,7 +84,8 @@ def _zoom(matrix: np.ndarray, at: np.ndarray) -> float:
     return float(np.sqrt(abs(np.linalg.det(jac))))
 
 
-def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+def apply_homography(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """(K, 2) points through a 3x3 projective matrix."""
     p = np.c_[points, np.ones(len(points))] @ matrix.T
     return p[:, :2] / p[:, 2:3]
 
@@ -108,7 +109,7 @@ def view_labels(
         ys = [labels.get(cy) for _, cy in pairs]
         if any(v is None for v in xs + ys):
             continue
-        pts = _apply(matrix, np.c_[xs, ys].astype(np.float64))
+        pts = apply_homography(matrix, np.c_[xs, ys].astype(np.float64))
         if mirrored:
             pts = pts[list(mirrors[prefix])]
         for (cx, cy), (x, y) in zip(pairs, pts):

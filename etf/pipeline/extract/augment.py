@@ -180,7 +180,9 @@ class Augmenter:
         from torchvision import tv_tensors
 
         w, h = img.size
-        pipeline = self._pipelines.setdefault((h, w), _pipeline(self.spec, (h, w)))
+        pipeline = self._pipelines.get((h, w))
+        if pipeline is None:  # built once per image size, not per view
+            pipeline = self._pipelines[(h, w)] = _pipeline(self.spec, (h, w))
         corners = np.array([[0.0, 0.0], [w, 0.0], [0.0, h], [w, h]])
         # torchvision places keypoints on pixel indices (pixel i centred at i), labels here are
         # continuous (pixel i spans [i, i + 1)): shift by half a pixel into its frame and back
@@ -203,9 +205,3 @@ def homography(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     _, _, vt = np.linalg.svd(np.asarray(rows))
     m = vt[-1].reshape(3, 3)
     return m / m[2, 2]
-
-
-def apply_homography(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """(K, 2) points through a 3x3 matrix."""
-    p = np.c_[points, np.ones(len(points))] @ matrix.T
-    return p[:, :2] / p[:, 2:3]
