@@ -222,6 +222,8 @@ def test_the_command_line_fits_jointly(pair, tmp_path):
     assert "jointly on csv1, csv2" in result.output and "by val AU1 mean_f1" in result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["mix"] == {"csv1": 0.5, "csv2": 0.5} and metrics["precision"] == "bf16"  # autocast as in one fit
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["cache_dir"] == str(Path(pair[4]).resolve()) and config["dataset"]["name"] == "csv"  # as one fit's
 
 
 @pytest.mark.parametrize(

@@ -12,3 +12,8 @@ CODECS = ("none", "zstd", "blosc-zstd", "blosc-lz4")
 PHYSICAL = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
 #: storage dtypes (``--dtype``)
 DTYPES = tuple(PHYSICAL)
+#: store-spec fields that name the data, not the encoder: the only ones that may differ
+#: between two datasets' stores of one prior
+DATASET_FIELDS = ("dataset_key", "n", "tokens_sha256", "ids_sha256")
+#: store-spec fields only training reads: a store's view 0 is the same with or without its views
+VIEW_FIELDS = ("views",)

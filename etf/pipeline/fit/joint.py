@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import etf
 from etf.cache.features import Batches, PriorSet, default_memory_budget
+from etf.cache.format import DATASET_FIELDS, VIEW_FIELDS
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.extract.run import resolve_device, resolve_precision
@@ -45,10 +45,12 @@ from etf.pipeline.fit.train import (
     _score,
     attention_shares,
     check_group,
+    dataset_record,
     evaluate,
     evaluated_test_splits,
     predict_rows,
     prepare_data,
+    run_config,
     task_cells,
     write_model_files,
 )
@@ -56,8 +58,6 @@ from etf.utils import staged_dir
 
 #: the smallest first-epoch magnitude a relative change divides by (a metric starting at 0)
 REL_FLOOR = 0.01
-#: store-spec keys that describe the dataset, not the prior: the only ones that may differ
-DATASET_KEYS = ("dataset_key", "n", "tokens_sha256", "ids_sha256")
 
 
 # ---------------------------------------------------------------------------- what is fitted
@@ -107,7 +107,9 @@ def check_priors_match(priors: list[PriorSet], labels: list[str]) -> None:
     for ps, label in zip(priors[1:], labels[1:]):
         for a, b in zip(first.specs(), ps.specs()):
             keys = sorted(set(a["spec"]) | set(b["spec"]))
-            differs = [k for k in keys if k not in DATASET_KEYS and a["spec"].get(k) != b["spec"].get(k)]
+            differs = [
+                k for k in keys if k not in DATASET_FIELDS + VIEW_FIELDS and a["spec"].get(k) != b["spec"].get(k)
+            ]
             if differs:
                 raise EtfError(
                     f"--encoders {a['name']}: the store of {label} ({b['path']}) has another spec than that of "
@@ -308,7 +310,9 @@ def fit_joint(
         budget = cfg.max_memory or default_memory_budget()
         shares = memory_shares([p.priors.row_bytes() * len(p.rows) for p in parts], budget)
         for k, (p, share) in enumerate(zip(parts, shares)):
-            p.memory, p.batches = share, Batches(p.priors, p.rows, max(1, share), cfg.batch_size, _seed(cfg.seed, k))
+            on = device if device.type != "cpu" else None  # resident on an accelerator when they fit, as in fit_many
+            p.memory = share
+            p.batches = Batches(p.priors, p.rows, max(1, share), cfg.batch_size, _seed(cfg.seed, k), device=on)
         sizes = [len(p.splits.train) for p in parts]
         mix = mix_probabilities(joint.mix, sizes)
         steps = joint.steps_per_epoch or -(-max(sizes) // cfg.batch_size)
@@ -318,7 +322,13 @@ def fit_joint(
         ]
         models = [m.model for m in members]
         y_dev = [
-            {t.name: (torch.from_numpy(p.targets[t.name][0]), torch.from_numpy(p.targets[t.name][1])) for t in p.tasks}
+            {
+                t.name: (
+                    torch.from_numpy(p.targets[t.name][0]).to(device),
+                    torch.from_numpy(p.targets[t.name][1]).to(device),
+                )
+                for t in p.tasks
+            }
             for p in parts
         ]
         streams = [_cycle(p) for p in parts]
@@ -332,9 +342,9 @@ def fit_joint(
                 te, seen = time.perf_counter(), 0
                 for k in step_plan(mix, steps, cfg.seed, epoch):
                     idx, tokens = next(streams[k])
-                    tokens = [t.to(device, non_blocking=True) for t in tokens]
-                    sel = torch.from_numpy(idx)
-                    batch = {name: (y[sel].to(device), m[sel].to(device)) for name, (y, m) in y_dev[k].items()}
+                    tokens = [t.to(device, non_blocking=True) for t in tokens]  # a no-op for resident tokens
+                    sel = torch.from_numpy(idx).to(device)
+                    batch = {name: (y[sel], m[sel]) for name, (y, m) in y_dev[k].items()}
                     for member in members:
                         member.step(tokens, batch, parts[k].tasks)
                     seen += len(idx)
@@ -439,30 +449,18 @@ def _pooled_shares(entries: list[tuple[int, dict[str, float] | None]]) -> dict[s
 
 def _write_joint(out: Path, member: _JointMember, joint: JointConfig, parts: list[Part], metrics, predictions) -> str:
     cfg, tasks = member.cfg, [t for p in parts for t in p.tasks]
-    record = lambda p: {  # noqa: E731
-        "name": p.dataset.name,
-        "key": p.dataset.key,
-        "root": str(p.dataset.root),
-        "options": p.dataset.options,
-    }
     config = {
-        "etf_version": etf.__version__,
-        **cfg.to_json(),
-        "cache_dir": str(Path(cfg.cache_dir).resolve()),
-        "out": str(Path(cfg.out).resolve()),
-        "dataset": record(parts[0]),  # what predict and explain read: the first dataset
+        **run_config(cfg, parts[0].dataset, tasks, parts[0].priors),  # "dataset": the first, for predict
         "datasets": [
             {
                 "label": p.label,
-                **record(p),
+                **dataset_record(p.dataset),
                 "tasks": [t.name for t in p.tasks],
                 "stores": [{"path": s["path"], "spec_hash": s["spec_hash"]} for s in p.priors.specs()],
             }
             for p in parts
         ],
         "joint": joint.to_json(),
-        "tasks": [t.state() for t in tasks],
-        "groups": [g.to_json() for g in parts[0].priors.groups],
     }
     write_model_files(out, config, parts[0].priors.specs(), metrics, member.model, member.history)
     _write_predictions(out / "predictions.csv", parts, tasks, predictions)

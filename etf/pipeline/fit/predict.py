@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 
 from etf.cache.catalog import CacheDir
 from etf.cache.features import Batches, Group, PriorSet, default_memory_budget
+from etf.cache.format import DATASET_FIELDS, VIEW_FIELDS
 from etf.cache.store import decode_tokens
 from etf.cache.tokens import TokenLayout, select_tokens
 from etf.data.base import Dataset
@@ -198,11 +199,6 @@ def _records(p: Predictor, images: list[Path], out: dict[str, Any]) -> list[dict
             else:
                 r[t.name] = [round(float(x), 4) for x in v] if len(v) > 1 else round(float(v[0]), 4)
     return records
-
-
-DATASET_FIELDS = ("dataset_key", "n", "tokens_sha256", "ids_sha256")  # store spec fields that name the data
-#: store spec fields only training reads: a store's view 0 is the same with or without its views
-VIEW_FIELDS = ("views",)
 
 
 def _check_priors(run: Path, config: dict[str, Any], priors: PriorSet) -> None:

@@ -674,16 +674,27 @@ def _write_run(cfg, dataset, tasks, priors, model, metrics, history, predictions
         return _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, predictions, targets)
 
 
-def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, predictions, targets) -> str:
-    config = {
+def dataset_record(dataset: Dataset) -> dict[str, Any]:
+    """How config.json names a dataset, for predict and explain to reopen it."""
+    return {"name": dataset.name, "key": dataset.key, "root": str(dataset.root), "options": dataset.options}
+
+
+def run_config(cfg: FitConfig, dataset: Dataset, tasks: list[Task], priors: PriorSet) -> dict[str, Any]:
+    """config.json of a run: the settings with absolute cache and run locations, the dataset
+    predict reopens, the tasks' state and the token groups."""
+    return {
         "etf_version": etf.__version__,
         **cfg.to_json(),
         "cache_dir": cache_location(cfg.cache_dir).absolute(),
         "out": str(Path(cfg.out).resolve()),
-        "dataset": {"name": dataset.name, "key": dataset.key, "root": str(dataset.root), "options": dataset.options},
+        "dataset": dataset_record(dataset),
         "tasks": [t.state() for t in tasks],
         "groups": [g.to_json() for g in priors.groups],
     }
+
+
+def _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, predictions, targets) -> str:
+    config = run_config(cfg, dataset, tasks, priors)
     write_model_files(out, config, priors.specs(), metrics, model, history)
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
