@@ -409,5 +409,11 @@ def test_fit_without_a_test_split_refuses_in_one_line_and_names_a_declared_one(t
     assert metrics["held_out"] == {"test_holdout": "25% of train by sample, seed 0"}
     assert metrics["splits"]["test_holdout"] == 8  # a quarter of the 30 training samples
     with open(tmp_path / "r1" / "predictions.csv", newline="") as f:
-        assert {r["split"] for r in csv.DictReader(f)} == {"val", "test_holdout", "test_holdout:canonical"}
+        rows = list(csv.DictReader(f))
+    assert {r["split"] for r in rows} == {"val", "test_holdout", "test_holdout:canonical"}
+    held = [r for r in rows if r["split"] == "test_holdout"]
+    assert len(held) == 8  # the metric is over exactly the held-out samples' predictions
+    assert metrics["test_holdout"]["label"]["accuracy"] == pytest.approx(
+        np.mean([r["label_true"] == r["label_pred"] for r in held])
+    )
     assert "test_holdout" in result.output and "held out test_holdout: 25% of train by sample, seed 0" in result.output

@@ -131,6 +131,7 @@ def test_compare_interval_stays_in_the_deltas_the_metric_allows():
     b = [_correct(rng, np.full(6, -3.0)) for _ in range(2)]
     c = compare(a, b, _accuracy, bounds=(-1, 1))
     assert c.delta > 0.5 and c.ci_high <= 1 and c.ci_low >= -1
+    assert c.ci_high == 1 and -1 < c.ci_low < c.delta  # the upper end was clipped, the lower one not needed
 
 
 @pytest.mark.parametrize("seeds", [2, 3, 5])
