@@ -143,7 +143,8 @@ class PriorSet:
             skipped.update(store.skipped)
         self.view_specs = [store.spec.get("views") for store in self.stores]
         #: views per sample every prior holds alike (count, augmentation, seed); else 1, the clean view
-        self.views = self.stores[0].views if len({canonical_json(v) for v in self.view_specs}) == 1 else 1
+        self.views_differ = len({canonical_json(v) for v in self.view_specs}) > 1
+        self.views = 1 if self.views_differ else self.stores[0].views
         self.valid = np.array([sid not in skipped for sid in dataset.ids])
         self.groups: list[Group] = []
         self._source: list[tuple[int, int]] = []  # (store index, layer) of each group

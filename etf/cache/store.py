@@ -432,7 +432,7 @@ class TokenStore:
     @classmethod
     def open(cls, path: str | os.PathLike | Location, check: bool = True) -> TokenStore:
         """Open a complete store. With ``check`` (always, except for ``etf cache verify``, which
-        reports every problem itself) a store with a missing or truncated chunk is refused:
+        reports every problem itself, and extract's read of the attributes it just published) a store with a missing or truncated chunk is refused:
         one listing of the chunk objects, no data read."""
         path = cache_location(path)
         incomplete = (

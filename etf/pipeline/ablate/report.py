@@ -320,7 +320,7 @@ def write_report(
             "runs": runs_json,
         },
     )
-    primary = [r for r in rows if r["split"] == metric.splits[0] and r.get("task", metric.task) == metric.task]
+    primary = [r for r in _mine(rows, metric) if r["split"] == metric.splits[0]]
     plots = [
         p
         for p in (

@@ -274,7 +274,7 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: CacheDir, opts: Extra
     complete = writer.finalize()
     skipped = []
     if complete:
-        with TokenStore.open(path) as store:
+        with TokenStore.open(path, check=False) as store:  # only its attributes: finalize checked the chunks
             skipped = store.skipped
             write_manifest(cache, dataset, store.skip_reasons)
     return ExtractResult(path, complete, done_rows, time.perf_counter() - t0, skipped)

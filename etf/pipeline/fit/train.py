@@ -256,12 +256,11 @@ def training_views(cfg: FitConfig, priors: PriorSet) -> int:
     if cfg.views == "clean" or (cfg.views is None and held == 1):
         return 1
     if held == 1:
-        differ = len({str(v) for v in priors.view_specs}) > 1
         raise EtfError(
             "--views random: the priors' stores hold different views ("
             + "; ".join(f"{n}: {v or 'none'}" for n, v in zip(priors.names, priors.view_specs))
             + "); extract every prior with the same --views, --augment and --view-seed"
-            if differ
+            if priors.views_differ
             else "--views random: the stores of --encoders hold no augmented views; extract with --views K --augment SPEC"
         )
     return held
