@@ -31,7 +31,6 @@ from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.extract.run import resolve_device, resolve_precision
 from etf.pipeline.fit.config import INFER_MODES, FitConfig
-from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
 from etf.pipeline.fit.heads import Task, parse_task, selection_metric, unique_names
 from etf.pipeline.fit.metrics import format_metrics
 from etf.pipeline.fit.mixing import JointConfig, assign, dataset_labels, memory_shares, mix_probabilities, step_plan
@@ -45,6 +44,7 @@ from etf.pipeline.fit.train import (
     _score,
     attention_shares,
     check_group,
+    cost_metrics,
     dataset_record,
     evaluate,
     evaluated_test_splits,
@@ -383,11 +383,9 @@ def fit_joint(
             p.label: attention_shares(models, p.batches, _test_rows(p), priors[0].names, device) for p in parts
         }
         sample = [t[:1].to(device) for t in next(parts[0].batches.iterate(parts[0].splits.val[:1], shuffle=False))[1]]
-        flops = [int(s["info"].get("flops_per_image") or 0) for s in priors[0].specs()]
         seconds = time.perf_counter() - t0
         out = []
         for j, member in enumerate(members):
-            reads = member.model.fuser.reads
             by_dataset = {}
             for p in parts:
                 entry = {
@@ -410,12 +408,7 @@ def fit_joint(
                 "precision": precision,
                 "task_weights": member.weights,
                 **({"log_variance": member.uncertainty.values()} if member.uncertainty is not None else {}),
-                "fuser_params": count_parameters(member.model),
-                "fuser_flops": flops_per_sample(member.model, sample),
-                "fuser_flops_canonical": flops_per_sample(member.model, sample, "canonical"),
-                "encoder_flops": sum(flops[q] for q in reads),
-                "canonical_encoder_flops": flops[0],
-                "priors": [priors[0].names[q] for q in reads],
+                **cost_metrics(member.model, priors[0], sample),
                 "seconds": seconds,
             }
             pooled = _pooled_shares([(len(_test_rows(p)), shares_by[p.label][j]) for p in parts])

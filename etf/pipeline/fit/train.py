@@ -459,7 +459,8 @@ class _Member:
             self.scaler.update()
             self.sched.step()
             self.rng = self._rng_state()
-        self.loss_sum += float(loss.detach()) * len(tokens[0])
+        # summed on the device, read once per epoch: no host sync per step on an accelerator
+        self.loss_sum = self.loss_sum + loss.detach().double() * len(tokens[0])
 
     def task_loss(
         self, out: dict[str, torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor]], tasks: list[Task]
@@ -484,7 +485,7 @@ class _Member:
         row = {
             "epoch": epoch,
             "lr": self.opt.param_groups[0]["lr"],
-            "train_loss": self.loss_sum / seen,
+            "train_loss": float(self.loss_sum) / seen,
             "samples_per_s": rate,
         }
         row.update({f"val_{t}_{k}": v for t, ms in val.items() for k, v in ms.items() if not isinstance(v, list)})
@@ -627,24 +628,14 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
         test_rows = np.unique(np.concatenate(list(splits.tests.values()))) if splits.tests else splits.val
         shares = attention_shares(models, batches, test_rows, priors.names, device)
         sample = [t[:1].to(device) for t in next(batches.iterate(splits.val[:1], shuffle=False))[1]]
-        flops = [int(s["info"].get("flops_per_image") or 0) for s in priors.specs()]
         seconds = time.perf_counter() - t0
         out = []
         for member, result, prediction, share in zip(members, results, predictions, shares):
-            reads = member.model.fuser.reads
-            cost = {
-                "fuser_params": count_parameters(member.model),
-                "fuser_flops": flops_per_sample(member.model, sample),
-                "fuser_flops_canonical": flops_per_sample(member.model, sample, "canonical"),
-                "encoder_flops": sum(flops[p] for p in reads),
-                "canonical_encoder_flops": flops[0],
-            }
             metrics = {
                 **result,
                 "best_epoch": member.best_epoch,
                 "selected_by": f"val {tasks[0].name} {selection}",
-                **cost,
-                "priors": [priors.names[p] for p in reads],
+                **cost_metrics(member.model, priors, sample),
                 "splits": splits.counts(),
                 **({"held_out": splits.held_out} if splits.held_out else {}),
                 "streamed": batches.streamed,
@@ -671,6 +662,21 @@ def _write_run(cfg, dataset, tasks, priors, model, metrics, history, predictions
     a reader (predict, explain, a resumed grid) sees a complete run or none."""
     with staged_dir(Path(cfg.out)) as out:
         return _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, predictions, targets)
+
+
+def cost_metrics(model: FusionModel, priors: PriorSet, sample: list[torch.Tensor]) -> dict[str, Any]:
+    """What the fuser costs per sample under both inference modes (counted on ``sample``),
+    beside the FLOPs of the encoders it reads, and which priors those are."""
+    flops = [int(s["info"].get("flops_per_image") or 0) for s in priors.specs()]
+    reads = model.fuser.reads
+    return {
+        "fuser_params": count_parameters(model),
+        "fuser_flops": flops_per_sample(model, sample),
+        "fuser_flops_canonical": flops_per_sample(model, sample, "canonical"),
+        "encoder_flops": sum(flops[p] for p in reads),
+        "canonical_encoder_flops": flops[0],
+        "priors": [priors.names[p] for p in reads],
+    }
 
 
 def dataset_record(dataset: Dataset) -> dict[str, Any]:
