@@ -113,7 +113,6 @@ def import_tokens(
         data = {"tokens": stored[:, 0]}
         if views > 1:
             data |= {"views": stored[:, 1:], "view_matrix": geometry[rows]}
-            data["view_flip"] = np.linalg.det(geometry[rows][:, :, :2, :2]) < 0
         writer.write_chunk(c, data, {})
     writer.finalize()
     return path

@@ -47,6 +47,7 @@ from etf.cache.format import (
 )
 from etf.cache.location import Location, cache_location
 from etf.cache.tokens import TokenLayout
+from etf.data.geometry import is_mirror
 from etf.errors import EtfError
 from etf.utils import atomic_path, canonical_json, spec_hash
 
@@ -318,8 +319,11 @@ class StoreWriter:
             (self.partial / "attrs.json").write_json(self.attrs)
 
     def write_chunk(self, c: int, data: dict[str, np.ndarray], skipped: dict[str, str]) -> None:
-        """Write chunk ``c`` of every array, then mark it done (the marker is the commit)."""
+        """Write chunk ``c`` of every array, then mark it done (the marker is the commit).
+        ``view_flip`` is derived here from ``view_matrix``."""
         start, stop = self.chunk_range(c)
+        if "view_matrix" in data:
+            data = {**data, "view_flip": is_mirror(data["view_matrix"])}
         for a in self.all_arrays:
             block = data[a.name]
             if block.shape != (stop - start, *a.shape):

@@ -55,9 +55,10 @@ MIRROR_5 = (1, 0, 2, 4, 3)
 MIRRORS = {68: MIRROR_68, 98: MIRROR_98, 5: MIRROR_5}
 
 
-def is_mirror(matrix: np.ndarray) -> bool:
-    """Whether the view mirrors the image (its linear part reverses orientation)."""
-    return float(np.linalg.det(matrix[:2, :2])) < 0
+def is_mirror(matrix: np.ndarray) -> np.ndarray:
+    """Whether the view mirrors the image (its linear part reverses orientation), for one
+    3x3 matrix or a stack of them."""
+    return np.linalg.det(matrix[..., :2, :2]) < 0
 
 
 def rotation_degrees(matrix: np.ndarray) -> float:

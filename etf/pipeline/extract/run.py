@@ -390,7 +390,6 @@ def _blocks(writer: StoreWriter, per_view: list[dict[int, np.ndarray]], matrices
         for a in writer.arrays:
             out[a.name.replace("tokens", "views", 1)] = np.stack([_stack(a, p) for p in per_view[1:]], axis=1)
         out["view_matrix"] = matrices
-        out["view_flip"] = np.linalg.det(matrices[:, :, :2, :2]) < 0
     return out
 
 
