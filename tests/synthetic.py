@@ -49,10 +49,15 @@ def planted_tokens(rng: np.random.Generator, signal: np.ndarray, strength: float
     return (x + strength * signal[:, None, None] * direction).astype(np.float32)
 
 
-def import_prior(cache: Path, dataset: Dataset, name: str, tokens: np.ndarray, tmp: Path) -> Path:
+def import_prior(
+    cache: Path, dataset: Dataset, name: str, tokens: np.ndarray, tmp: Path, pool: str | None = "avg"
+) -> Path:
+    """``tokens`` as the store ``name``. :func:`planted_tokens` carry their signal in every
+    token, so by default the prior states the patch mean as its pooling (the less noisy
+    summary); ``pool=None`` leaves it to the import's default (the class token)."""
     path = tmp / f"{name}.npy"
     np.save(path, tokens)
-    return import_tokens(cache, dataset, name, path)
+    return import_tokens(cache, dataset, name, path, pool=pool)
 
 
 def xor_cache(tmp: Path, n: int = 500, seed: int = 0) -> tuple[Dataset, str, Path]:

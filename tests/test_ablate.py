@@ -272,8 +272,8 @@ def test_plan_canonical_prior_baselines_and_run_ids(xor, tmp_path):
         _grid(xor, tmp_path / "x", encoders="B,A", fusers="etfuser,linear", seeds="0", attn="full,intra", subsets="k=2")
     )
     by = {(p.labels["subset"], p.labels["fuser"], p.labels["attn"]): p for p in plan.points}
-    assert set(by) == {("B+A", "etfuser", "full"), ("B+A", "etfuser", "intra"), ("B", "linear", "full")}
-    assert by["B+A", "etfuser", "intra"].baseline == by["B", "linear", "full"].run_id
+    assert set(by) == {("B+A", "etfuser", "full"), ("B+A", "etfuser", "intra"), ("B", "linear", None)}
+    assert by["B+A", "etfuser", "intra"].baseline == by["B", "linear", None].run_id
     # the run id is content: the same grid elsewhere has the same ids, another setting another id
     moved = plan_grid(
         _grid(xor, tmp_path / "y", encoders="B,A", fusers="etfuser", seeds="0", attn="full,intra", subsets="k=2")

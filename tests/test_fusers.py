@@ -217,10 +217,10 @@ def test_weight_decay_spares_tokens_embeddings_gates_norms_and_biases(fuser):
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert spared | decayed == set(names.values()) and not spared & decayed
     learned = {
-        "etfuser": ["ensemble", "gate", "embed", "placeholder"] if recon else ["ensemble"],
-        "etfuser+qface": ["ensemble", "queries", "embed"],
-        "qface": ["queries", "embed"],
-        "fra": ["masks", "embed"],
+        "etfuser": ["ensemble", "gate", "embed", "position", "placeholder"] if recon else ["ensemble"],
+        "etfuser+qface": ["ensemble", "queries", "embed", "position"],
+        "qface": ["queries", "embed", "position"],
+        "fra": ["masks", "embed", "position"],
     }[fuser]
     for leaf in learned:
         assert any(n.endswith("." + leaf) for n in spared) and not any(n.endswith("." + leaf) for n in decayed), leaf

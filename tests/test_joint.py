@@ -260,7 +260,7 @@ def test_mismatched_priors_empty_and_unusable_datasets_are_refused(pair, tmp_pat
     rng = np.random.default_rng(5)
     c, spec_c = make_csv_dataset(tmp_path / "c", {"AU1": rng.choice([0.0, 1.0], 40)}, _splits(20, 10, 10))
     np.save(tmp_path / "c.npy", rng.normal(size=(40, T, D)).astype(np.float32))
-    import_tokens(cache, c, "P", tmp_path / "c.npy", dtype="float32")  # A's P is float16
+    import_tokens(cache, c, "P", tmp_path / "c.npy", dtype="float32", pool="avg")  # A's P is float16
     base = ["fit", "--cache", cache, "--data", spec_a, "--encoders", "P", "--out", tmp_path / "run"]
     tasks = ["--task", "1=classify:expression", "--task", "2=multilabel:AU1"]
     line = _error(_etf(*base, "--data", spec_c, *tasks))
@@ -269,7 +269,7 @@ def test_mismatched_priors_empty_and_unusable_datasets_are_refused(pair, tmp_pat
     empty.write_text("path,split,AU1\n")
     assert _error(_etf(*base, "--data", f"csv:{empty}", *tasks)).endswith("empty.csv: no rows")
     unlabelled, spec_u = make_csv_dataset(tmp_path / "u", {"AU1": np.full(40, np.nan)}, _splits(20, 10, 10))
-    import_tokens(cache, unlabelled, "P", tmp_path / "c.npy")
+    import_tokens(cache, unlabelled, "P", tmp_path / "c.npy", pool="avg")
     line = _error(_etf(*base, "--data", spec_u, *tasks))
     assert line.startswith("Error: csv2: ") and "the train split has no usable samples" in line
     single = _error(_etf(*base, "--mix", "balanced", "--uncertainty"))

@@ -121,7 +121,11 @@ class PriorSet:
         priors: list[str],
         layers: str = "last",
         tokens: str | None = None,
+        labels: list[str] | None = None,
     ) -> None:
+        """``priors`` name the stores (by name, ``NAME-HASHPREFIX`` or path); ``labels``, the
+        names the priors go by (default: as named), e.g. a run's names for stores it located
+        by their spec hashes."""
         if not priors:
             raise EtfError("--encoders: name at least one prior")
         if len(set(priors)) != len(priors):
@@ -130,11 +134,11 @@ class PriorSet:
         self.dataset = dataset
         _check_manifest(self.cache_dir, dataset)
         self.paths = [self._resolve(p) for p in priors]
-        self.names = priors
+        self.names = labels or priors
         self.tokens = parse_tokens(tokens) if tokens else None
         self.stores = [TokenStore.open(p) for p in self.paths]
         skipped: set[str] = set()
-        for name, store in zip(priors, self.stores):
+        for name, store in zip(self.names, self.stores):
             if store.spec["dataset_key"] != dataset.key or store.n != len(dataset):
                 raise EtfError(
                     f"--encoders {name}: {store.path} was extracted from a different sample set "
@@ -149,12 +153,12 @@ class PriorSet:
         self.groups: list[Group] = []
         self._source: list[tuple[int, int]] = []  # (store index, layer) of each group
         for p, store in enumerate(self.stores):
-            for layer in self._layers(store, layers, priors[p]):
+            for layer in self._layers(store, layers, self.names[p]):
                 layout = store.layouts[layer]
                 if self.tokens:
                     probe = torch.zeros(1, layout.count, 1)
                     layout = select_tokens(probe, layout, self.tokens)[1]
-                self.groups.append(Group(p, priors[p], layer, layout, store.shape(layer)[1]))
+                self.groups.append(Group(p, self.names[p], layer, layout, store.shape(layer)[1]))
                 self._source.append((p, layer))
 
     def _resolve(self, prior: str) -> Location:

@@ -17,3 +17,9 @@ DTYPES = tuple(PHYSICAL)
 DATASET_FIELDS = ("dataset_key", "n", "tokens_sha256", "ids_sha256")
 #: store-spec fields only training reads: a store's view 0 is the same with or without its views
 VIEW_FIELDS = ("views",)
+#: a prior's own pooling, as a store's layout records it (timm's ``global_pool`` names): the
+#: first prefix (class) token, or the mean, max or mean of mean and max of the patch tokens
+POOLS = ("token", "avg", "max", "avgmax")
+#: what ``--pool`` may ask for instead: a stored pooling, or ``token+avg`` (the class token and
+#: the patch mean concatenated: dinov2's linear-evaluation representation)
+POOL_OVERRIDES = (*POOLS, "token+avg")

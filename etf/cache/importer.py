@@ -17,17 +17,25 @@ from etf.errors import EtfError
 from etf.utils import sha256_file
 
 
-def guess_layout(tokens: int, prefix: int | None) -> TokenLayout:
+def guess_layout(tokens: int, prefix: int | None, pool: str | None = None) -> TokenLayout:
     """A square patch grid after ``prefix`` tokens; by default 0 or 1 prefix tokens, whichever
-    leaves a square number, else every token counts as prefix (no grid)."""
+    leaves a square number, else every token counts as prefix (no grid). ``pool``: how the
+    prior summarises an image (default: its class token where there is a prefix, else the
+    patch mean); a pooling the tokens cannot give is refused."""
     options = [prefix] if prefix is not None else [0, 1]
+    layout = None
     for p in options:
         side = math.isqrt(tokens - p) if tokens - p > 0 else 0
         if side * side == tokens - p and side > 0:
-            return TokenLayout(p, (side, side))
-    if prefix is not None:
+            layout = TokenLayout(p, (side, side), pool or "")
+            break
+    if layout is None and prefix is not None:
         raise EtfError(f"--prefix {prefix}: {tokens - prefix} remaining tokens do not form a square grid")
-    return TokenLayout(tokens, None)
+    layout = layout or TokenLayout(tokens, None, pool or "")
+    if pool and layout.pool != pool:
+        has = f"{layout.prefix} prefix token(s) and " + ("a patch grid" if layout.grid else "no patch grid")
+        raise EtfError(f"--pool {pool}: these tokens have {has}; set --prefix, or use --pool {layout.pool}")
+    return layout
 
 
 def _row_order(dataset: Dataset, n_rows: int, ids_file: Path | None) -> np.ndarray:
@@ -63,12 +71,14 @@ def import_tokens(
     prefix: int | None = None,
     store_format: str = "zarr",
     geometry_file: Path | None = None,
+    pool: str | None = None,
 ) -> Location:
     """Write ``tokens_file`` ((N, T, D) or (N, L, T, D) .npy) as the complete store ``name``.
 
     With ``geometry_file`` ((N, K, 3, 3) .npy: per sample and view, the matrix from clean to
     view pixels, view 0 the identity) the array has a view axis after the sample axis,
     (N, K, T, D) or (N, K, L, T, D), and its views 1..K-1 become the store's views.
+    ``pool`` states the prior's own pooling (:func:`guess_layout`); it is part of the key.
     """
     src = _load(tokens_file, "--array")
     shapes = "(N,K,T,D) or (N,K,L,T,D)" if geometry_file else "(N,T,D) or (N,L,T,D)"
@@ -83,7 +93,7 @@ def import_tokens(
     geometry = _geometry(geometry_file, src.shape[:2]) if geometry_file else None
     n_layers, t, d = src.shape[2:]
     layers = list(range(1, n_layers + 1))
-    layout = guess_layout(t, prefix)
+    layout = guess_layout(t, prefix, pool)
     spec = {
         "name": name,
         "source": "import",

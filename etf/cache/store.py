@@ -30,7 +30,7 @@ import json
 import os
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ from etf.cache.format import (
     ZARR_CHUNK_BYTES,
 )
 from etf.cache.location import Location, cache_location
-from etf.cache.tokens import TokenLayout
+from etf.cache.tokens import TokenLayout, legacy_pool
 from etf.data.geometry import is_mirror
 from etf.errors import EtfError
 from etf.utils import atomic_path, canonical_json, spec_hash
@@ -432,6 +432,11 @@ class TokenStore:
         self.array_specs = [ArraySpec.from_json(a) for a in attrs["arrays"]]
         self.view_specs = [ArraySpec.from_json(a) for a in attrs.get("view_arrays", [])]
         self.layouts = {int(k): TokenLayout.from_json(v) for k, v in attrs["layouts"].items()}
+        if any("pool" not in v for v in attrs["layouts"].values()):  # written before layouts said how they pool
+            self.layouts = {
+                k: replace(v, pool=legacy_pool(attrs["spec"].get("model"), v.prefix)) for k, v in self.layouts.items()
+            }
+            self.attrs = {**attrs, "layouts": {str(k): v.to_json() for k, v in self.layouts.items()}}
 
     @classmethod
     def open(cls, path: str | os.PathLike | Location, check: bool = True) -> TokenStore:

@@ -116,7 +116,7 @@ def _as_grid_options(cmd: click.Command) -> None:
     for param in cmd.params:
         if param.name == "data_spec":
             param.required = False
-        elif param.name in ("attn", "mask", "prior_tokens", "fuse", "position_code", "head", "views", "mix"):
+        elif param.name in ("attn", "mask", "prior_tokens", "fuse", "position_code", "head", "pool", "views", "mix"):
             param.type = click.STRING
             param.help = f"{param.help or ''} Comma list: a grid axis.".strip()
         elif param.name == "progress":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from etf.cache.format import DTYPES
+from etf.cache.format import DTYPES, POOLS
 from etf.cli.options import cache_option, data_options, echo_kv, location_type, open_dataset, storage_option
 from etf.errors import EtfError
 
@@ -37,7 +37,8 @@ def describe_store(path) -> None:
                 "tokens",
                 f"{info['tokens']}; "
                 + ", ".join(
-                    f"layer {k}: {v['prefix']} prefix + {'x'.join(map(str, v['grid'])) if v['grid'] else 'no'} grid"
+                    f"layer {k}: {v['prefix']} prefix + {'x'.join(map(str, v['grid'])) if v['grid'] else 'no'} grid, "
+                    f"pooled by {v['pool']}"
                     for k, v in info["layouts"].items()
                 ),
             ),
@@ -131,6 +132,12 @@ def verify(store) -> None:
     help="Leading non-patch tokens.  [default: 0 or 1, whichever leaves a square grid]",
 )
 @click.option(
+    "--pool",
+    type=click.Choice(POOLS),
+    help="How the prior summarises an image: its class token (the first prefix token) or the mean, max or "
+    "mean+max/2 of its patch tokens.  [default: token with a prefix, else avg]",
+)
+@click.option(
     "--geometry",
     "geometry_file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -139,12 +146,16 @@ def verify(store) -> None:
 )
 @click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True)
 @click.option("--store", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-def import_(cache_dir, data_spec, crop, name, array_file, ids_file, prefix, geometry_file, dtype, store_format) -> None:
+def import_(
+    cache_dir, data_spec, crop, name, array_file, ids_file, prefix, pool, geometry_file, dtype, store_format
+) -> None:
     """Bring tokens computed elsewhere into the cache as a store."""
     from etf.cache.importer import import_tokens
     from etf.cache.store import check_store_format
 
     check_store_format(cache_dir, store_format).check_writable("--cache")
     dataset = open_dataset(data_spec, crop)
-    path = import_tokens(cache_dir, dataset, name, array_file, ids_file, dtype, prefix, store_format, geometry_file)
+    path = import_tokens(
+        cache_dir, dataset, name, array_file, ids_file, dtype, prefix, store_format, geometry_file, pool
+    )
     describe_store(path)

@@ -216,6 +216,8 @@ def command(
             click.echo(f"{name}: soup source {source['file']} (weights sha256 {source['weights_sha256'][:12]})")
         if encoder.load_report is not None:
             click.echo(f"{name}: {encoder.load_report.summary()}")
+        if encoder.pool_note:
+            click.echo(f"{name}: {encoder.pool_note}")
         result = extract(dataset, encoder, cache_dir, opts)
         if result.complete and result.samples_done == 0:
             click.echo(f"{name}: already complete")

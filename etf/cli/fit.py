@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from etf.cache.format import POOL_OVERRIDES
 from etf.cli.options import (
     cache_option,
     data_options,
@@ -94,8 +95,22 @@ def fuser_options(fn):
             _fuser(
                 "head",
                 type=click.Choice(HEADS),
-                help="spatial: heads read the canonical grid plus t (a conv head for landmarks, pooled for the rest); "
-                "pooled: its pooled token plus t; auto: spatial where the canonical tokens have a grid.",
+                help="What landmark heads read: spatial, the canonical grid plus t (a conv head); pooled, its pooled "
+                "token plus t; auto: spatial where the canonical tokens have a grid. Other tasks read the pooled token.",
+            ),
+            _fuser(
+                "pool",
+                type=click.Choice(POOL_OVERRIDES),
+                help="Each prior's pooled token: token (its class token), avg, max, avgmax (of its patch tokens) or "
+                "token+avg (both, concatenated: dinov2's linear evaluation); a prior without a class token pools its "
+                "patches.  [default: each prior's own pooling, recorded in its store]",
+            ),
+            click.option(
+                "--canonical-norm/--no-canonical-norm",
+                default=default(FuserConfig, "canonical_norm"),
+                show_default=True,
+                help="Normalise the canonical prior's pooled token (LayerNorm) and map (GroupNorm) before t is "
+                "added; the authors add t to the raw map.",
             ),
             _fuser(
                 "queries",
@@ -373,4 +388,4 @@ def command(**kw: Any) -> None:
 
     tasks = joint_task_specs(kw, datasets)
     cfg = FitConfig(tasks=tasks, fuser_config=fuser_config, **kw)
-    click.echo(fit_joint(datasets, [cfg], joint, overwrite)[0].summary)
+    click.echo(fit_joint(datasets, [cfg], joint, overwrite)[0].checked().summary)

@@ -41,7 +41,7 @@ from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
 from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
 from etf.pipeline.ablate.report import Metric, Run, write_report
-from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key
+from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key, resolve
 from etf.pipeline.fit.fusers import check_fuser
 from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names
 from etf.pipeline.fit.mixing import JointConfig, assign, dataset_labels, parse_task_weights
@@ -81,7 +81,9 @@ AXES = {f.name: f.default for f in fields(FitConfig) if f.name in FIT_AXES} | {
 JOINT_AXES = {"mix": JointConfig.mix}
 #: axes whose option has a plural name, and axes given as comma lists on the command line
 PLURAL = {"fuser": "fusers", "seed": "seeds"}
-COMMA_AXES = ("fuser", "seed", "attn", "mask", "prior_tokens", "fuse", "position_code", "head", "views", "mix")
+COMMA_AXES = (
+    "fuser", "seed", "attn", "mask", "prior_tokens", "fuse", "position_code", "head", "pool", "views", "mix"
+)  # fmt: skip
 #: settings that are not axes, with their defaults
 OPTIONS = {
     "data": None,
@@ -344,6 +346,7 @@ def plan_grid(grid: Grid) -> Plan:
             raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
         tasks = [parse_task(t, dataset) for t in task_specs]
         unique_names(tasks)
+        task_kinds = [t.kind for t in tasks]
         t = tasks[0]
         metrics = [
             Metric(t.name, t.kind, selection_metric(t, dataset), _test_splits(dataset, grid), t.higher_is_better,
@@ -356,10 +359,12 @@ def plan_grid(grid: Grid) -> Plan:
         labels = dataset_labels([d.name for d in datasets])
         per = [mine or list(d.tasks) for mine, d in zip(assign(grid.tasks, labels, "--task"), datasets)]
         task_specs = [f"{k + 1}={spec}" for k, mine in enumerate(per) for spec in mine]
+        joint_tasks = list(zip(labels, datasets, resolve_tasks(datasets, task_specs, labels)))
+        task_kinds = [t.kind for _, _, ts in joint_tasks for t in ts]
         metrics = [
             Metric(t.name, t.kind, selection_metric(t, d), _test_splits(d, grid), t.higher_is_better,
                    grid.metric_infer, label)
-            for label, d, ts in zip(labels, datasets, resolve_tasks(datasets, task_specs, labels))
+            for label, d, ts in joint_tasks
             for t in ts
         ]  # fmt: skip
         if grid.joint.select is not None and grid.joint.select not in {m.task for m in metrics}:
@@ -373,7 +378,8 @@ def plan_grid(grid: Grid) -> Plan:
     points: dict[str, Point] = {}
 
     def add(subset: tuple[str, ...], values: dict[str, Any]) -> str:
-        fuser_cfg = FuserConfig(**{k: values[k] for k in FUSER_AXES})
+        # resolved for the fitted tasks: a setting no model of this point reads is None, so its points merge
+        fuser_cfg = resolve(values["fuser"], FuserConfig(**{k: values[k] for k in FUSER_AXES}), task_kinds)
         cfg = FitConfig(
             cache_dir=grid.cache,
             encoders=list(subset),
@@ -397,10 +403,10 @@ def plan_grid(grid: Grid) -> Plan:
                 "subset": "+".join(subset),
                 "priors": len(subset),
                 "fuser": values["fuser"],
-                "attn": values["attn"],
-                "mask": values["mask"],
                 # as resolved: a setting the fuser does not read shows as None (and its points merge)
-                **{k: getattr(cfg.fuser_config, k) if k in FUSER_AXES else values[k] for k in varied},
+                **{
+                    k: getattr(cfg.fuser_config, k) if k in FUSER_AXES else values[k] for k in ("attn", "mask", *varied)
+                },
                 **({"mix": values["mix"]} if joint else {}),
                 "seed": values["seed"],
             }
@@ -449,8 +455,9 @@ def _test_splits(dataset: Dataset, grid: Grid) -> tuple[str, ...]:
     return tuple(splits)
 
 
-#: the fuser settings the baseline reads: its heads read what the point's heads read
-BASELINE_READS = ("head",)
+#: the fuser settings the baseline reads: it reads the canonical prior as the point does (its
+#: pooled token, normalised or not) and its heads read what the point's heads read
+BASELINE_READS = ("head", "pool", "canonical_norm")
 
 
 def _as_baseline(values: dict[str, Any]) -> dict[str, Any]:
@@ -529,9 +536,14 @@ def _fit_group(datasets: list[Dataset], group: list[Point]) -> list[tuple[str, s
         if len(group) > 1:  # one model's failure must not sink the others: fit them one by one
             return [r for p in group for r in _fit_group(datasets, [p])]
         return [(group[0].run_id, "failed", _record_failure(group[0], e))]
+    out = []
     for p, r in zip(group, results):
-        _record_done(p, r.metrics["seconds"], group)
-    return [(p.run_id, "done", "") for p in group]
+        if r.diverged:  # a failed run, never a row
+            out.append((p.run_id, "failed", _record_failure(p, EtfError(r.diverged))))
+        else:
+            _record_done(p, r.metrics["seconds"], group)
+            out.append((p.run_id, "done", ""))
+    return out
 
 
 # ---------------------------------------------------------------------------- execution

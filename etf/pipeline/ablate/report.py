@@ -136,9 +136,16 @@ def _prediction_terms(run: Path, metric: Metric, norms: dict[str, float] | None)
     return out
 
 
+def shown_labels(runs: list[Run]) -> list[str]:
+    """The settings a configuration's name shows: those the grid varies among the models
+    that read them (a setting a fuser does not read is None and never tells runs apart)."""
+    keys = [k for k in dict.fromkeys(k for r in runs for k in r.labels) if k not in (*FIXED_LABELS, "seed")]
+    return [k for k in keys if len({str(v) for r in runs if (v := r.labels.get(k)) is not None}) > 1]
+
+
 def _variant(labels: dict[str, Any], shown: list[str]) -> str:
-    """The fuser and the varied settings: a configuration without its subset."""
-    return " ".join([labels["fuser"], *(f"{k}={labels[k]}" for k in shown)])
+    """The fuser and the varied settings it reads: a configuration without its subset."""
+    return " ".join([labels["fuser"], *(f"{k}={labels[k]}" for k in shown if labels.get(k) is not None)])
 
 
 def _name(labels: dict[str, Any], shown: list[str]) -> str:
@@ -213,8 +220,7 @@ def _metric_rows(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     results = {r.run_id: _load(r, metric, norms) for r in runs if r.status == "done"}
     by_id = {r.run_id: r for r in runs}
-    keys = [k for k in dict.fromkeys(k for r in runs for k in r.labels) if k not in (*FIXED_LABELS, "seed")]
-    shown = [k for k in keys if len({str(r.labels[k]) for r in runs}) > 1]
+    shown = shown_labels(runs)
     config: dict[str, list[Run]] = {}
     for r in runs:
         config.setdefault(_name(r.labels, shown), []).append(r)

@@ -20,7 +20,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from etf.cache.tokens import TokenLayout
+from etf.cache.tokens import TokenLayout, module_pool
 from etf.errors import EtfError
 from etf.pipeline.extract.checkpoints import LoadReport, adapt_state_dict, load_into, read_state_dict, soup
 
@@ -120,6 +120,10 @@ class Encoder:
     load_report: LoadReport | None = None
     #: a soup's sources, in order: each file's name and the weights_sha256 it alone gives
     soup: list[dict[str, str]] | None = None
+    #: the model's own pooling (timm's ``global_pool``, see ``etf.cache.tokens.module_pool``;
+    #: empty: the layout default) and why it differs from what the model does, if it does
+    pool: str = ""
+    pool_note: str | None = None
 
     @property
     def is_vit(self) -> bool:
@@ -165,10 +169,10 @@ class Encoder:
             for patches, prefix in feats:
                 if prefix is None:
                     prefix = patches[:, :0]
-                out.append((torch.cat([prefix, patches], dim=1), TokenLayout(prefix.shape[1], grid)))
+                out.append((torch.cat([prefix, patches], dim=1), TokenLayout(prefix.shape[1], grid, self.pool)))
             return out
         feats = self.model.forward_intermediates(x, indices=idx, norm=norm, stop_early=True, intermediates_only=True)
-        return [(f.flatten(2).transpose(1, 2), TokenLayout(0, (f.shape[2], f.shape[3]))) for f in feats]
+        return [(f.flatten(2).transpose(1, 2), TokenLayout(0, (f.shape[2], f.shape[3]), self.pool)) for f in feats]
 
     def probe(self, layers: list[int], norm: bool = True) -> tuple[list[tuple[torch.Tensor, TokenLayout]], int]:
         """Tokens of one blank image (their shapes plan a store) and the forward FLOPs they
@@ -243,6 +247,7 @@ def create_encoder(
             f"--img-size {img_size}: not a multiple of {name}'s patch size {patch[0]} "
             f"(the last {img_size % patch[0]} pixels would be cut off); use {img_size - img_size % patch[0] or patch[0]}"
         )
+    pool, pool_note = module_pool(model)  # before reset_classifier, which may reset it
     model.reset_classifier(0)
     report, sources = None, None
     if files:
@@ -271,6 +276,8 @@ def create_encoder(
         weights_sha256=state_sha256(model),
         load_report=report,
         soup=sources,
+        pool=pool,
+        pool_note=pool_note,
     )
 
 

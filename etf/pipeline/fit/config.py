@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +36,45 @@ MODEL_DEFAULTS = {
     "paper": {"depth": 1, "mlp_ratio": 1.0, "dropout": 0.2},
     "token": {"depth": 2, "mlp_ratio": 2.0, "dropout": 0.0},
 }
+#: the FuserConfig fields every fuser reads: training-time dropping, the auxiliary objective
+#: (refused where a fuser has none) and what spatial heads read
+READ_BY_ALL = ("mask", "aux", "head")
+_SEQUENCE = ("depth", "heads", "mlp_ratio", "dropout", "attn", "prior_tokens", "fuse", "pool", "canonical_norm")
+#: the other FuserConfig fields each fuser reads (ET-Fuser's by formulation: ``pooled`` or
+#: ``all`` prior tokens); a field a fuser does not read is None in its resolved config, so
+#: that equal models have equal configs (an ablation grid runs a ``concat`` point once,
+#: whatever ``attn`` lists). ``tests/test_fuser_settings.py`` checks each entry against the models.
+FUSER_READS: dict[str, tuple[str, ...]] = {
+    "linear": ("pool", "canonical_norm"),
+    "mean": ("dim", "pool"),
+    "concat": ("pool",),
+    "etfuser:pooled": (*_SEQUENCE, "position_code"),
+    "etfuser:all": (*_SEQUENCE, "dim", "recon_ratio"),
+    "etfuser+qface:pooled": (*_SEQUENCE, "position_code", "queries"),
+    "etfuser+qface:all": (*_SEQUENCE, "dim", "recon_ratio", "queries"),
+    "qface": ("dim", "depth", "heads", "mlp_ratio", "dropout", "queries"),
+    "fra": ("dim", "mlp_ratio", "dropout", "regions", "temperature"),
+}
+#: FuserConfig fields read only where a task of that kind is fitted
+TASK_READS = {"head": "spatial", "queries": "multilabel"}
 
 
 @dataclass
 class FuserConfig:
-    """Fuser hyper-parameters; each fuser reads the ones it uses.
+    """Fuser hyper-parameters; each fuser reads the ones it uses (:data:`FUSER_READS`).
 
     Fields left ``None`` take the default of the model they configure (:func:`resolve`):
     ``etfuser`` is the authors' formulation unless told otherwise (``prior_tokens`` pooled,
     ``fuse`` add and :data:`MODEL_DEFAULTS` ``paper``), ``etfuser+qface`` the token-level
-    one; the formulation flags stay ``None`` for fusers that do not read them.
+    one. After :func:`resolve`, the fields a fuser does not read are ``None``.
     """
 
-    dim: int = 256
+    dim: int | None = 256
     depth: int | None = None
-    heads: int = 4
+    heads: int | None = 4
     mlp_ratio: float | None = None
     dropout: float | None = None
-    attn: str = "full"
+    attn: str | None = "full"
     mask: str = "none"
     #: ET-Fuser's prior tokens: ``pooled`` (one per prior, zero-padded: the authors') or ``all``
     prior_tokens: str | None = None
@@ -61,66 +82,91 @@ class FuserConfig:
     fuse: str | None = None
     #: the pooled sequence's fixed position code: ``sinusoidal`` (Vaswani) or the authors' ``single`` frequency
     position_code: str | None = None
-    #: heads read the canonical grid plus t (``spatial``), its pooled token (``pooled``), or
-    #: ``auto``: spatial where the canonical tokens have a grid
-    head: str = "auto"
+    #: what heads of spatial tasks (landmarks) read: the canonical grid plus t (``spatial``), its
+    #: pooled token (``pooled``), or ``auto``: spatial where the canonical tokens have a grid
+    head: str | None = "auto"
+    #: each prior's pooled token: None is its own pooling (recorded in its store's layout),
+    #: else one of ``etf.cache.format.POOL_OVERRIDES`` where its tokens allow it
+    pool: str | None = None
+    #: whether the canonical representation is normalised before t is added (LayerNorm of the
+    #: pooled token, GroupNorm of the map); the authors add t to the raw map
+    canonical_norm: bool | None = True
     #: Q-Face label queries: ``label`` gives a multi-label task one query per label, ``task`` one per task
-    queries: str = "label"
+    queries: str | None = "label"
     #: FRA: number of facial-mask embeddings (regions) and the heatmap softmax temperature
-    regions: int = 8
-    temperature: float = 0.1
+    regions: int | None = 8
+    temperature: float | None = 0.1
     #: auxiliary objective: ``none``, ``recon:W`` (ET-Fuser fusers) or ``sinkhorn:W`` (fra)
     aux: str = "none"
     #: fraction of the present prior tokens that ``recon`` hides
-    recon_ratio: float = 0.5
+    recon_ratio: float | None = 0.5
 
     def __post_init__(self) -> None:
-        if self.attn not in ("full", "intra"):
-            raise EtfError(f"--attn {self.attn!r}: use full or intra")
+        from etf.cache.tokens import parse_pool
+
         for flag, value, choices in (
+            ("--attn", self.attn, ("full", "intra")),
             ("--prior-tokens", self.prior_tokens, PRIOR_TOKENS),
             ("--fuse", self.fuse, FUSE_MODES),
             ("--position-code", self.position_code, POSITION_CODES),
             ("--head", self.head, HEADS),
+            ("--queries", self.queries, ("label", "task")),
         ):
             if value is not None and value not in choices:
                 raise EtfError(f"{flag} {value!r}: use {' or '.join(choices)}")
-        if self.depth is not None and self.depth < 1:
-            raise EtfError(f"--depth {self.depth}: must be at least 1")
+        if self.pool is not None:
+            parse_pool(self.pool)
+        for flag, value in (("--dim", self.dim), ("--depth", self.depth), ("--heads", self.heads)):
+            if value is not None and value < 1:
+                raise EtfError(f"{flag} {value}: must be at least 1")
         if self.mlp_ratio is not None and self.mlp_ratio <= 0:
             raise EtfError(f"--mlp-ratio {self.mlp_ratio}: must be positive")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise EtfError(f"--dropout {self.dropout}: must be in [0, 1)")
         parse_mask(self.mask)
         parse_aux(self.aux)
-        if self.dim % self.heads:
+        if self.dim is not None and self.heads is not None and self.dim % self.heads:
             raise EtfError(f"--dim {self.dim} is not divisible by --heads {self.heads}")
-        if self.queries not in ("label", "task"):
-            raise EtfError(f"--queries {self.queries!r}: use label or task")
-        if self.regions < 1 or self.temperature <= 0:
-            raise EtfError(
-                f"--regions {self.regions} / --temperature {self.temperature}: need at least one region and a positive temperature"
-            )
-        if not 0 < self.recon_ratio < 1:
+        if self.regions is not None and self.regions < 1:
+            raise EtfError(f"--regions {self.regions}: need at least one region")
+        if self.temperature is not None and self.temperature <= 0:
+            raise EtfError(f"--temperature {self.temperature}: must be positive")
+        if self.recon_ratio is not None and not 0 < self.recon_ratio < 1:
             raise EtfError(f"--recon-ratio {self.recon_ratio}: must be in (0, 1)")
 
 
-def resolve(fuser: str, cfg: FuserConfig) -> FuserConfig:
-    """``cfg`` with its unset fields filled for ``fuser`` and the formulation flags cleared
-    where ``fuser`` does not read them, so that equal models have equal configs (an
-    ablation grid runs a ``concat`` point once, whatever ``prior_tokens`` it lists)."""
+def fuser_reads(fuser: str, cfg: FuserConfig) -> tuple[str, ...]:
+    """The FuserConfig fields ``fuser`` reads under ``cfg`` (its formulation decides for ET-Fuser)."""
     if fuser in ET_FUSERS:
         tokens = cfg.prior_tokens or ("pooled" if fuser == "etfuser" else "all")
-        formulation = {
-            "prior_tokens": tokens,
-            "fuse": cfg.fuse or ("add" if tokens == "pooled" else "gate"),
-            "position_code": (cfg.position_code or "sinusoidal") if tokens == "pooled" else None,
-        }
+        fuser = f"{fuser}:{tokens}"
+    return (*READ_BY_ALL, *FUSER_READS.get(fuser, ()))
+
+
+def resolve(fuser: str, cfg: FuserConfig, task_kinds: list[str] | None = None) -> FuserConfig:
+    """``cfg`` with its unset fields filled for ``fuser`` and the fields ``fuser`` does not read
+    set to None, so that equal models have equal configs. With ``task_kinds`` (the fitted
+    tasks' kinds), the settings no task reads (:data:`TASK_READS`) are cleared too."""
+    reads = set(fuser_reads(fuser, cfg))
+    if parse_aux(cfg.aux)[0] != "recon":
+        reads.discard("recon_ratio")
+    if task_kinds is not None:
+        kinds = set(task_kinds)
+        if "landmarks" in kinds:
+            kinds.add("spatial")
+        reads -= {k for k, kind in TASK_READS.items() if kind not in kinds}
+    filled: dict[str, Any] = {}
+    if fuser in ET_FUSERS:
+        tokens = cfg.prior_tokens or ("pooled" if fuser == "etfuser" else "all")
+        filled = {"prior_tokens": tokens, "fuse": cfg.fuse or ("add" if tokens == "pooled" else "gate")}
+        if tokens == "pooled":
+            filled["position_code"] = cfg.position_code or "sinusoidal"
+        defaults = MODEL_DEFAULTS["paper" if tokens == "pooled" else "token"]
     else:
-        tokens, formulation = "all", dict.fromkeys(("prior_tokens", "fuse", "position_code"))
-    defaults = MODEL_DEFAULTS["paper" if tokens == "pooled" else "token"]
+        defaults = MODEL_DEFAULTS["token"]
+    filled |= {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
     return replace(
-        cfg, **formulation, **{k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in defaults.items()}
+        cfg, **{f.name: filled.get(f.name, getattr(cfg, f.name)) if f.name in reads else None for f in fields(cfg)}
     )
 
 

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from etf.cache.catalog import CacheDir
-from etf.cache.features import Batches, Group, PriorSet, default_memory_budget
+from etf.cache.features import Batches, Group, default_memory_budget
 from etf.data.base import Dataset, get_adapter, load_dataset
 from etf.data.images import read_image, require_readable
 from etf.errors import EtfError
 from etf.pipeline.extract.run import resolve_device
 from etf.pipeline.fit.fusers.layers import group_shares
-from etf.pipeline.fit.predict import Predictor, load_model, load_predictor, prior_tokens
+from etf.pipeline.fit.predict import Predictor, load_model, load_predictor, prior_tokens, run_priors
 
 
 def group_label(g: Group, groups: list[Group]) -> str:
@@ -145,10 +145,8 @@ def split_shares(
         )
     dev = resolve_device(device)
     fuser = model.fuser.to(dev).eval()
-    priors = PriorSet(cache_dir or config["cache_dir"], dataset, config["encoders"], config["layers"], config["tokens"])
+    priors = run_priors(run, config, dataset, cache_dir)
     try:
-        if priors.groups != groups:
-            raise EtfError(f"--run {run}: the cache's token groups differ from the run's (re-extracted stores?)")
         rows = rows[priors.valid[rows]]
         totals: dict[str, torch.Tensor] = {}
         for _, tokens in Batches(priors, rows, default_memory_budget(), batch_size, seed=0).iterate(rows, False):

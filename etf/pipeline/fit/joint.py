@@ -48,6 +48,7 @@ from etf.pipeline.fit.train import (
     dataset_record,
     evaluate,
     evaluated_test_splits,
+    live,
     predict_rows,
     prepare_data,
     run_config,
@@ -316,11 +317,10 @@ def fit_joint(
         sizes = [len(p.splits.train) for p in parts]
         mix = mix_probabilities(joint.mix, sizes)
         steps = joint.steps_per_epoch or -(-max(sizes) // cfg.batch_size)
-        members = [
+        every = [
             _JointMember(c, priors[0].groups, tasks, steps, device, joint, Selection(parts, joint.select), precision)
             for c in configs
         ]
-        models = [m.model for m in members]
         y_dev = [
             {
                 t.name: (
@@ -337,6 +337,10 @@ def fit_joint(
                    unit="epoch", disable=disable)  # fmt: skip
         try:
             for epoch in bar:
+                members = live(every)  # a diverged model stops; the others go on
+                if not members:
+                    break
+                models = [m.model for m in members]
                 for model in models:
                     model.train()
                 te, seen = time.perf_counter(), 0
@@ -349,6 +353,8 @@ def fit_joint(
                         member.step(tokens, batch, parts[k].tasks)
                     seen += len(idx)
                 rate = seen / (time.perf_counter() - te)
+                members = [m for m in members if m.check_loss(epoch + 1, seen)]
+                models = [m.model for m in members]
                 predicted = _predict(parts, models, "val", device)
                 for j, member in enumerate(members):
                     val, mine = {}, {}
@@ -357,10 +363,13 @@ def fit_joint(
                         val.update(evaluate(p.tasks, order, preds[j], p.targets, p.extra))
                         mine[p.label] = (order, preds[j])
                     member.end_joint_epoch(epoch + 1, seen, rate, val, mine)
-                bar.set_postfix(loss=f"{members[0].history[-1]['train_loss']:.4f}", sps=f"{rate:.0f}")
+                for first in live(members)[:1]:
+                    bar.set_postfix(loss=f"{first.history[-1]['train_loss']:.4f}", sps=f"{rate:.0f}")
         finally:
             for s in streams:
                 s.close()  # stops streaming readers
+        members = live(every)
+        models = [m.model for m in members]
         for member in members:
             member.model.load_state_dict(member.best_state)
         results = [
@@ -384,7 +393,7 @@ def fit_joint(
         }
         sample = [t[:1].to(device) for t in next(parts[0].batches.iterate(parts[0].splits.val[:1], shuffle=False))[1]]
         seconds = time.perf_counter() - t0
-        out = []
+        out = {m.cfg.out: FitResult(m.cfg.out, {}, "", m.diverged) for m in every if m.diverged}
         for j, member in enumerate(members):
             by_dataset = {}
             for p in parts:
@@ -416,11 +425,11 @@ def fit_joint(
                 metrics["attention_share"] = pooled
             with staged_dir(Path(member.cfg.out)) as run:
                 summary = _write_joint(run, member, joint, parts, metrics, predictions[j])
-            out.append(FitResult(member.cfg.out, metrics, summary))
+            out[member.cfg.out] = FitResult(member.cfg.out, metrics, summary)
     finally:
         for ps in priors:
             ps.close()
-    return out
+    return [out[m.cfg.out] for m in every]
 
 
 def _test_rows(part: Part) -> np.ndarray:

@@ -34,7 +34,7 @@ from etf.pipeline.extract.encoders import Encoder, create_encoder
 from etf.pipeline.extract.run import ExtractOptions, autocast_for, compute_tokens, resolve_device
 from etf.pipeline.fit.config import INFER_MODES, FuserConfig
 from etf.pipeline.fit.heads import Classify, Task
-from etf.pipeline.fit.train import FusionModel, build_model, load_run, predict_rows
+from etf.pipeline.fit.train import FusionModel, build_model, check_finite, load_run, predict_rows
 from etf.pipeline.fit.verification import Verify, pair_metrics, write_embeddings
 from etf.utils import read_json, write_json_atomic
 
@@ -156,7 +156,7 @@ def predict(p: Predictor, images: list[Path]) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def _forward(p: Predictor, images: list[Path]) -> dict[str, Any]:
-    return p.model(prior_tokens(p, images), p.infer)
+    return check_finite(p.model(prior_tokens(p, images), p.infer), p.run)
 
 
 def _verify_tasks(tasks: list[Task], run: Path) -> list[Verify]:
@@ -201,9 +201,33 @@ def _records(p: Predictor, images: list[Path], out: dict[str, Any]) -> list[dict
     return records
 
 
-def _check_priors(run: Path, config: dict[str, Any], priors: PriorSet) -> None:
-    """The dataset's stores must hold what the run's priors held for its training data."""
+def run_priors(run: Path, config: dict[str, Any], dataset: Dataset, cache_dir: CacheDir | None = None) -> PriorSet:
+    """The run's priors over ``dataset`` (in ``cache_dir``, default the run's cache): on the
+    data it was fitted on, exactly the stores it read, found by their spec hashes (never
+    another store that now has a prior's name); on other data, the stores of the same
+    names, which must have been extracted alike."""
     recorded = read_json(run / "stores.json")
+    cache_dir = cache_dir or config["cache_dir"]
+    if dataset.key == config["dataset"]["key"]:
+        located = [f"{s['spec']['name']}-{s['spec_hash']}" for s in recorded]
+        try:
+            priors = PriorSet(cache_dir, dataset, located, config["layers"], config["tokens"], config["encoders"])
+        except EtfError as e:
+            raise EtfError(
+                f"--run {run}: the stores it was fitted on ({', '.join(located)}) are not all in {cache_dir}: {e}"
+            ) from None
+    else:
+        priors = PriorSet(cache_dir, dataset, config["encoders"], config["layers"], config["tokens"])
+    try:
+        _check_priors(run, config, recorded, priors)
+    except EtfError:
+        priors.close()
+        raise
+    return priors
+
+
+def _check_priors(run: Path, config: dict[str, Any], recorded: list[dict[str, Any]], priors: PriorSet) -> None:
+    """The dataset's stores must hold what the run's priors held for its training data."""
     for old, new in zip(recorded, priors.specs()):
         a, b = ({k: v for k, v in s["spec"].items() if k not in DATASET_FIELDS + VIEW_FIELDS} for s in (old, new))
         if a != b:
@@ -227,9 +251,8 @@ def embed_dataset(
     config, tasks, _, model = load_model(run)
     verify = _verify_tasks(tasks, run)
     dev = resolve_device(device)
-    priors = PriorSet(cache_dir, dataset, config["encoders"], config["layers"], config["tokens"])
+    priors = run_priors(run, config, dataset, cache_dir)
     try:
-        _check_priors(run, config, priors)
         rows = np.nonzero(priors.valid)[0]
         batches = Batches(priors, rows, default_memory_budget(), batch_size, seed=0)
         order, (preds,) = predict_rows([model.to(dev)], verify, batches, rows, dev)

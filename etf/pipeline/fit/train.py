@@ -341,10 +341,21 @@ def predict_rows(
         tokens = [t.to(device) for t in tokens]
         order.append(idx)
         for model, p in zip(models, preds):
-            out = model(tokens, infer)
+            out = check_finite(model(tokens, infer))
             for t in tasks:
                 p[t.name].append(t.decode(out[t.name]))
     return np.concatenate(order), [{k: np.concatenate(v) for k, v in p.items()} for p in preds]
+
+
+def check_finite(out: dict[str, Any], run: str | Path | None = None) -> dict[str, Any]:
+    """A model's outputs (per task a tensor, or a tuple of them), refused when not finite: a
+    model with NaN or infinite weights (diverged, or a damaged file) predicts nothing."""
+    for name, value in out.items():
+        for t in value if isinstance(value, tuple) else (value,):
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                where = f"--run {run}: " if run else ""
+                raise EtfError(f"{where}the model's {name} output is not finite: its weights are NaN or infinite")
+    return out
 
 
 @torch.no_grad()
@@ -393,9 +404,23 @@ def _score(task: Task, metric: str, metrics: dict[str, dict[str, float]]) -> flo
 
 @dataclass
 class FitResult:
+    """A run's metrics and summary, or, for a model whose training diverged, why (no run is written)."""
+
     out: Path
     metrics: dict[str, Any]
     summary: str
+    diverged: str | None = None
+
+    def checked(self) -> FitResult:
+        """This result, or its divergence as an error."""
+        if self.diverged:
+            raise EtfError(f"{self.out}: {self.diverged}")
+        return self
+
+
+def live(members: list[_Member]) -> list[_Member]:
+    """The members of a group still training: a model whose loss diverged drops out."""
+    return [m for m in members if m.diverged is None]
 
 
 def _fp32(out: Any) -> Any:
@@ -422,8 +447,8 @@ class _Member:
         device: torch.device,
         precision: str = "fp32",
     ) -> None:
-        self.cfg = cfg
         self.model = build_model(cfg.fuser, groups, tasks, cfg.fuser_config, cfg.seed).to(device)
+        self.cfg = replace(cfg, fuser_config=self.model.fuser.cfg)  # as built: settings no task reads are None
         self.cuda = [device] if device.type == "cuda" else []
         self.device, self.precision = device, precision
         # fp16 gradients underflow without loss scaling; a disabled scaler is a pass-through
@@ -436,6 +461,8 @@ class _Member:
         self.best, self.best_state, self.best_epoch = -math.inf, None, 0
         self.best_val: tuple[dict[str, Any], tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
         self.loss_sum = 0.0
+        #: why training stopped: the loss was not finite (the run is a failure, never a result)
+        self.diverged: str | None = None
 
     def _rng_state(self) -> list[torch.Tensor]:
         return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in self.cuda)]
@@ -461,6 +488,17 @@ class _Member:
             self.rng = self._rng_state()
         # summed on the device, read once per epoch: no host sync per step on an accelerator
         self.loss_sum = self.loss_sum + loss.detach().double() * len(tokens[0])
+
+    def check_loss(self, epoch: int, seen: int) -> bool:
+        """Whether this epoch's training loss (read once per epoch, before the model is
+        evaluated) is finite; if not, this model's training ends (:attr:`diverged`)."""
+        loss = float(self.loss_sum) / max(1, seen)
+        if not math.isfinite(loss):
+            self.diverged = (
+                f"training diverged: the loss was {loss} in epoch {epoch} at a peak learning rate of {self.cfg.lr:g} "
+                "(--lr); lower it or use --precision fp32"
+            )
+        return self.diverged is None
 
     def task_loss(
         self, out: dict[str, torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor]], tasks: list[Task]
@@ -494,8 +532,9 @@ class _Member:
 
 
 def fit(dataset: Dataset, cfg: FitConfig, overwrite: bool = False) -> FitResult:
-    """Train and evaluate; write the run directory ``cfg.out``; return its metrics."""
-    return fit_many(dataset, [cfg], overwrite)[0]
+    """Train and evaluate; write the run directory ``cfg.out``; return its metrics. A fit
+    whose training loss stops being finite is an error, and writes no run."""
+    return fit_many(dataset, [cfg], overwrite)[0].checked()
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -584,8 +623,8 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
         )
         steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
         selection = selection_metric(tasks[0], dataset)
-        members = [_Member(c, priors.groups, tasks, steps_per_epoch, device, precision) for c in configs]
-        models = [m.model for m in members]
+        every = [_Member(c, priors.groups, tasks, steps_per_epoch, device, precision) for c in configs]
+        members = every
         disable = None if cfg.progress is None else not cfg.progress
         bar = tqdm(range(cfg.epochs), desc=f"fit {'+'.join(c.fuser for c in configs)}", unit="epoch", disable=disable)
         y_dev = {
@@ -593,6 +632,10 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
             for name, (y, m) in train_targets.items()
         }
         for epoch in bar:
+            members = live(every)  # a diverged model stops; the others go on
+            if not members:
+                break
+            models = [m.model for m in members]
             for model in models:
                 model.train()
             te, seen = time.perf_counter(), 0
@@ -604,16 +647,21 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
                     member.step(tokens, batch_targets, tasks)
                 seen += len(idx)
             rate = seen / (time.perf_counter() - te)
+            members = [m for m in members if m.check_loss(epoch + 1, seen)]
+            models = [m.model for m in members]
             order, preds = predict_rows(models, tasks, batches, splits.val, device)
             for member, p in zip(members, preds):
                 val = evaluate(tasks, order, p, targets, extra)
                 member.end_epoch(epoch + 1, seen, rate, val, (order, p), _score(tasks[0], selection, val))
-            first = members[0].history[-1]
-            bar.set_postfix(
-                loss=f"{first['train_loss']:.4f}",
-                val=f"{first.get(f'val_{tasks[0].name}_{selection}', float('nan')):.4f}",
-                sps=f"{rate:.0f}",
-            )
+            for first in live(members)[:1]:
+                row = first.history[-1]
+                bar.set_postfix(
+                    loss=f"{row['train_loss']:.4f}",
+                    val=f"{row.get(f'val_{tasks[0].name}_{selection}', float('nan')):.4f}",
+                    sps=f"{rate:.0f}",
+                )
+        members = live(every)
+        models = [m.model for m in members]
         for member in members:
             member.model.load_state_dict(member.best_state)
         results = [{"val": m.best_val[0]} for m in members]
@@ -629,7 +677,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
         shares = attention_shares(models, batches, test_rows, priors.names, device)
         sample = [t[:1].to(device) for t in next(batches.iterate(splits.val[:1], shuffle=False))[1]]
         seconds = time.perf_counter() - t0
-        out = []
+        out = {m.cfg.out: FitResult(m.cfg.out, {}, "", m.diverged) for m in every if m.diverged}
         for member, result, prediction, share in zip(members, results, predictions, shares):
             metrics = {
                 **result,
@@ -648,10 +696,10 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
             run = _write_run(
                 member.cfg, dataset, tasks, priors, member.model, metrics, member.history, prediction, targets
             )
-            out.append(FitResult(member.cfg.out, metrics, run))
+            out[member.cfg.out] = FitResult(member.cfg.out, metrics, run)
     finally:
         priors.close()
-    return out
+    return [out[m.cfg.out] for m in every]
 
 
 # ---------------------------------------------------------------------------- run directory
@@ -684,11 +732,17 @@ def dataset_record(dataset: Dataset) -> dict[str, Any]:
     return {"name": dataset.name, "key": dataset.key, "root": str(dataset.root), "options": dataset.options}
 
 
+#: the layout of a run directory's model: 2 since priors are pooled by their own pooling (a
+#: ViT's class token) and vector heads read the pooled canonical token; readers refuse older runs
+RUN_FORMAT = 2
+
+
 def run_config(cfg: FitConfig, dataset: Dataset, tasks: list[Task], priors: PriorSet) -> dict[str, Any]:
     """config.json of a run: the settings with absolute cache and run locations, the dataset
     predict reopens, the tasks' state and the token groups."""
     return {
         "etf_version": etf.__version__,
+        "run_format": RUN_FORMAT,
         **cfg.to_json(),
         "cache_dir": cache_location(cfg.cache_dir).absolute(),
         "out": str(Path(cfg.out).resolve()),
@@ -784,4 +838,11 @@ def load_run(run: Path) -> dict[str, Any]:
     path = Path(run) / "config.json"
     if not path.exists():
         raise EtfError(f"--run {run}: not a run directory (no config.json)")
-    return read_json(path)
+    config = read_json(path)
+    if config.get("run_format", 1) != RUN_FORMAT:
+        raise EtfError(
+            f"--run {run}: fitted by etf {config.get('etf_version', '?')} with run format {config.get('run_format', 1)}, "
+            f"before each prior was read by its own pooling (a ViT's class token was left out); this etf reads "
+            f"format {RUN_FORMAT}: fit it again"
+        )
+    return config

@@ -3,8 +3,10 @@
 The authors' formulation (repository ZombaSY/KT-Adaptor-pytorch at c1b3cfd, ``KTAdaptor``
 and ``KTAdaptor_base``) is the default, ``--prior-tokens pooled --fuse add``:
 
-1. each group (a prior's layer) gives one token, its patch grid's global average pool
-   (:class:`~etf.pipeline.fit.fusers.layers.PooledTokens`), zero-padded to the widest group;
+1. each group (a prior's layer) gives one token, its pooled token
+   (:class:`~etf.pipeline.fit.fusers.layers.PooledTokens`): the prior's own summary, the
+   global average pool of a CNN's map as theirs (their priors are CNNs), the class token of
+   a ViT (``--pool`` overrides it), zero-padded to the widest group;
 2. a learnable knowledge token (uniform init, as theirs) goes first and a fixed code of the
    position (0 = knowledge token, 1..G = groups; ``--position-code``) is added to every token;
 3. ``--depth`` pre-LN blocks of their kind run at the token width: no qkv bias, no output
@@ -12,9 +14,11 @@ and ``KTAdaptor_base``) is the default, ``--prior-tokens pooled --fuse add``:
    (``--mlp-ratio 1``), then a final LayerNorm;
 4. the outputs at the knowledge token and at the canonical group go through one Linear to
    the canonical width (the identity when that is the token width, as theirs) and are averaged: t;
-5. t is added to the canonical prior's map, broadcast over its grid, and heads read that
-   map (``--head``); the map is normalised first (``GroupInput``), as every etf fuser
-   normalises what its heads read;
+5. t is added to the canonical prior's pooled token, which classification and regression
+   heads read (theirs add it to the map and pool: the same sum for an average pool), and for
+   spatial tasks (landmarks) to its map, broadcast over the grid (``--head``); both are
+   normalised first (``PooledInput``, ``MapInput``), as every etf fuser normalises what its
+   heads read;
 6. ``--infer canonical`` (``fuse_canonical``): the other priors are not in the sequence at
    all, which is [knowledge token, canonical token] with their own position codes.
 
@@ -22,8 +26,8 @@ The token-level model this project first built is ``--prior-tokens all --fuse ga
 token of every group through LayerNorm + Linear to ``--dim`` plus a learnable source
 embedding, a trunc-normal ensemble token, ViT blocks (``--attn intra``: prior tokens attend
 only within their prior), t the ensemble token's output through a Linear, joined through a
-zero-initialised gate, ``h = LN(c) + g * t``, so that training starts at the ``linear``
-baseline. ``--aux recon:W`` (token-level only) adds the patch-level reconstruction objective.
+zero-initialised gate (:class:`Join`), ``h = LN(c) + g * t``, so that training starts at
+the ``linear`` baseline. ``--aux recon:W`` (token-level only) adds the patch-level reconstruction objective.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torch import nn
 from etf.cache.features import Group
 from etf.errors import EtfError
 from etf.pipeline.fit.fusers import register_fuser
-from etf.pipeline.fit.fusers.base import Fuser, GroupInput, add_onto
+from etf.pipeline.fit.fusers.base import Fuser, MapInput, PooledInput, add_onto
 from etf.pipeline.fit.fusers.layers import (
     Block,
     PooledTokens,
@@ -48,16 +52,41 @@ from etf.pipeline.fit.fusers.layers import (
 )
 
 
-def spread(weights: torch.Tensor, groups: list[Group]) -> torch.Tensor:
+def spread(weights: torch.Tensor, groups: list[Group], pools: list[str]) -> torch.Tensor:
     """(B, G) weights on pooled tokens to (B, S) weights on the groups' tokens: a pooled
-    token stands for all its patches alike, so its weight is shared evenly among them
-    (shares per group stay exact; a patch map of it is flat)."""
+    token stands for the tokens it was pooled from, so its weight goes to them alike (the
+    class token alone under ``token`` pooling, half to it and half over the patches under
+    ``token+avg``, the patches otherwise); shares per group stay exact."""
     parts = []
-    for k, g in enumerate(groups):
-        skip = g.layout.prefix if g.layout.grid else 0
-        share = weights[:, k : k + 1].expand(-1, g.tokens - skip) / (g.tokens - skip)
-        parts.append(F.pad(share, (skip, 0)))
+    for k, (g, pool) in enumerate(zip(groups, pools)):
+        w = weights[:, k : k + 1]
+        share = weights.new_zeros(weights.shape[0], g.tokens)
+        half = 0.5 if pool == "token+avg" else 1.0
+        if pool in ("token", "token+avg"):
+            share[:, :1] = half * w
+        if pool != "token":
+            share[:, g.layout.prefix :] = half * w / (g.tokens - g.layout.prefix)
+        parts.append(share)
     return torch.cat(parts, dim=1)
+
+
+class Join(nn.Module):
+    """t (B, width), or per query (B, Q, width), brought to the width of the canonical
+    representation it joins (a Linear, or the identity where the widths agree and
+    ``project`` is off: the authors' pooled model) and added to it (``gate`` off), or added
+    through a zero-initialised gate, ``base + g * W t``, so that training starts at the
+    ``linear`` baseline."""
+
+    no_weight_decay: ClassVar[tuple[str, ...]] = ("gate",)
+
+    def __init__(self, width: int, to: int, gate: bool, project: bool) -> None:
+        super().__init__()
+        self.out = nn.Linear(width, to) if project or width != to else nn.Identity()
+        self.gate = nn.Parameter(torch.zeros(to)) if gate else None
+
+    def forward(self, base: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = self.out(t)
+        return add_onto(base, t if self.gate is None else self.gate * t)
 
 
 @register_fuser("etfuser")
@@ -65,7 +94,7 @@ class ETFuser(Fuser):
     """Knowledge token over the priors' pooled tokens (or all their tokens), added (or gated)
     into the canonical prior's representation."""
 
-    no_weight_decay: ClassVar[tuple[str, ...]] = ("ensemble", "gate")
+    no_weight_decay: ClassVar[tuple[str, ...]] = ("ensemble",)
 
     aux_kinds = ("recon",)
     makes_maps = True
@@ -74,11 +103,11 @@ class ETFuser(Fuser):
         super().__init__(groups, tasks, cfg)
         cfg = self.cfg
         self.pooled = cfg.prior_tokens == "pooled"
-        c_dim = groups[self.canonical].dim
+        canon = groups[self.canonical]
         if self.pooled:
             if self.aux_kind == "recon":
                 raise EtfError("--aux recon: it reconstructs hidden prior tokens, so it needs --prior-tokens all")
-            self.tokens_in = PooledTokens(groups, cfg.position_code)
+            self.tokens_in = PooledTokens(groups, self.pools, cfg.position_code)
             self.width = self.tokens_in.width
             if self.width % cfg.heads:
                 raise EtfError(
@@ -86,27 +115,29 @@ class ETFuser(Fuser):
                 )
             self.ensemble = nn.Parameter(torch.rand(1, 1, self.width))
             kind = {"attn_drop": cfg.dropout, "proj": False, "qkv_bias": False}
-            self.out = nn.Linear(self.width, c_dim) if self.width > c_dim else nn.Identity()
         else:
             self.tokens_in = PriorTokens(groups, cfg.dim)
             self.width = cfg.dim
             self.ensemble = nn.Parameter(torch.zeros(1, 1, cfg.dim))
             nn.init.trunc_normal_(self.ensemble, std=0.02)
             kind = {}
-            self.out = nn.Linear(cfg.dim, c_dim)
         self.blocks = nn.ModuleList(
             Block(self.width, cfg.heads, cfg.mlp_ratio, cfg.dropout, **kind) for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(self.width)
-        self.canonical_in = GroupInput(groups[self.canonical], self.grid)
-        self.gate = nn.Parameter(torch.zeros(c_dim)) if cfg.fuse == "gate" else None
+        gate = cfg.fuse == "gate"
+        self.canonical_in = PooledInput(canon, self.pools[self.canonical], cfg.canonical_norm)
+        self.join = Join(self.width, self.canonical_in.dim, gate, project=not self.pooled)
+        if self.map_tasks:
+            self.map_in = MapInput(canon, self.grid, cfg.canonical_norm)
+            self.join_map = Join(self.width, canon.dim, gate, project=not self.pooled)
         #: the groups of the canonical prior: all the sequence holds under ``--infer canonical``
         self.canonical_groups = [i for i, g in enumerate(groups) if g.prior == 0]
         self.recon = TokenReconstruction(groups, cfg.dim, cfg.recon_ratio) if self.aux_kind == "recon" else None
 
     @property
     def out_dim(self) -> int:
-        return self.groups[self.canonical].dim
+        return self.canonical_in.dim
 
     def structure(self, owner: torch.Tensor) -> torch.Tensor:
         """(S, S) allowed attention pairs between positions owned by ``owner`` (their
@@ -145,16 +176,13 @@ class ETFuser(Fuser):
         return self.norm(x), present
 
     def ensemble_output(self, seq: torch.Tensor, which: list[int] | None = None) -> torch.Tensor:
-        """t (B, canonical width): with pooled tokens the mean of the knowledge token's and
-        the canonical group's outputs through ``out``; token-level, the ensemble token's."""
+        """t (B, width): with pooled tokens the mean of the knowledge token's and the
+        canonical group's outputs (the authors' average, taken before their shared Linear,
+        which commutes with it); token-level, the ensemble token's."""
         if not self.pooled:
-            return self.out(seq[:, 0])
+            return seq[:, 0]
         at = 1 + (self.canonical if which is None else which.index(self.canonical))
-        return self.out(seq[:, [0, at]]).mean(dim=1)
-
-    def join(self, base: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``--fuse add``: base + t; ``gate``: base + g * t (g starts at zero)."""
-        return add_onto(base, t if self.gate is None else self.gate * t)
+        return seq[:, [0, at]].mean(dim=1)
 
     def set_aux_loss(self, tokens: list[torch.Tensor]) -> None:
         """During training with ``--aux recon:W``: a second pass that reconstructs hidden tokens."""
@@ -169,7 +197,8 @@ class ETFuser(Fuser):
     ) -> torch.Tensor | dict[str, torch.Tensor]:
         """The representation from the sequence over the groups ``which`` (default: all)."""
         seq, _ = self.encode(tokens, which)
-        return self.join(self.canonical_in(tokens[self.canonical]), self.ensemble_output(seq, which))
+        t, c = self.ensemble_output(seq, which), tokens[self.canonical]
+        return self.per_task(lambda: self.join(self.canonical_in(c), t), lambda: self.join_map(self.map_in(c), t))
 
     def fuse(self, tokens):
         self.set_aux_loss(tokens)
@@ -182,7 +211,7 @@ class ETFuser(Fuser):
         """The last block's ensemble-token attention over the prior tokens (heads averaged),
         from a forward over all groups under ``keeping_attention(self.blocks[-1])``."""
         weights = self.blocks[-1].attention[:, :, 0, 1:].mean(dim=1)
-        return {"ensemble": spread(weights, self.groups) if self.pooled else weights}
+        return {"ensemble": spread(weights, self.groups, self.pools) if self.pooled else weights}
 
     @torch.no_grad()
     def attention_maps(self, tokens):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from etf.cache.features import Group
-from etf.cache.tokens import TokenLayout
+from etf.cache.tokens import pool_tokens, pooled_width
 
 
 def group_shares(weights: torch.Tensor, groups: list[Group]) -> torch.Tensor:
@@ -121,14 +121,17 @@ class Block(nn.Module):
 
 
 class PriorTokens(nn.Module):
-    """Per-group LayerNorm + Linear to a common width, plus a learnable source embedding.
+    """Per-group LayerNorm + Linear to a common width, plus a learnable source embedding and
+    a learnable embedding of each token's position.
 
     A group is one layer of one prior. With ``share_layers`` the layers of a prior (of one
     width) share their projection, and only the source embedding tells them apart: Q-Face's
-    stage embedding (multi-stage feature fusion)."""
+    stage embedding (multi-stage feature fusion). The position embedding (DETR's memory
+    positions) lets attention find a token by where it is, not only by what it holds: the
+    class token among the patches, a patch of the eye region."""
 
     #: learned tokens, embeddings and gates: left out of weight decay (see ``fit._optimizer``)
-    no_weight_decay: ClassVar[tuple[str, ...]] = ("embed",)
+    no_weight_decay: ClassVar[tuple[str, ...]] = ("embed", "position")
 
     def __init__(self, groups: list[Group], dim: int, share_layers: bool = False) -> None:
         super().__init__()
@@ -141,12 +144,15 @@ class PriorTokens(nn.Module):
         self.embed = nn.Parameter(torch.zeros(len(groups), dim))
         nn.init.trunc_normal_(self.embed, std=0.02)
         self.counts = [g.tokens for g in groups]
+        self.position = nn.Parameter(torch.zeros(sum(self.counts), dim))
+        nn.init.trunc_normal_(self.position, std=0.02)
 
     def forward(self, tokens: list[torch.Tensor], which: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S, dim) projected tokens of the groups ``which`` (default: all) and the (B, S)
         mask of present (non-zero) tokens."""
         which = range(len(tokens)) if which is None else which
-        seq = [self.proj[self.source[i]](tokens[i]) + self.embed[i] for i in which]
+        position = self.position.split(self.counts)
+        seq = [self.proj[self.source[i]](tokens[i]) + self.embed[i] + position[i] for i in which]
         present = [(tokens[i] != 0).any(dim=-1) for i in which]
         return torch.cat(seq, dim=1), torch.cat(present, dim=1)
 
@@ -167,23 +173,15 @@ def position_code(positions: int, dim: int, kind: str) -> torch.Tensor:
     return code.float()
 
 
-def pooled_token(x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-    """A group's one token: the mean of its present patch tokens (its global average pool),
-    or of all its present tokens where it has no grid (a class-token store: that token).
-    Tokens dropped in training (zero) are left out of the mean; none present gives zero."""
-    x = x[:, layout.prefix :] if layout.grid else x
-    present = (x != 0).any(dim=-1, keepdim=True).to(x.dtype)
-    return (x * present).sum(dim=1) / present.sum(dim=1).clamp(min=1)
-
-
 class PooledTokens(nn.Module):
-    """The authors' prior tokens: one per group (:func:`pooled_token`), zero-padded to the
-    widest group, plus a fixed code of its position (1..G; 0 is the knowledge token's)."""
+    """The authors' prior tokens: one per group, its pooled token (``pools``: each prior's own
+    summary, see :func:`~etf.cache.tokens.pool_tokens`), zero-padded to the widest, plus a
+    fixed code of its position (1..G; 0 is the knowledge token's)."""
 
-    def __init__(self, groups: list[Group], code: str) -> None:
+    def __init__(self, groups: list[Group], pools: list[str], code: str) -> None:
         super().__init__()
-        self.layouts = [g.layout for g in groups]
-        self.width = max(g.dim for g in groups)
+        self.layouts, self.pools = [g.layout for g in groups], pools
+        self.width = max(pooled_width(g.dim, p) for g, p in zip(groups, pools))
         self.register_buffer("code", position_code(len(groups) + 1, self.width, code), persistent=False)
         self.counts = [1] * len(groups)
 
@@ -191,8 +189,8 @@ class PooledTokens(nn.Module):
         """(B, S, width) pooled, padded and position-coded tokens of the groups ``which``
         (default: all), and the (B, S) mask of present ones (a missing prior pools to zero)."""
         which = list(range(len(tokens))) if which is None else which
-        pooled = [F.pad(pooled_token(tokens[i], self.layouts[i]), (0, self.width - tokens[i].shape[-1])) for i in which]
-        x = torch.stack(pooled, dim=1)
+        pooled = [pool_tokens(tokens[i], self.layouts[i], self.pools[i]) for i in which]
+        x = torch.stack([F.pad(p, (0, self.width - p.shape[-1])) for p in pooled], dim=1)
         return x + self.code[[i + 1 for i in which]], (x != 0).any(dim=-1)
 
 

@@ -8,9 +8,10 @@ and cross-attention to those tokens; each task's head reads its own queries.
 
 ``etfuser+qface``: the ET-Fuser sequence is the decoder's memory and the ensemble token is
 an extra query the label queries can read; each task's query output joins the canonical
-representation as ET-Fuser's t does. Its defaults are the token-level formulation
-(``--prior-tokens all --fuse gate``: ``h = LN(c) + g * W q`` through a zero-initialised
-gate, so training starts at the single-prior baseline); the pooled sequence works too.
+representation (the canonical prior's pooled token, or its map for a spatial task) as
+ET-Fuser's t does. Its defaults are the token-level formulation (``--prior-tokens all --fuse
+gate``: ``h = LN(c) + g * W q`` through a zero-initialised gate, so training starts at the
+single-prior baseline); the pooled sequence works too.
 """
 
 from __future__ import annotations
@@ -115,9 +116,13 @@ class ETQFace(ETFuser):
 
     def fuse_groups(self, tokens, which):
         seq, present = self.encode(tokens, which)
-        c = self.canonical_in(tokens[self.canonical])
         reps = self.decoder(seq[:, 1:], present[:, 1:], extra=seq[:, 0])
-        return {name: self.join(c, self.out(r)) for name, r in reps.items()}
+        c = tokens[self.canonical]
+        vector = self.canonical_in(c) if len(self.map_tasks) < len(reps) else None
+        maps = self.map_in(c) if self.map_tasks else None
+        return {
+            name: self.join_map(maps, r) if name in self.map_tasks else self.join(vector, r) for name, r in reps.items()
+        }
 
     @torch.no_grad()
     def attention_maps(self, tokens):
