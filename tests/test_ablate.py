@@ -454,3 +454,32 @@ def test_report_compares_nme_on_every_test_split(tmp_path):
     assert float(rows["test", "A+B etfuser"]["delta_ci_high"]) < 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert all(f"## {s}\n" in report for s in metric.splits) and "all 3 comparisons" in report
+
+
+def test_unread_settings_merge_and_the_heatmap_says_what_each_cell_is(xor, tmp_path):
+    from etf.pipeline.ablate.report import heatmap_figure
+
+    grid = _grid(xor, tmp_path, subsets="k=2", attn="full,intra", mask="none,token:0.2")
+    plan = plan_grid(grid)
+    concat = [p for p in plan.points if p.labels["fuser"] == "concat"]
+    assert len(concat) == 4 and {p.labels["attn"] for p in concat} == {None}  # one run per mask and seed
+    outcome = run_grid(plan)
+    assert outcome.done == len(plan.points) == 14 and not outcome.failed  # 8 etfuser + 4 concat + 2 baselines
+    rows = _csv(tmp_path / "results.csv")
+    merged = [r for r in rows if r["fuser"] == "concat"]
+    assert sorted(r["configuration"] for r in merged) == ["A+B concat mask=none", "A+B concat mask=token:0.2"]
+    assert all(r["seeds"] == "2" == r["seeds_tested"] for r in merged)
+    assert float(merged[0]["ci_low"]) < float(merged[0]["ci_high"])  # test samples vary even when seeds agree
+    metric = plan.metric
+    typed = [
+        {**r, **{k: float(r[k]) for k in ("mean", "ci_low", "ci_high", "delta")}, "priors": int(r["priors"]),
+         "is_baseline": r["significant"] == "baseline"}
+        for r in rows
+    ]  # fmt: skip
+    fig, k = heatmap_figure(typed, metric)
+    assert k == 2
+    title = fig._suptitle.get_text()
+    assert "each cell one configuration, mean over its seeds [95% interval]" in title and "Δ vs its baseline" in title
+    (ax,) = [a for a in fig.axes if a.get_title() == "A+B"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["etfuser attn=full", "etfuser attn=intra", "concat"]
+    assert len(ax.texts) == 6  # one cell per configuration, no cell an average of several

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from etf.pipeline.ablate.stats import ALPHA, adjust, compare, paired_seed_tests, summarize
+from etf.pipeline.ablate.stats import ALPHA, adjust, compare, interval, paired_seed_tests, summarize
 from etf.pipeline.ablate.terms import Terms, mean_terms, sample_terms
 from etf.pipeline.fit.metrics import metric_bounds
 from etf.utils import read_json, write_json_atomic
@@ -152,9 +152,19 @@ def _name(labels: dict[str, Any], shown: list[str]) -> str:
     return f"{labels['subset']} {_variant(labels, shown)}"
 
 
+def _interval(done: list[_Result], split: str, metric: Metric) -> tuple[float, float]:
+    """A configuration's 95% interval of its mean on ``split``: seeds and test samples both vary."""
+    terms = [d.terms[split] for d in done if split in d.terms and not math.isnan(d.values[split])]
+    if len(terms) < 2:
+        return math.nan, math.nan
+    units = sorted(set.intersection(*(set(t.units) for t in terms)))
+    return interval([t.select(units) for t in terms], terms[0].reduce, bounds=metric.bounds, resamples=RESAMPLES)
+
+
 def _comparison(pairs: list[tuple[_Result, _Result]], split: str, metric: Metric) -> dict[str, Any]:
     """The row fields of one configuration's comparison with its baseline on ``split``, paired
-    by seed (none: every field undefined, with a note)."""
+    by seed (none: every field undefined, with a note); a seed whose metric is undefined in
+    either run does not enter the test, and ``seeds_tested`` says how many did."""
     pairs = [(x, y) for x, y in pairs if not (math.isnan(x.values[split]) or math.isnan(y.values[split]))]
     a, b = np.array([x.values[split] for x, _ in pairs]), np.array([y.values[split] for _, y in pairs])
     seed_level = paired_seed_tests(a, b)
@@ -168,6 +178,7 @@ def _comparison(pairs: list[tuple[_Result, _Result]], split: str, metric: Metric
         resamples=RESAMPLES,
     )
     return {
+        "seeds_tested": len(with_terms),
         "baseline_mean": float(b.mean()) if len(b) else math.nan,
         "delta": c.delta,
         "delta_ci_low": c.ci_low,
@@ -230,6 +241,7 @@ def _metric_rows(
         for name, members in config.items():
             done = [results[r.run_id] for r in members if r.run_id in results]
             s = summarize([d.values[split] for d in done], bounds=metric.bounds)
+            ci_low, ci_high = _interval(done, split, metric)
             is_baseline = all(r.baseline == r.run_id for r in members)
             pairs = [
                 (results[r.run_id], results[r.baseline])
@@ -246,13 +258,17 @@ def _metric_rows(
                 "failed": sum(r.status == "failed" for r in members),
                 "mean": s.mean,
                 "std": s.std,
-                "ci_low": s.ci_low,
-                "ci_high": s.ci_high,
+                "ci_low": ci_low,
+                "ci_high": ci_high,
                 "baseline": _name(by_id[members[0].baseline].labels, shown),
                 **_comparison([] if is_baseline else pairs, split, metric),
             }
             if is_baseline:
                 row["note"] = row["seed_note"] = ""
+                row["seeds_tested"] = len(done)
+            elif row["seeds_tested"] < len(done):
+                lost = f"{row['seeds_tested']} of {len(done)} seeds entered the test (the others' metric or baseline is undefined or missing)"
+                row["note"] = "; ".join(n for n in (lost, row["note"]) if n)
             other = [d.others[split] for d in done]
             row[f"mean_{metric.other().infer}"] = float(np.mean(other)) if other else math.nan
             sign = 1 if metric.infer == "canonical" else -1
@@ -400,7 +416,8 @@ def _markdown(
     lines = [
         f"# Ablation: {title}",
         "",
-        f"Metric{'s' if several else ''}: {'; '.join(described)}; mean over seeds with a 95% t-interval. "
+        f"Metric{'s' if several else ''}: {'; '.join(described)}; mean over seeds ± their standard deviation, and a 95% interval of the mean that "
+        "counts seed and test-sample variance together, as the test of Δ does. "
         f"Runs: {counts['done']} done, {counts['failed']} failed, {counts['pending']} not run.",
         "",
         method(replace(metrics[0], name="each task's metric") if several else metrics[0], correction, comparisons),
@@ -436,7 +453,8 @@ def _tables(rows: list[dict[str, Any]], metric: Metric, correction: str, named: 
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in rows if r["split"] == split):
-            seeds = f"{r['seeds']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+            seeds = f"{r['seeds']}" + (f", {r['seeds_tested']} tested" if r["seeds_tested"] < r["seeds"] else "")
+            seeds += f" ({r['failed']} failed)" if r["failed"] else ""
             lines.append(
                 f"| {r['configuration']} | {seeds} | {_num(r['mean'])} ± {_num(r['std'])} | "
                 f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}] | {_num(r['delta'], '+.4f')} | "
@@ -478,76 +496,112 @@ def _figure(width: float = 6.4, height: float = 4.0):
     return Figure(figsize=(width, height), layout="constrained")
 
 
+#: marker shapes cycled with the colours, so that more variants than colours stay apart
+MARKERS = "osD^vP*Xh<>"
+
+
+def _styles(names: list[str]) -> dict[str, dict[str, Any]]:
+    """A distinct colour and marker per name (tab10, then tab20 beyond ten)."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"].colors
+    return {n: {"color": colours[i % len(colours)], "marker": MARKERS[i // len(colours) % len(MARKERS)]}
+            for i, n in enumerate(names)}  # fmt: skip
+
+
 def _plot_priors(rows: list[dict[str, Any]], metric: Metric, out: Path) -> tuple[str, str] | None:
-    """Metric vs number of priors: one marker per subset (95% CI bars, inside the metric's
-    range), a line through the mean of each fuser variant per number of priors."""
+    """Metric per subset, the subsets grouped by their number of priors along the x axis
+    (each named on it): one marker per fuser variant (mean over seeds, 95% interval), a
+    line across each group at the variant's mean over the group's subsets."""
     rows = [r for r in rows if not math.isnan(r["mean"])]
     if not rows:
         return None
     title = metric.title(metric.splits[0])
-    fig = _figure(8.0, 4.0)
+    subsets = sorted(dict.fromkeys(r["subset"] for r in rows), key=lambda s: (s.count("+"), s))
+    x_of = {s: i + s.count("+") * 0.6 for i, s in enumerate(subsets)}  # a gap between sizes
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    styles = _styles(variants)
+    fig = _figure(max(6.4, 1.6 + 0.45 * len(subsets) * max(1, len(variants)) ** 0.5), 4.4)
     ax = fig.subplots()
-    variants: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        variants.setdefault(r["variant"], []).append(r)
-    for i, (variant, members) in enumerate(variants.items()):
-        shift = 0.08 * (i - (len(variants) - 1) / 2)
-        x = np.array([r["priors"] for r in members], dtype=float) + shift
-        for k in {r["priors"] for r in members}:  # subsets of one size side by side, not on top
-            at = [j for j, r in enumerate(members) if r["priors"] == k]
-            x[at] += 0.3 * (np.arange(len(at)) - (len(at) - 1) / 2) / max(len(at), 1) / max(len(variants), 1)
+    width = 0.6 / len(variants)
+    for i, variant in enumerate(variants):
+        members = [r for r in rows if r["variant"] == variant]
+        shift = width * (i - (len(variants) - 1) / 2)
+        x = np.array([x_of[r["subset"]] + shift for r in members])
         y = np.array([r["mean"] for r in members])
-        low, high = (np.array([r[k] for r in members]) for k in ("ci_low", "ci_high"))
+        low, high = (np.array([r[k] for r in members], dtype=float) for k in ("ci_low", "ci_high"))
         err = np.nan_to_num(np.stack([y - low, high - y]))
-        line = ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, alpha=0.8, label=variant)
-        for r, xi, yi in zip(members, x, y):  # which subset each marker is: A and B share x = 1
-            ax.annotate(r["subset"], (xi, yi), xytext=(4, 3), textcoords="offset points", fontsize="x-small")
-        ks = sorted({r["priors"] for r in members})
-        ax.plot(
-            np.array(ks) + shift,
-            [np.mean([r["mean"] for r in members if r["priors"] == k]) for k in ks],
-            "-",
-            color=line[0].get_color(),
-            alpha=0.6,
-        )
-    ax.set_xticks(sorted({r["priors"] for r in rows}))
-    ax.set_xlabel("number of priors")
+        ax.errorbar(x, y, yerr=err, fmt=styles[variant]["marker"], color=styles[variant]["color"], capsize=3,
+                    label=variant)  # fmt: skip
+        for k in sorted({r["priors"] for r in members}):
+            xs = [x_of[r["subset"]] for r in members if r["priors"] == k]
+            ax.hlines(np.mean([r["mean"] for r in members if r["priors"] == k]), min(xs) - 0.3, max(xs) + 0.3,
+                      color=styles[variant]["color"], alpha=0.5, linestyles="--")  # fmt: skip
+    ax.set_xticks([x_of[s] for s in subsets], subsets, rotation=35, ha="right", fontsize="small")
+    for k in sorted({r["priors"] for r in rows}):
+        xs = [x_of[s] for s in subsets if s.count("+") + 1 == k]
+        ax.annotate(f"{k} prior{'s' if k > 1 else ''}", (np.mean(xs), 1.0), xycoords=("data", "axes fraction"),
+                    xytext=(0, 3), textcoords="offset points", ha="center", fontsize="small")  # fmt: skip
     ax.set_ylabel(title)
-    ax.set_title(f"{title} by number of priors: mean over seeds, 95% CI; line: mean per variant", fontsize="medium")
+    ax.set_title(f"{title} per subset: mean over seeds, 95% interval; dashed: mean per variant and size",
+                 fontsize="medium", pad=16)  # fmt: skip
     ax.legend(title="fuser variant", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(out / "priors.png", dpi=120)
-    return f"{title} vs number of priors", "priors.png"
+    return f"{title} per subset and number of priors", "priors.png"
 
 
 def _plot_heatmap(rows: list[dict[str, Any]], metric: Metric, out: Path) -> tuple[str, str] | None:
-    """Fuser x mask at the largest number of priors, averaged over seeds and the other axes."""
+    drawn = heatmap_figure(rows, metric)
+    if drawn is None:
+        return None
+    fig, k = drawn
+    fig.savefig(out / "heatmap.png", dpi=120)
+    return f"fuser variant x mask, {k} prior(s), one cell per configuration", "heatmap.png"
+
+
+def heatmap_figure(rows: list[dict[str, Any]], metric: Metric) -> tuple[Any, int] | None:
+    """Fuser variant x mask at the largest number of priors, a panel per subset of that size:
+    every cell is one configuration (nothing but its seeds averaged), its mean and 95%
+    interval written in it, coloured by its Δ against its baseline on a scale centred at zero."""
+    from matplotlib.colors import TwoSlopeNorm
+
     rows = [r for r in rows if not math.isnan(r["mean"])]
     if not rows:
         return None
     k = max(r["priors"] for r in rows)
-    rows = [r for r in rows if r["priors"] == k] or rows
-    fusers, masks = sorted({r["fuser"] for r in rows}), sorted({r["mask"] for r in rows})
-    if len(fusers) * len(masks) < 2:
-        return None  # one cell: the table says it
-    grid = np.full((len(fusers), len(masks)), np.nan)
-    for i, f in enumerate(fusers):
-        for j, m in enumerate(masks):
-            cell = [r["mean"] for r in rows if r["fuser"] == f and r["mask"] == m]
-            grid[i, j] = np.mean(cell) if cell else np.nan
-    fig = _figure(1.8 + 1.3 * len(masks), 1.4 + 0.6 * len(fusers))
-    ax = fig.subplots()
-    image = ax.imshow(grid, cmap="viridis", aspect="auto")
-    for (i, j), v in np.ndenumerate(grid):
-        if not np.isnan(v):
-            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="white" if v < np.nanmean(grid) else "black")
-    ax.set_xticks(range(len(masks)), masks)
-    ax.set_yticks(range(len(fusers)), fusers)
-    ax.set_xlabel("mask")
-    ax.set_ylabel("fuser")
-    ax.set_title(f"{metric.title(metric.splits[0])}, {k} prior(s)", fontsize="medium")
-    fig.colorbar(image, ax=ax, label=metric.name)
-    fig.savefig(out / "heatmap.png", dpi=120)
-    return f"fuser x mask, {k} prior(s)", "heatmap.png"
+    rows = [r for r in rows if r["priors"] == k]
+    masks = sorted({str(r["mask"]) for r in rows})
+    variant = {id(r): " ".join(t for t in r["variant"].split(" ") if t != f"mask={r['mask']}") for r in rows}
+    variants = list(dict.fromkeys(variant[id(r)] for r in rows))
+    subsets = list(dict.fromkeys(r["subset"] for r in rows))
+    if len(variants) * len(masks) < 2:
+        return None  # one cell per panel: the table says it
+    deltas = [0.0 if r["is_baseline"] else r["delta"] for r in rows]
+    reach = max([abs(d) for d in deltas if not math.isnan(d)] + [1e-9])
+    norm = TwoSlopeNorm(0.0, -reach, reach)
+    fig = _figure(1.0 + (2.0 + 1.6 * len(masks)) * len(subsets), 1.8 + 0.7 * len(variants))
+    axes = np.atleast_1d(fig.subplots(1, len(subsets), sharey=True))
+    image = None
+    for ax, subset in zip(axes, subsets):
+        grid = np.full((len(variants), len(masks)), np.nan)
+        for r, d in zip(rows, deltas):
+            if r["subset"] == subset:
+                i, j = variants.index(variant[id(r)]), masks.index(str(r["mask"]))
+                grid[i, j] = d
+                ci = f"[{_num(r['ci_low'], '.3f')}, {_num(r['ci_high'], '.3f')}]"
+                ax.text(j, i, f"{r['mean']:.3f}\n{ci}", ha="center", va="center", fontsize="x-small")
+        image = ax.imshow(grid, cmap="RdBu" if metric.higher_is_better else "RdBu_r", norm=norm, aspect="auto")
+        ax.set_xticks(range(len(masks)), masks)
+        ax.set_yticks(range(len(variants)), variants, fontsize="small")
+        ax.set_xlabel("mask")
+        ax.set_title(subset, fontsize="small")
+    fig.suptitle(
+        f"{metric.title(metric.splits[0])}, {k} prior(s): each cell one configuration, mean over its seeds "
+        "[95% interval]; colour: Δ vs its baseline",
+        fontsize="medium",
+    )
+    fig.colorbar(image, ax=list(axes), label=f"Δ {metric.name} vs baseline")
+    return fig, k
 
 
 def _plot_shares(rows: list[dict[str, Any]], priors: list[str], out: Path) -> tuple[str, str] | None:

@@ -198,6 +198,37 @@ def compare(
     )
 
 
+def interval(
+    a: Sequence[np.ndarray],
+    reduce: Callable[[np.ndarray], np.ndarray],
+    *,
+    bounds: tuple[float, float] = UNBOUNDED,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """The confidence interval of a configuration's mean metric over seeds, with both sources
+    of variance as :func:`compare` counts them for a delta (the seeds' spread, and a bootstrap
+    of the test units shared by every seed), so that two seeds that agree do not give a
+    zero-width interval. ``a[s]``: seed ``s``'s per-unit terms (N, q). NaN with fewer than
+    two seeds; clipped to ``bounds``, the metric's range."""
+    if len(a) < 2 or not a[0].shape[0]:
+        return NAN, NAN
+    ta = np.stack([np.asarray(x, dtype=np.float64) for x in a])
+    per_seed = reduce(ta.sum(axis=1))
+    mean = float(per_seed.mean())
+    var_sample = _sample_variance(ta, None, reduce, resamples, seed)
+    var_seed = 0.0 if _constant(per_seed) else float(per_seed.var(ddof=1)) / len(a)
+    total = var_seed + var_sample
+    if not math.isfinite(total):
+        return NAN, NAN
+    if total <= _ROUNDING**2:
+        return _clip(mean, mean, bounds)
+    df = len(a) - 1 if var_seed == 0 else _degrees_of_freedom(var_seed, len(a) - 1, var_sample, ta.shape[1] - 1 or 1)
+    half = float(stats.t.ppf(0.5 + confidence / 2, df)) * math.sqrt(total)
+    return _clip(mean - half, mean + half, bounds)
+
+
 def _degrees_of_freedom(var_seed: float, df_seed: int, var_sample: float, df_sample: int) -> float:
     """Welch-Satterthwaite degrees of freedom of the sum of the two variance parts, with the
     seed part at its upper :data:`SEED_BOUND` confidence bound: estimated from a few seeds it
@@ -209,20 +240,23 @@ def _degrees_of_freedom(var_seed: float, df_seed: int, var_sample: float, df_sam
 
 
 def _sample_variance(
-    ta: np.ndarray, tb: np.ndarray, reduce: Callable[[np.ndarray], np.ndarray], resamples: int, seed: int
+    ta: np.ndarray, tb: np.ndarray | None, reduce: Callable[[np.ndarray], np.ndarray], resamples: int, seed: int
 ) -> float:
-    """Bootstrap variance of the mean delta over test units: each draw of N units with
-    replacement weighs every seed's terms and both runs' alike (paired, crossed)."""
+    """Bootstrap variance of the mean delta over test units (of the mean metric without
+    ``tb``): each draw of N units with replacement weighs every seed's terms and both runs'
+    alike (paired, crossed)."""
     s_count, units, q = ta.shape
     rng = np.random.default_rng(seed)
     flat_a = ta.transpose(1, 0, 2).reshape(units, s_count * q)
-    flat_b = tb.transpose(1, 0, 2).reshape(units, s_count * q)
+    flat_b = None if tb is None else tb.transpose(1, 0, 2).reshape(units, s_count * q)
     means, step = [], max(1, (1 << 21) // units)  # a few million weights at a time
     uniform = np.full(units, 1.0 / units)
     for start in range(0, resamples, step):
         weights = rng.multinomial(units, uniform, size=min(step, resamples - start)).astype(np.float64)
         shape = (len(weights), s_count, q)
-        d = reduce((weights @ flat_a).reshape(shape)) - reduce((weights @ flat_b).reshape(shape))
+        d = reduce((weights @ flat_a).reshape(shape))
+        if flat_b is not None:
+            d = d - reduce((weights @ flat_b).reshape(shape))
         means.append(d.mean(axis=1))
     with np.errstate(invalid="ignore"):
         return float(np.concatenate(means).var(ddof=1))
