@@ -313,3 +313,21 @@ def test_plain_etfuser_starts_exactly_at_the_linear_probe():
         assert (
             etf.fuser.ensemble_output(etf.fuser.encode(tokens)[0]).abs().sum() > 0
         )  # the ensemble token is there, gated off
+
+
+def test_pooled_maps_cover_the_tokens_each_pooled_token_stands_for():
+    """A pooled ET-Fuser's maps are over whole priors: spread back onto the tokens they pool
+    (the class token under token pooling, the patches under avg), never drawn as a map."""
+    tasks = [MultiLabel("au", ["a", "b"])]
+    groups = [GROUPS[0], Group(1, "B", 12, TokenLayout(0, (2, 2)), D)]  # a ViT (class token) and a CNN (avg)
+    model = build_model("etfuser+qface", groups, tasks, FuserConfig(dim=32, heads=4, prior_tokens="pooled"), seed=0)
+    assert not model.fuser.maps_over_patches
+    tokens = [torch.randn(3, g.tokens, g.dim) for g in groups]
+    model.eval()
+    for name, w in model.fuser.attention_maps(tokens).items():
+        assert w.shape == (3, sum(g.tokens for g in groups)), name
+        a, b = w.split([g.tokens for g in groups], dim=1)
+        assert (a[:, 1:] == 0).all() and (b[:, 1:] == b[:, :1]).all()  # the class token; the patches alike
+    assert build_model(
+        "etfuser", groups, tasks, FuserConfig(dim=32, heads=4, prior_tokens="all"), 0
+    ).fuser.maps_over_patches

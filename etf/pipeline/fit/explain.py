@@ -57,7 +57,8 @@ def _encoder_view(p: Predictor, prior: int, image: Path) -> np.ndarray:
 def explain_images(
     run: Path, images: list[Path], out: Path, weights: dict[str, Path] | None = None, device: str = "auto"
 ) -> list[Path]:
-    """One PNG per image: a row per attention map, a column per group with a patch grid."""
+    """One PNG per image: a row per attention map, a column per group with a patch grid; for
+    a fuser whose maps cover pooled tokens only, each map's share per prior (bars)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -66,13 +67,11 @@ def explain_images(
     require_readable(images)
     p = load_predictor(run, weights, device)
     spatial = [i for i, g in enumerate(p.groups) if g.layout.grid]
-    if not spatial:
-        raise EtfError(
-            f"--run {run}: its tokens have no patch grid (fitted with --tokens cls?); use --split for attention shares"
-        )
     with torch.no_grad():
         maps = p.model.fuser.eval().attention_maps(prior_tokens(p, images))
     out.mkdir(parents=True, exist_ok=True)
+    if not spatial or not getattr(p.model.fuser, "maps_over_patches", True):
+        return [_share_panels(p, images, maps, out, b) for b in range(len(images))]
     written = []
     for b, image in enumerate(images):
         views = {p.groups[i].prior: _encoder_view(p, p.groups[i].prior, image) for i in spatial}
@@ -108,6 +107,31 @@ def explain_images(
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _share_panels(p: Predictor, images: list[Path], maps: dict[str, torch.Tensor], out: Path, b: int) -> Path:
+    """Image ``b``'s share of each map per group, as bars: what a fuser that reads one pooled
+    token per prior (or tokens without a patch grid) attends to has no map over the image."""
+    import matplotlib.pyplot as plt
+
+    labels = [group_label(g, p.groups) for g in p.groups]
+    fig, axes = plt.subplots(1, len(maps), figsize=(1.5 + 1.4 * len(labels) * len(maps), 3.4), squeeze=False,
+                             layout="constrained")  # fmt: skip
+    why = "reads one pooled token per prior" if p.model.fuser.groups[0].layout.grid else "reads tokens without a grid"
+    fig.suptitle(
+        f"{Path(images[b]).name}: share of each map's attention per prior (the {p.config['fuser']} fuser {why}: "
+        "no map over the image)",
+        fontsize=9,
+    )
+    for ax, (name, weights_) in zip(axes[0], maps.items()):
+        ax.bar(range(len(labels)), group_shares(weights_[b : b + 1], p.groups)[0].cpu().numpy())
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(name, fontsize=8)
+    path = out / f"{b}_{_filename(Path(images[b]).stem)}_{_filename(p.config['fuser'])}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def run_dataset(config: dict[str, Any], data_spec: str | None) -> Dataset:

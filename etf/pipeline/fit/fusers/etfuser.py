@@ -139,6 +139,12 @@ class ETFuser(Fuser):
     def out_dim(self) -> int:
         return self.canonical_in.dim
 
+    @property
+    def maps_over_patches(self) -> bool:
+        """Whether its attention maps say where in the image it looks: not over pooled tokens,
+        which stand for whole priors (their weight is only spread back onto the tokens)."""
+        return not self.pooled
+
     def structure(self, owner: torch.Tensor) -> torch.Tensor:
         """(S, S) allowed attention pairs between positions owned by ``owner`` (their
         prior; -1: the ensemble token) before missing tokens are removed."""

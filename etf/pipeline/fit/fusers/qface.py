@@ -25,7 +25,7 @@ from etf.cache.features import Group
 from etf.pipeline.fit.config import FuserConfig
 from etf.pipeline.fit.fusers import register_fuser
 from etf.pipeline.fit.fusers.base import Fuser
-from etf.pipeline.fit.fusers.etfuser import ETFuser
+from etf.pipeline.fit.fusers.etfuser import ETFuser, spread
 from etf.pipeline.fit.fusers.layers import Block, PriorTokens, keeping_attention
 
 
@@ -128,4 +128,7 @@ class ETQFace(ETFuser):
     def attention_maps(self, tokens):
         with keeping_attention(self.blocks[-1], self.decoder.blocks[-1].cross):
             self.fuse(tokens)
-            return {**self.ensemble_map(), **self.decoder.query_maps()}
+            queries = self.decoder.query_maps()  # over the memory: pooled tokens stand for whole priors
+            if self.pooled:
+                queries = {name: spread(w, self.groups, self.pools) for name, w in queries.items()}
+            return {**self.ensemble_map(), **queries}
