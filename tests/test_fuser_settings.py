@@ -42,6 +42,7 @@ VALUES = {
     "regions": (8, 3),
     "temperature": (0.1, 0.5),
     "recon_ratio": (0.5, 0.25),
+    "readout": ("linear", "authors"),
 }
 
 

@@ -305,7 +305,7 @@ def test_plain_etfuser_starts_exactly_at_the_linear_probe():
     etf = FusionModel(_token_level(), tasks).eval()
     linear = FusionModel(LinearProbe(GROUPS, tasks, SMALL), tasks).eval()
     linear.heads.load_state_dict(etf.heads.state_dict())
-    assert etf.fuser.gate.abs().max() == 0
+    assert etf.fuser.join.gate.abs().max() == 0
     tokens = _tokens()
     with torch.no_grad():
         torch.testing.assert_close(etf.fuser(tokens)["label"], linear.fuser(tokens)["label"], rtol=0, atol=0)

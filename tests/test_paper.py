@@ -51,7 +51,8 @@ def _authors_transformer(f, seq: torch.Tensor) -> torch.Tensor:
 
 def test_pooled_formulation_by_hand():
     """Prior A (canonical): a class token and a 2x2 grid of width 4; prior B: a 3x3 CNN map of
-    width 6. Tokens pooled and zero-padded to 6, position codes added, one authors' block,
+    width 6. Each prior pooled as its model pools (A: its class token; B: the mean), zero-padded
+    to 6, position codes added, one authors' block,
     the mean of the knowledge and canonical outputs through one Linear (6 -> 4) added over
     A's grid; canonical inference is that transformer over exactly [knowledge, A]."""
     groups = [Group(0, "A", 1, TokenLayout(1, (2, 2)), 4), Group(1, "B", 1, TokenLayout(0, (3, 3)), 6)]
@@ -59,23 +60,27 @@ def test_pooled_formulation_by_hand():
     f = create_fuser("etfuser", groups, [LM], FuserConfig(heads=2)).eval()
     resolved = {k: getattr(f.cfg, k) for k in ("prior_tokens", "fuse", "depth", "dropout", "mlp_ratio")}
     assert resolved == {"prior_tokens": "pooled", "fuse": "add", "depth": 1, "dropout": 0.2, "mlp_ratio": 1.0}
-    assert f.blocks[0].mlp[0].out_features == 6 and isinstance(f.out, nn.Linear) and f.out.out_features == 4
+    assert (
+        f.blocks[0].mlp[0].out_features == 6
+        and isinstance(f.join_map.out, nn.Linear)
+        and f.join_map.out.out_features == 4
+    )
     assert 0 <= float(f.ensemble.detach().min()) and float(f.ensemble.detach().max()) < 1  # uniform, as theirs
     a, b = torch.randn(2, 5, 4), torch.randn(2, 9, 6)
 
     code = _sinusoid(3, 6)
     x, present = f.tokens_in([a, b])
-    pooled = torch.stack([F.pad(a[:, 1:].mean(dim=1), (0, 2)), b.mean(dim=1)], dim=1)  # A padded with zeros
+    pooled = torch.stack([F.pad(a[:, 0], (0, 2)), b.mean(dim=1)], dim=1)  # A's class token, padded with zeros
     torch.testing.assert_close(x, pooled + code[1:])
     assert present.all()
     torch.testing.assert_close(x[:, 0, 4:], code[1, 4:].expand(2, 2))  # the padding holds the code alone
 
     knowledge = (f.ensemble[0, 0] + code[0]).expand(2, 1, 6)
     grid = a[:, 1:].transpose(1, 2).reshape(2, 4, 2, 2)  # token r * 2 + c at row r, column c
-    grid = F.group_norm(grid, 1, f.canonical_in.norm.weight, f.canonical_in.norm.bias)  # over the whole map
+    grid = F.group_norm(grid, 1, f.map_in.norm.weight, f.map_in.norm.bias)  # over the whole map
     for infer, seq in (("all", torch.cat([knowledge, x], 1)), ("canonical", torch.cat([knowledge, x[:, :1]], 1))):
         out = _authors_transformer(f, seq)
-        t = (f.out(out[:, 0]) + f.out(out[:, 1])) / 2  # the knowledge token's and A's outputs
+        t = (f.join_map.out(out[:, 0]) + f.join_map.out(out[:, 1])) / 2  # the knowledge token's and A's outputs
         with torch.no_grad():
             torch.testing.assert_close(f([a, b], infer)["lm"], grid + t[..., None, None])
     with torch.no_grad():
@@ -83,10 +88,11 @@ def test_pooled_formulation_by_hand():
         torch.testing.assert_close(f([a, 7 * b], "canonical")["lm"], alone)  # B is not read at all
         torch.testing.assert_close(f([a, torch.zeros_like(b)])["lm"], alone)  # = B missing in the sequence
         assert not torch.allclose(f([a, b])["lm"], alone)
-        # the knowledge token's attention on a pooled token is shared evenly by its patches
+        # the knowledge token's attention on a pooled token goes to what was pooled: A's class
+        # token alone, B's patches evenly
         weights = f.attention_maps([a, b])["ensemble"]
-        assert weights.shape == (2, 5 + 9) and torch.all(weights[:, 0] == 0)  # A's class token is not pooled
-        torch.testing.assert_close(weights[:, 1:5], weights[:, 1:2].expand(2, 4))
+        assert weights.shape == (2, 5 + 9) and torch.all(weights[:, 1:5] == 0) and torch.all(weights[:, 0] > 0)
+        torch.testing.assert_close(weights[:, 5:], weights[:, 5:6].expand(2, 9))
         assert float(weights.sum(dim=1).max()) < 1  # the rest is the knowledge token's own
 
 
@@ -98,7 +104,7 @@ def test_position_codes_and_the_output_map():
     torch.testing.assert_close(single.tokens_in.code[:, 1::2], torch.cos(pos).expand(3, 4))
     standard = create_fuser("etfuser", groups, [LM], FuserConfig())
     torch.testing.assert_close(standard.tokens_in.code, _sinusoid(3, 8))
-    assert isinstance(standard.out, nn.Identity)  # token width = canonical width: no Linear (theirs too)
+    assert isinstance(standard.join.out, nn.Identity)  # token width = canonical width: no Linear (theirs too)
     b = torch.randn(3, 1, 8)
     x, _ = standard.tokens_in([torch.randn(3, 4, 8), b])
     torch.testing.assert_close(x[:, 1], b[:, 0] + _sinusoid(3, 8)[2])  # a class-token store: that token
@@ -404,4 +410,4 @@ def test_grid_compares_the_formulations_and_both_inference_modes(tmp_path):
     rows = {r["configuration"]: r for r in csv.DictReader(open(tmp_path / "grid" / "results.csv"))}
     pooled = rows["A+B etfuser prior_tokens=pooled"]
     assert float(pooled["mean"]) == pytest.approx(float(pooled["mean_all"]) + float(pooled["canonical_minus_all"]))
-    assert float(rows["A linear prior_tokens=None"]["canonical_minus_all"]) == 0
+    assert float(rows["A linear"]["canonical_minus_all"]) == 0

@@ -30,15 +30,16 @@ def identity_splits(n_ids: int) -> np.ndarray:
 
 
 def identity_cache(tmp, n_ids: int = 100, noise: float = 0.6, seed: int = 0):
-    """Each identity has a fixed 16-d code; prior A's tokens carry its first half, prior B's
-    the second, each along its own random orthonormal basis, plus per-token noise."""
+    """Each identity has a fixed 16-d code; prior A's tokens carry its first quarter, prior B's
+    the rest, each along its own random orthonormal basis, plus per-token noise: the
+    canonical prior A alone tells identities apart only roughly."""
     rng = np.random.default_rng(seed)
     identity = np.arange(n_ids * PER_ID) // PER_ID
     dataset, _ = make_csv_dataset(tmp / "ids", {"identity": identity.astype(float)}, identity_splits(n_ids))
-    code = rng.normal(size=(n_ids, 2 * (D // 2)))
+    code = rng.normal(size=(n_ids, D))
     cache, tokens = tmp / "cache", {}
-    for name, part in (("A", code[:, : D // 2]), ("B", code[:, D // 2 :])):
-        basis = np.linalg.qr(rng.normal(size=(D, D // 2)))[0].T
+    for name, part in (("A", code[:, : D // 4]), ("B", code[:, D // 4 :])):
+        basis = np.linalg.qr(rng.normal(size=(D, part.shape[1])))[0].T
         noisy = (part[identity] @ basis)[:, None, :] + rng.normal(scale=noise, size=(len(identity), T, D))
         tokens[name] = noisy.astype(np.float32)
         import_prior(cache, dataset, name, tokens[name], tmp)

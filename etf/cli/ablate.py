@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
-from etf.cli.fit import fuser_options, joint_options, training_options
+from etf.cli.fit import fuser_options, given_options, joint_options, training_options
 from etf.cli.options import cache_option, data_options, encoders_option
 from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
-from etf.pipeline.fit.config import INFER_MODES
+from etf.pipeline.fit.config import INFER_MODES, apply_recipe
 
 #: click parameter names that differ from the grid's setting names
 _SETTING = {"cache_dir": "cache", "data_spec": "data"}
@@ -79,13 +78,14 @@ def command(ctx: click.Context, config_file: Path | None, dry_run: bool, **optio
     """Fit every encoder subset x fuser x setting x seed from the cache (parallel, resumable) and report."""
     from etf.pipeline.ablate.grid import Grid, load_toml, plan_grid, run_grid, status
 
-    given = {
-        k for k in options if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    }
+    given = given_options(ctx) & options.keys()
     settings = {_SETTING.get(k, k): v for k, v in options.items() if k not in given and v not in (None, [])}
-    if config_file is not None:
-        settings.update(load_toml(config_file))
+    toml = load_toml(config_file) if config_file is not None else {}
+    settings.update(toml)
     settings.update({_SETTING.get(k, k): options[k] for k in given})
+    recipe = settings.pop("recipe", "etf")
+    settings = apply_recipe(recipe, settings, {_SETTING.get(k, k) for k in given} | set(toml))
+    settings.pop("landmarks", None)  # task options: applied to the grid's tasks when it is planned
     plan = plan_grid(Grid.from_settings(settings, where=str(config_file) if config_file else None, dry_run=dry_run))
     if dry_run:
         for k, group in enumerate(plan.groups(), 1):

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from etf.cache.format import POOL_OVERRIDES
 from etf.cli.options import (
@@ -25,12 +26,18 @@ from etf.pipeline.fit.config import (
     FUSE_MODES,
     HEADS,
     LANDMARK_LOSSES,
+    LANDMARK_UNITS,
     MARGINS,
+    OPTIMIZERS,
     POSITION_CODES,
     PRIOR_TOKENS,
+    READOUTS,
+    RECIPES,
+    SELECT_BY,
     VIEW_MODES,
     FitConfig,
     FuserConfig,
+    apply_recipe,
 )
 from etf.pipeline.fit.fusers import fuser_names
 from etf.utils import parse_size
@@ -124,6 +131,12 @@ def fuser_options(fn):
                 help="Auxiliary loss: recon:W (etfuser, etfuser+qface: reconstruct hidden prior tokens) or sinkhorn:W (fra: balanced regions).",
             ),
             _fuser("recon_ratio", type=FRACTION, help="recon: fraction of prior tokens hidden."),
+            _fuser(
+                "readout",
+                type=click.Choice(READOUTS),
+                help="Each task's head: one Linear, or the authors' (classifier: ReLU, DropPath 0.2, BatchNorm1d, "
+                "Linear; regressor: Dropout 0.2, Linear to 256, Linear).",
+            ),
         ]
     ):
         fn = opt(fn)
@@ -149,7 +162,32 @@ def training_options(fn):
             _fit("batch_size", type=POSITIVE),
             _fit("lr", type=click.FloatRange(0, min_open=True), help="Peak learning rate (AdamW)."),
             _fit("weight_decay", type=click.FloatRange(0)),
+            _fit(
+                "optimizer", type=click.Choice(OPTIMIZERS), help="AdamW, or Adam (its decay an L2 term: the authors')."
+            ),
             _fit("warmup_epochs", type=click.FloatRange(0)),
+            _fit(
+                "schedule",
+                help="After the warm-up: cosine (one half-period to zero) or periodic:P (a cosine down and back up "
+                "every P epochs: the authors' warm restarts).",
+            ),
+            click.option(
+                "--early-stop",
+                type=POSITIVE,
+                default=None,
+                help="Stop after this many epochs without a better selection score.  [default: run every epoch]",
+            ),
+            _fit(
+                "select_by",
+                type=click.Choice(SELECT_BY),
+                help="The epoch kept: best val selection metric, val loss, or f1-or-loss (val macro F1 where the first "
+                "task classifies, else val loss: the authors').",
+            ),
+            _fit(
+                "recipe",
+                type=click.Choice(list(RECIPES)),
+                help="Defaults for the options not given: etf's, or the authors' training (README lists each).",
+            ),
             _fit(
                 "train_fraction",
                 type=click.FloatRange(0, 1, min_open=True),
@@ -202,6 +240,15 @@ def training_options(fn):
     return fn
 
 
+def given_options(ctx: click.Context) -> set[str]:
+    """The options the command line (or the environment) gave: the rest a recipe may set."""
+    return {
+        k
+        for k in ctx.params
+        if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+
+
 def pop_fuser_config(kw: dict[str, Any]) -> FuserConfig:
     """Take the ``fuser_options`` values out of a command's keyword arguments."""
     names = {f.name for f in fields(FuserConfig)}
@@ -215,10 +262,17 @@ def verify_options(fn):
             click.option(
                 "--loss",
                 type=click.Choice(LANDMARK_LOSSES),
-                help="landmarks: Wing loss (the authors') or L1, on standardised coordinates.  [default: wing]",
+                help="landmarks: Wing per coordinate, Wing on each sample's error norm (wing-norm: the authors'), "
+                "or L1.  [default: wing]",
             ),
             click.option(
                 "--wing-omega", type=click.FloatRange(0, min_open=True), help="landmarks: Wing's omega.  [default: 0.1]"
+            ),
+            click.option(
+                "--landmark-units",
+                type=click.Choice(LANDMARK_UNITS),
+                help="landmarks: targets standardised per coordinate, or the training landmarks' extent as [0, 1] "
+                "(the authors' image units).  [default: standard]",
             ),
             click.option(
                 "--wing-epsilon",
@@ -244,19 +298,22 @@ def verify_options(fn):
 
 
 def pop_task_specs(kw: dict[str, Any], default: list[str]) -> list[str]:
-    """``--task`` values (or the dataset's defaults) with the ``verify_options`` filled in."""
-    from etf.pipeline.fit.heads import with_task_options
+    """``--task`` values (or the dataset's defaults) with the ``verify_options`` filled in,
+    then what ``--recipe`` gives the task options still unset."""
+    from etf.pipeline.fit.heads import with_recipe, with_task_options
     from etf.pipeline.fit.verification import with_options
 
     tasks = list(kw.pop("tasks")) or default
     tasks = with_task_options(
         tasks,
         "landmarks",
-        "--loss, --wing-omega and --wing-epsilon",
+        "--loss, --wing-omega, --wing-epsilon and --landmark-units",
         criterion=kw.pop("loss"),
         omega=kw.pop("wing_omega"),
         epsilon=kw.pop("wing_epsilon"),
+        units=kw.pop("landmark_units"),
     )
+    tasks = with_recipe(tasks, kw["recipe"])
     return with_options(
         tasks, dim=kw.pop("embed_dim"), margin=kw.pop("margin"), s=kw.pop("margin_scale"), m=kw.pop("margin_m")
     )
@@ -363,13 +420,16 @@ def joint_task_specs(kw: dict[str, Any], datasets: list[Any]) -> list[str]:
 @_fit("seed", type=click.IntRange(min=0))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (must be new or empty).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory at --out.")
-def command(**kw: Any) -> None:
+@click.pass_context
+def command(ctx: click.Context, **kw: Any) -> None:
     """Train --fuser and task heads on cached tokens of --encoders; write the run to --out.
 
     With several --data, one fuser and every dataset's task heads train jointly."""
     from etf.pipeline.extract.run import resolve_device
     from etf.pipeline.fit.train import check_out, fit
 
+    kw = apply_recipe(kw.pop("recipe"), kw, given_options(ctx))
+    kw.pop("landmarks", None)  # task options: pop_task_specs applies them
     resolve_device(kw["device"])
     fuser_config = pop_fuser_config(kw)
     overwrite = kw.pop("overwrite")

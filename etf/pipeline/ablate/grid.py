@@ -43,7 +43,7 @@ from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
 from etf.pipeline.ablate.report import Metric, Run, write_report
 from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key, resolve
 from etf.pipeline.fit.fusers import check_fuser
-from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names
+from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names, with_recipe
 from etf.pipeline.fit.mixing import JointConfig, assign, dataset_labels, parse_task_weights
 from etf.pipeline.fit.train import evaluated_test_splits, fit_many
 from etf.utils import canonical_json, parse_size, read_json, spec_hash, write_json_atomic
@@ -72,6 +72,10 @@ FIT_AXES = (
     "views",
     "feature_aug",
     "precision",
+    "optimizer",
+    "schedule",
+    "early_stop",
+    "select_by",
 )
 FUSER_AXES = tuple(f.name for f in fields(FuserConfig))
 AXES = {f.name: f.default for f in fields(FitConfig) if f.name in FIT_AXES} | {
@@ -100,6 +104,7 @@ OPTIONS = {
     "test_split": None,
     "correction": "holm",
     "metric_infer": "all",
+    "recipe": "etf",
     # joint grids: fixed settings of every fit (see JointConfig)
     "task_weights": [],
     "uncertainty": False,
@@ -193,6 +198,8 @@ class Grid:
     #: the inference mode of the report's metric: every prior, or the canonical prior alone
     metric_infer: str = "all"
     joint: JointConfig | None = None
+    #: the recipe the unset settings came from (see ``apply_recipe``); its task options apply in planning
+    recipe: str = "etf"
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], where: str | None = None, dry_run: bool = False) -> Grid:
@@ -252,6 +259,7 @@ class Grid:
             correction=s["correction"],
             metric_infer=s["metric_infer"],
             joint=joint,
+            recipe=s["recipe"],
         )
 
 
@@ -341,7 +349,7 @@ def plan_grid(grid: Grid) -> Plan:
     stores = stores_by[0]
     if grid.joint is None:
         dataset = datasets[0]
-        task_specs = grid.tasks or dataset.tasks
+        task_specs = with_recipe(grid.tasks or dataset.tasks, grid.recipe)
         if not task_specs:
             raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
         tasks = [parse_task(t, dataset) for t in task_specs]
@@ -358,7 +366,7 @@ def plan_grid(grid: Grid) -> Plan:
 
         labels = dataset_labels([d.name for d in datasets])
         per = [mine or list(d.tasks) for mine, d in zip(assign(grid.tasks, labels, "--task"), datasets)]
-        task_specs = [f"{k + 1}={spec}" for k, mine in enumerate(per) for spec in mine]
+        task_specs = with_recipe([f"{k + 1}={spec}" for k, mine in enumerate(per) for spec in mine], grid.recipe)
         joint_tasks = list(zip(labels, datasets, resolve_tasks(datasets, task_specs, labels)))
         task_kinds = [t.kind for _, _, ts in joint_tasks for t in ts]
         metrics = [
@@ -388,6 +396,7 @@ def plan_grid(grid: Grid) -> Plan:
             fuser_config=fuser_cfg,
             progress=grid.progress,
             test_split=grid.test_split,
+            recipe=grid.recipe,
             **{k: values[k] for k in FIT_AXES},
         )
         hashed = {k: v for k, v in cfg.to_json().items() if k not in ("out", "cache_dir", "progress")}

@@ -24,8 +24,42 @@ HEADS = ("auto", "spatial", "pooled")
 INFER_MODES = ("all", "canonical")
 #: ``etf fit --views``: train on a random view of each sample per epoch, or on the clean view only
 VIEW_MODES = ("random", "clean")
-#: landmark losses (``--loss``)
-LANDMARK_LOSSES = ("wing", "l1")
+#: landmark losses (``--loss``): Wing per coordinate, Wing on each sample's whole error vector's
+#: Euclidean norm (the authors'), or L1
+LANDMARK_LOSSES = ("wing", "wing-norm", "l1")
+#: landmark target units (``--landmark-units``): standardised per coordinate, or the training
+#: landmarks' extent mapped to [0, 1] (the authors' image units, see ``heads.Landmarks``)
+LANDMARK_UNITS = ("standard", "extent")
+#: ``--optimizer``: AdamW (decoupled weight decay) or Adam (L2 through the gradient, the authors')
+OPTIMIZERS = ("adamw", "adam")
+#: ``--select-by``: the epoch kept is the best by the first task's selection metric on val, by
+#: the val loss, or by val macro F1 where the first task classifies and the val loss otherwise (the authors')
+SELECT_BY = ("metric", "loss", "f1-or-loss")
+#: ``--recipe``: the values a recipe gives the settings a command leaves unset (any option
+#: given still wins). ``authors`` is the authors' training (configs/train_knowledge_token.py,
+#: tools/trainer_base.py, models/heads/MLP.py, models/losses.py at c1b3cfd); README lists each
+#: setting beside etf's. ``landmarks`` holds the options it gives landmark tasks.
+RECIPES: dict[str, dict[str, Any]] = {
+    "etf": {},
+    "authors": {
+        "optimizer": "adam",
+        "lr": 1e-4,
+        "weight_decay": 0.0,
+        "batch_size": 32,
+        "warmup_epochs": 10.0,
+        "schedule": "periodic:20",
+        "epochs": 10000,
+        "early_stop": 100,
+        "select_by": "f1-or-loss",
+        "position_code": "single",
+        "canonical_norm": False,
+        "readout": "authors",
+        "landmarks": {"criterion": "wing-norm", "units": "extent"},
+    },
+}
+#: ``--readout``: what each task head is: one Linear (etf), or the authors' heads (classifier:
+#: ReLU, DropPath 0.2, BatchNorm1d, Linear; regressor: Dropout 0.2, Linear to 256, Linear)
+READOUTS = ("linear", "authors")
 
 #: the fusers that build on ET-Fuser's sequence and so read its formulation flags
 ET_FUSERS = ("etfuser", "etfuser+qface")
@@ -38,7 +72,7 @@ MODEL_DEFAULTS = {
 }
 #: the FuserConfig fields every fuser reads: training-time dropping, the auxiliary objective
 #: (refused where a fuser has none) and what spatial heads read
-READ_BY_ALL = ("mask", "aux", "head")
+READ_BY_ALL = ("mask", "aux", "head", "readout")
 _SEQUENCE = ("depth", "heads", "mlp_ratio", "dropout", "attn", "prior_tokens", "fuse", "pool", "canonical_norm")
 #: the other FuserConfig fields each fuser reads (ET-Fuser's by formulation: ``pooled`` or
 #: ``all`` prior tokens); a field a fuser does not read is None in its resolved config, so
@@ -100,6 +134,8 @@ class FuserConfig:
     aux: str = "none"
     #: fraction of the present prior tokens that ``recon`` hides
     recon_ratio: float | None = 0.5
+    #: each task's head: one Linear, or the authors' (:data:`READOUTS`)
+    readout: str = "linear"
 
     def __post_init__(self) -> None:
         from etf.cache.tokens import parse_pool
@@ -111,6 +147,7 @@ class FuserConfig:
             ("--position-code", self.position_code, POSITION_CODES),
             ("--head", self.head, HEADS),
             ("--queries", self.queries, ("label", "task")),
+            ("--readout", self.readout, READOUTS),
         ):
             if value is not None and value not in choices:
                 raise EtfError(f"{flag} {value!r}: use {' or '.join(choices)}")
@@ -165,6 +202,8 @@ def resolve(fuser: str, cfg: FuserConfig, task_kinds: list[str] | None = None) -
     else:
         defaults = MODEL_DEFAULTS["token"]
     filled |= {k: v for k, v in defaults.items() if getattr(cfg, k) is None}
+    # a field read but unset (a config resolved for another formulation): the dataclass default
+    filled |= {f.name: f.default for f in fields(cfg) if getattr(cfg, f.name) is None and f.name not in filled}
     return replace(
         cfg, **{f.name: filled.get(f.name, getattr(cfg, f.name)) if f.name in reads else None for f in fields(cfg)}
     )
@@ -224,6 +263,15 @@ class FitConfig:
     #: ``random`` or ``clean``; None: random where the stores hold augmented views
     views: str | None = None
     feature_aug: str = "none"
+    optimizer: str = "adamw"
+    #: ``cosine``: warm-up, then one cosine to zero; ``periodic:P``: warm-up, then a cosine
+    #: back and forth every P epochs (the authors' warm restarts)
+    schedule: str = "cosine"
+    #: stop after this many epochs without a better selection score (None: run every epoch)
+    early_stop: int | None = None
+    select_by: str = "metric"
+    #: the recipe the unset settings came from (:data:`RECIPES`), recorded
+    recipe: str = "etf"
 
     def __post_init__(self) -> None:
         from etf.pipeline.fit.feature_aug import parse_feature_aug
@@ -232,6 +280,16 @@ class FitConfig:
         if self.views is not None and self.views not in VIEW_MODES:
             raise EtfError(f"--views {self.views!r}: use {' or '.join(VIEW_MODES)}")
         parse_feature_aug(self.feature_aug)
+        for flag, value, choices in (
+            ("--optimizer", self.optimizer, OPTIMIZERS),
+            ("--select-by", self.select_by, SELECT_BY),
+            ("--recipe", self.recipe, tuple(RECIPES)),
+        ):
+            if value not in choices:
+                raise EtfError(f"{flag} {value!r}: use {' or '.join(choices)}")
+        schedule_period(self.schedule)
+        if self.early_stop is not None and self.early_stop < 1:
+            raise EtfError(f"--early-stop {self.early_stop}: must be at least 1 epoch")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -239,10 +297,31 @@ class FitConfig:
         return d
 
 
+def schedule_period(schedule: str) -> float | None:
+    """``--schedule``: None for ``cosine``, the period in epochs for ``periodic:P``."""
+    if schedule == "cosine":
+        return None
+    m = re.fullmatch(r"periodic:([0-9.]+)", schedule)
+    if not m or not float(m.group(1)) > 0:
+        raise EtfError(f"--schedule {schedule!r}: use cosine, or periodic:P with a period of P > 0 epochs")
+    return float(m.group(1))
+
+
+def apply_recipe(recipe: str, settings: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """``settings`` (option names to values) with the recipe's values for those not ``given``;
+    its landmark task options stay under ``landmarks``."""
+    if recipe not in RECIPES:
+        raise EtfError(f"--recipe {recipe!r}: use {' or '.join(RECIPES)}")
+    return {**settings, **{k: v for k, v in RECIPES[recipe].items() if k not in given}, "recipe": recipe}
+
+
 #: FitConfig fields that shape only a model and its optimisation. Configs that differ in
 #: nothing else read the same batches in the same order, so :func:`fit_many` trains them
 #: together over one read of the data.
-MODEL_FIELDS = ("fuser", "fuser_config", "lr", "weight_decay", "warmup_epochs", "feature_aug", "out", "progress")
+MODEL_FIELDS = (
+    "fuser", "fuser_config", "lr", "weight_decay", "warmup_epochs", "feature_aug", "optimizer", "schedule", "early_stop",
+    "out", "progress",
+)  # fmt: skip
 
 
 def data_key(cfg: FitConfig) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from etf.data import labels
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.fit import metrics
-from etf.pipeline.fit.config import LANDMARK_LOSSES
+from etf.pipeline.fit.config import LANDMARK_LOSSES, LANDMARK_UNITS
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -58,6 +58,28 @@ class Head(nn.Module):
             return self.linear(h[:, 0])
         # one output per query: row q of the weight reads query q
         return torch.einsum("bqd,qd->bq", h, self.linear.weight) + self.linear.bias
+
+
+class AuthorsHead(nn.Module):
+    """The authors' task heads (models/heads/MLP.py), after their pooling: a ``classifier``
+    (``SimpleClassifier``: ReLU, DropPath 0.2, BatchNorm1d, Linear) or a ``regressor``
+    (``SimpleRegressor``: Dropout 0.2, Linear to 256, Linear). Per-query inputs (B, Q, d) go
+    through the same layers query by query, then a :class:`Head`."""
+
+    def __init__(self, in_dim: int, out_dim: int, kind: str) -> None:
+        super().__init__()
+        from timm.layers import DropPath
+
+        if kind == "classifier":
+            self.pre = nn.Sequential(nn.ReLU(), DropPath(0.2), nn.BatchNorm1d(in_dim))
+        else:
+            self.pre = nn.Sequential(nn.Dropout(0.2), nn.Linear(in_dim, 256))
+        self.head = Head(in_dim if kind == "classifier" else 256, out_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() == 3:
+            return self.head(self.pre(h.flatten(0, 1)).unflatten(0, h.shape[:2]))
+        return self.head(self.pre(h))
 
 
 #: channels of the landmark conv head (the authors' ``SimpleLandmarker``)
@@ -105,6 +127,8 @@ class Task:
     columns: list[str]
     kind: ClassVar[str] = ""
     primary: ClassVar[str] = ""
+    #: which of the authors' heads reads this task under ``--readout authors``
+    authors_head: ClassVar[str] = "classifier"
     #: the metrics a task of this kind reports that a dataset may name as its protocol metric
     reports: ClassVar[tuple[str, ...]] = ()
     higher_is_better: ClassVar[bool] = True
@@ -126,10 +150,13 @@ class Task:
         """(N, k) float32 targets and an (N, k) mask of present labels."""
         raise NotImplementedError
 
-    def make_head(self, in_dim: int, grid: tuple[int, int] | None = None) -> nn.Module:
+    def make_head(self, in_dim: int, grid: tuple[int, int] | None = None, readout: str = "linear") -> nn.Module:
         """The module that reads the fuser's representation for this task: a vector, or a
-        map of size ``grid`` for a :attr:`spatial` task under spatial heads."""
-        return Head(in_dim, self.out_dim)
+        map of size ``grid`` for a :attr:`spatial` task under spatial heads; one Linear, or
+        with ``readout`` ``authors`` the authors' head for the task (:class:`AuthorsHead`)."""
+        return (
+            AuthorsHead(in_dim, self.out_dim, self.authors_head) if readout == "authors" else Head(in_dim, self.out_dim)
+        )
 
     def check_splits(self, dataset: Dataset, train: np.ndarray, evaluate: dict[str, np.ndarray]) -> None:
         """Refuse splits this task cannot be trained or evaluated on (e.g. leaked identities)."""
@@ -305,6 +332,7 @@ class Regress(Task):
     mean: list[float] | None = None
     std: list[float] | None = None
     primary: ClassVar[str] = "mae"
+    authors_head: ClassVar[str] = "regressor"
     reports: ClassVar[tuple[str, ...]] = ("mae",)
     higher_is_better: ClassVar[bool] = False
 
@@ -355,16 +383,22 @@ class Regress(Task):
 @register_task("landmarks")
 @dataclass
 class Landmarks(Regress):
-    """Facial landmarks as 2K coordinates: Wing loss (the authors', ``omega`` 0.1, ``epsilon``
-    2) or L1 (``criterion``), on standardised coordinates; NME, FR, AUC. Under spatial heads
-    a conv head reads the canonical map (:class:`LandmarkHead`)."""
+    """Facial landmarks as 2K coordinates; NME, FR, AUC. Under spatial heads a conv head
+    reads the canonical map (:class:`LandmarkHead`).
+
+    The loss (``criterion``): Wing (``omega`` 0.1, ``epsilon`` 2) on each coordinate, Wing on
+    each sample's whole error vector's Euclidean norm (``wing-norm``: the authors' ``WingLoss``),
+    or L1. The targets (``units``): standardised per coordinate, or ``extent``: the training
+    landmarks' extent mapped to [0, 1] (one scale for x and y), which stands for the authors'
+    [0, 1] image units on face crops (a cache does not hold each sample's input size)."""
 
     criterion: str = "wing"
     omega: float = 0.1
     epsilon: float = 2.0
+    units: str = "standard"
     primary: ClassVar[str] = "nme"
     reports: ClassVar[tuple[str, ...]] = ("nme",)
-    options: ClassVar[dict[str, type]] = {"criterion": str, "omega": float, "epsilon": float}
+    options: ClassVar[dict[str, type]] = {"criterion": str, "omega": float, "epsilon": float, "units": str}
     spatial: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -372,19 +406,49 @@ class Landmarks(Regress):
             raise EtfError(f"--loss {self.criterion!r}: use {' or '.join(LANDMARK_LOSSES)}")
         if not (self.omega > 0 and self.epsilon > 0):
             raise EtfError(f"--wing-omega {self.omega} / --wing-epsilon {self.epsilon}: both must be positive")
+        if self.units not in LANDMARK_UNITS:
+            raise EtfError(f"--landmark-units {self.units!r}: use {' or '.join(LANDMARK_UNITS)}")
 
     @property
     def spec(self) -> str:
         return f"landmarks:{self.name}"
 
-    def make_head(self, in_dim: int, grid: tuple[int, int] | None = None) -> nn.Module:
-        return LandmarkHead(in_dim, grid, self.out_dim) if grid else Head(in_dim, self.out_dim)
+    def make_head(self, in_dim: int, grid: tuple[int, int] | None = None, readout: str = "linear") -> nn.Module:
+        return LandmarkHead(in_dim, grid, self.out_dim) if grid else super().make_head(in_dim, None, readout)
+
+    def fit_stats(self, y, m):
+        if self.units == "standard":
+            return super().fit_stats(y, m)
+        rows = m.all(axis=1)
+        if not rows.any():
+            raise EtfError(f"--task {self.spec}: no training sample has every landmark")
+        xs, ys = y[rows, 0::2], y[rows, 1::2]
+        origin = [float(xs.min()), float(ys.min())]
+        extent = max(float(xs.max()) - origin[0], float(ys.max()) - origin[1]) or 1.0
+        self.mean = origin * (y.shape[1] // 2)
+        self.std = [extent] * y.shape[1]
+
+    def loss(self, out, y, m):
+        if self.criterion != "wing-norm":
+            return super().loss(out, y, m)
+        rows = m.all(dim=1)
+        if not rows.any():
+            return out.sum() * 0
+        mean, std = self._scale(out)
+        err = out[rows] - ((y[rows] - mean) / std)
+        return wing_loss(err.pow(2).sum(dim=1).clamp(min=1e-6).sqrt(), self.omega, self.epsilon).mean()
 
     def penalty(self, err: torch.Tensor) -> torch.Tensor:
         return wing_loss(err, self.omega, self.epsilon) if self.criterion == "wing" else err.abs()
 
     def state(self):
-        return {**super().state(), "criterion": self.criterion, "omega": self.omega, "epsilon": self.epsilon}
+        return {
+            **super().state(),
+            "criterion": self.criterion,
+            "omega": self.omega,
+            "epsilon": self.epsilon,
+            "units": self.units,
+        }
 
     def metrics(self, pred, y, m, extra):
         keep = m.all(axis=1)
@@ -439,6 +503,23 @@ def with_task_options(specs: list[str], kind: str, flags: str, **options: Any) -
         if spec.startswith(f"{kind}:"):
             head, _, query = spec.partition("?")
             spec = f"{head}?{urlencode({**given, **dict(parse_qsl(query))})}"
+        out.append(spec)
+    return out
+
+
+def with_recipe(specs: list[str], recipe: str) -> list[str]:
+    """``specs`` with the task options ``recipe`` gives (its ``landmarks`` options, e.g. the
+    authors' Wing on the error norm in [0, 1] units) where a landmarks task leaves them unset."""
+    from etf.pipeline.fit.config import RECIPES
+
+    options = RECIPES[recipe].get("landmarks", {})
+    out = []
+    for spec in specs:
+        label, task = (
+            ("", spec) if spec.startswith("landmarks:") else (f"{spec.split('=', 1)[0]}=", spec.split("=", 1)[-1])
+        )
+        if options and task.startswith("landmarks:"):  # a joint fit's K=SPEC keeps its label
+            spec = label + with_task_options([task], "landmarks", "--recipe", **options)[0]
         out.append(spec)
     return out
 

@@ -40,7 +40,6 @@ from etf.pipeline.fit.train import (
     _cost,
     _Member,
     _optimizer,
-    _schedule,
     _score,
     attention_shares,
     check_group,
@@ -52,6 +51,7 @@ from etf.pipeline.fit.train import (
     predict_rows,
     prepare_data,
     run_config,
+    schedule_for,
     task_cells,
     write_model_files,
 )
@@ -232,8 +232,8 @@ class _JointMember(_Member):
         self.uncertainty = TaskUncertainty([t.name for t in tasks]).to(device) if joint.uncertainty else None
         if self.uncertainty is not None:  # the log-variances train with the model, without decay
             trained = nn.ModuleDict({"model": self.model, "uncertainty": self.uncertainty})
-            self.opt = _optimizer(trained, cfg.lr, cfg.weight_decay)
-            self.sched = _schedule(self.opt, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+            self.opt = _optimizer(trained, cfg.lr, cfg.weight_decay, cfg.optimizer)
+            self.sched = schedule_for(self.opt, cfg, steps_per_epoch)
 
     def task_loss(self, out, targets, tasks):
         total = out[tasks[0].name].new_zeros(())
@@ -247,7 +247,6 @@ class _JointMember(_Member):
     def end_joint_epoch(self, epoch: int, seen: int, rate: float, val: dict, predicted: list) -> None:
         score = self.selection(val)
         self.end_epoch(epoch, seen, rate, val, predicted, score)
-        self.history[-1]["selection_score"] = score
         if self.uncertainty is not None:
             self.history[-1].update({f"log_var_{n}": v for n, v in self.uncertainty.values().items()})
 
@@ -284,6 +283,8 @@ def fit_joint(
         raise EtfError("--epochs and --batch-size must be at least 1")
     if cfg.views == "random":
         raise EtfError("--views random: a joint fit trains on each store's clean view; use --views clean")
+    if cfg.select_by != "metric":
+        raise EtfError(f"--select-by {cfg.select_by}: a joint fit picks its epoch by --select (a task, or all)")
     labels = dataset_labels([d.name for d in datasets])
     tasks_by = resolve_tasks(datasets, cfg.tasks, labels)
     tasks = [t for ts in tasks_by for t in ts]
@@ -368,7 +369,7 @@ def fit_joint(
         finally:
             for s in streams:
                 s.close()  # stops streaming readers
-        members = live(every)
+        members = [m for m in every if not m.diverged]  # those that stopped early too
         models = [m.model for m in members]
         for member in members:
             member.model.load_state_dict(member.best_state)

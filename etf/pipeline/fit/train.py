@@ -30,7 +30,7 @@ from etf.data.geometry import check_views, view_samples
 from etf.data.labels import point_columns
 from etf.errors import EtfError
 from etf.pipeline.extract.run import autocast_for, resolve_device, resolve_precision
-from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key
+from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key, schedule_period
 from etf.pipeline.fit.feature_aug import feature_augment, parse_feature_aug
 from etf.pipeline.fit.fusers import create_fuser
 from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
@@ -45,11 +45,12 @@ class FusionModel(nn.Module):
     def __init__(self, fuser: nn.Module, tasks: list[Task]) -> None:
         super().__init__()
         self.fuser = fuser
+        readout = fuser.cfg.readout
         self.heads = nn.ModuleDict(
             {
-                t.name: t.make_head(fuser.map_dim, fuser.grid)
+                t.name: t.make_head(fuser.map_dim, fuser.grid, readout)
                 if t.name in fuser.map_tasks
-                else t.make_head(fuser.out_dim)
+                else t.make_head(fuser.out_dim, None, readout)
                 for t in tasks
             }
         )
@@ -296,10 +297,11 @@ def _point_columns(columns: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------- training
 
 
-def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW without decay on norms and biases (1-D parameters) and on the learned tokens,
-    embeddings and gates a module names in ``no_weight_decay`` (the usual ViT recipe):
-    decay would pull an ensemble token or a zero-initialised gate towards zero."""
+def _optimizer(model: nn.Module, lr: float, weight_decay: float, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or ``kind`` ``adam``: Adam, whose decay is an L2 term in the gradient) without
+    decay on norms and biases (1-D parameters) and on the learned tokens, embeddings and gates
+    a module names in ``no_weight_decay`` (the usual ViT recipe): decay would pull an ensemble
+    token or a zero-initialised gate towards zero."""
     skip = {
         f"{prefix}.{name}".lstrip(".")
         for prefix, module in model.named_modules()
@@ -309,18 +311,34 @@ def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.dim() < 2 or name in skip else decay).append(p)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
-    )
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return (torch.optim.Adam if kind == "adam" else torch.optim.AdamW)(groups, lr=lr)
 
 
-def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def _schedule(
+    opt: torch.optim.Optimizer, warmup: int, total: int, cycles: float | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then a cosine: one half-period to zero over the
+    rest (etf), or with ``cycles`` the authors' ``WarmupCosineSchedule``: ``cycles`` full
+    periods over the rest, back and forth between the peak and zero (warm restarts), their
+    warm-up starting at zero."""
+
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+            return (step + 1) / warmup if cycles is None else step / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if cycles is None:
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 0.5 * (1 + math.cos(2 * math.pi * cycles * progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def schedule_for(opt: torch.optim.Optimizer, cfg: FitConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``cfg``'s learning-rate schedule (``--warmup-epochs``, ``--schedule``) over its epochs."""
+    period = schedule_period(cfg.schedule)
+    cycles = None if period is None else cfg.epochs / period
+    return _schedule(opt, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch, cycles)
 
 
 @torch.no_grad()
@@ -394,6 +412,56 @@ def evaluate(
     return out
 
 
+@torch.no_grad()
+def val_losses(
+    models: list[FusionModel],
+    tasks: list[Task],
+    batches: Batches,
+    rows: np.ndarray,
+    device: torch.device,
+    targets: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> list[float]:
+    """Each model's mean training loss (the sum over ``tasks``) on ``rows`` in the clean view."""
+    sums, n = [0.0] * len(models), 0
+    for idx, tokens in batches.iterate(rows, shuffle=False):
+        tokens = [t.to(device) for t in tokens]
+        batch = {
+            k: (torch.from_numpy(y[idx]).to(device), torch.from_numpy(m[idx]).to(device))
+            for k, (y, m) in targets.items()
+        }
+        for j, model in enumerate(models):
+            out = model.eval()(tokens)
+            sums[j] += float(sum(t.loss(_fp32(out[t.name]), *batch[t.name]) for t in tasks)) * len(idx)
+        n += len(idx)
+    return [v / max(1, n) for v in sums]
+
+
+@dataclass(frozen=True)
+class FitSelection:
+    """What picks the epoch a fit keeps (``--select-by``): the first task's selection
+    ``metric`` on val, the val loss, or (``f1-or-loss``, the authors') val macro F1 where the
+    first task classifies and the val loss otherwise. Higher scores are better."""
+
+    by: str
+    tasks: list[Task]
+    metric: str
+
+    @property
+    def by_loss(self) -> bool:
+        return self.by == "loss" or (self.by == "f1-or-loss" and not isinstance(self.tasks[0], Classify))
+
+    def score(self, val: dict[str, dict[str, float]], loss: float) -> float:
+        if self.by_loss:
+            return -loss if math.isfinite(loss) else -math.inf
+        metric = "macro_f1" if self.by == "f1-or-loss" else self.metric
+        return _score(self.tasks[0], metric, val)
+
+    def describe(self) -> str:
+        if self.by_loss:
+            return "val loss"
+        return f"val {self.tasks[0].name} {'macro_f1' if self.by == 'f1-or-loss' else self.metric}"
+
+
 def _score(task: Task, metric: str, metrics: dict[str, dict[str, float]]) -> float:
     """Higher is better; an undefined (NaN) score is the worst, so it never stays the best."""
     value = metrics.get(task.name, {}).get(metric, float("nan"))
@@ -419,8 +487,9 @@ class FitResult:
 
 
 def live(members: list[_Member]) -> list[_Member]:
-    """The members of a group still training: a model whose loss diverged drops out."""
-    return [m for m in members if m.diverged is None]
+    """The members of a group still training: a model whose loss diverged drops out, and so
+    does one that stopped early (``--early-stop``)."""
+    return [m for m in members if m.diverged is None and not m.stopped]
 
 
 def _fp32(out: Any) -> Any:
@@ -454,8 +523,8 @@ class _Member:
         # fp16 gradients underflow without loss scaling; a disabled scaler is a pass-through
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.rng = self._rng_state()
-        self.opt = _optimizer(self.model, cfg.lr, cfg.weight_decay)
-        self.sched = _schedule(self.opt, round(cfg.warmup_epochs * steps_per_epoch), cfg.epochs * steps_per_epoch)
+        self.opt = _optimizer(self.model, cfg.lr, cfg.weight_decay, cfg.optimizer)
+        self.sched = schedule_for(self.opt, cfg, steps_per_epoch)
         self.feature_aug = parse_feature_aug(cfg.feature_aug)
         self.history: list[dict[str, Any]] = []
         self.best, self.best_state, self.best_epoch = -math.inf, None, 0
@@ -463,6 +532,8 @@ class _Member:
         self.loss_sum = 0.0
         #: why training stopped: the loss was not finite (the run is a failure, never a result)
         self.diverged: str | None = None
+        #: the epoch after which ``--early-stop`` ended training (0: it did not)
+        self.stopped = 0
 
     def _rng_state(self) -> list[torch.Tensor]:
         return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in self.cuda)]
@@ -524,8 +595,12 @@ class _Member:
             "epoch": epoch,
             "lr": self.opt.param_groups[0]["lr"],
             "train_loss": float(self.loss_sum) / seen,
+            "selection_score": score,
             "samples_per_s": rate,
         }
+        patience = self.cfg.early_stop
+        if patience is not None and epoch - self.best_epoch >= patience:
+            self.stopped = epoch
         row.update({f"val_{t}_{k}": v for t, ms in val.items() for k, v in ms.items() if not isinstance(v, list)})
         self.history.append(row)
         self.loss_sum = 0.0
@@ -622,7 +697,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
             priors, all_rows, budget, cfg.batch_size, cfg.seed, views, device=device if device.type != "cpu" else None
         )
         steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
-        selection = selection_metric(tasks[0], dataset)
+        selection = FitSelection(cfg.select_by, tasks, selection_metric(tasks[0], dataset))
         every = [_Member(c, priors.groups, tasks, steps_per_epoch, device, precision) for c in configs]
         members = every
         disable = None if cfg.progress is None else not cfg.progress
@@ -650,17 +725,15 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
             members = [m for m in members if m.check_loss(epoch + 1, seen)]
             models = [m.model for m in members]
             order, preds = predict_rows(models, tasks, batches, splits.val, device)
-            for member, p in zip(members, preds):
+            losses = val_losses(models, tasks, batches, splits.val, device, targets) if selection.by_loss else None
+            for k, (member, p) in enumerate(zip(members, preds)):
                 val = evaluate(tasks, order, p, targets, extra)
-                member.end_epoch(epoch + 1, seen, rate, val, (order, p), _score(tasks[0], selection, val))
+                score = selection.score(val, losses[k] if losses else math.nan)
+                member.end_epoch(epoch + 1, seen, rate, val, (order, p), score)
             for first in live(members)[:1]:
                 row = first.history[-1]
-                bar.set_postfix(
-                    loss=f"{row['train_loss']:.4f}",
-                    val=f"{row.get(f'val_{tasks[0].name}_{selection}', float('nan')):.4f}",
-                    sps=f"{rate:.0f}",
-                )
-        members = live(every)
+                bar.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{row['selection_score']:.4f}", sps=f"{rate:.0f}")
+        members = [m for m in every if not m.diverged]  # those that stopped early too
         models = [m.model for m in members]
         for member in members:
             member.model.load_state_dict(member.best_state)
@@ -682,7 +755,8 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
             metrics = {
                 **result,
                 "best_epoch": member.best_epoch,
-                "selected_by": f"val {tasks[0].name} {selection}",
+                "selected_by": selection.describe(),
+                **({"stopped_early": member.stopped} if member.stopped else {}),
                 **cost_metrics(member.model, priors, sample),
                 "splits": splits.counts(),
                 **({"held_out": splits.held_out} if splits.held_out else {}),

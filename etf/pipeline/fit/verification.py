@@ -255,8 +255,8 @@ class Verify(Task):
         self._classes = np.unique(y[m[:, 0], 0].astype(np.int64))
         self.identities = len(self._classes)
 
-    def make_head(self, in_dim: int, grid: tuple[int, int] | None = None) -> nn.Module:
-        return EmbeddingHead(in_dim, self.dim, self.identities)
+    def make_head(self, in_dim: int, grid: tuple[int, int] | None = None, readout: str = "linear") -> nn.Module:
+        return EmbeddingHead(in_dim, self.dim, self.identities)  # its own head whatever the readout
 
     def loss(self, out: Embedded, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         keep = m[:, 0]
