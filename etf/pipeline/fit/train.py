@@ -36,7 +36,7 @@ from etf.pipeline.fit.fusers import create_fuser
 from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
 from etf.pipeline.fit.heads import Classify, Task, parse_task, selection_metric, unique_names
 from etf.pipeline.fit.metrics import format_metrics
-from etf.utils import read_json, staged_dir, write_json_atomic
+from etf.utils import foreign, read_json, staged_dir, write_json_atomic
 
 
 class FusionModel(nn.Module):
@@ -613,14 +613,18 @@ def fit(dataset: Dataset, cfg: FitConfig, overwrite: bool = False) -> FitResult:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """A run goes into a new or empty directory; replacing a non-empty one takes ``overwrite``.
-    Checked before any work, so nothing is lost and no run mixes with unrelated files."""
+    """A run goes into a new or empty directory; replacing a run takes ``overwrite``, and
+    nothing else is ever replaced (a cache, a folder of other files, a dataset): only a
+    directory etf marked as its run, holding only what it wrote. Checked before any work."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EtfError(f"--out {out}: exists and is not a directory")
+    why = foreign(out, "run")
+    if why:
+        raise EtfError(
+            f"--out {out}: {why}; etf writes a run only into a new or empty directory "
+            "(--overwrite replaces only a run etf wrote)"
+        )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        what = "a run" if (out / "config.json").exists() else "files"
-        raise EtfError(f"--out {out}: holds {what} already; choose a new directory or pass --overwrite to replace it")
+        raise EtfError(f"--out {out}: holds a run already; choose a new directory or pass --overwrite to replace it")
 
 
 def prepare_data(
