@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,7 +36,7 @@ from etf.pipeline.fit.fusers import create_fuser
 from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
 from etf.pipeline.fit.heads import Classify, Task, parse_task, selection_metric, unique_names
 from etf.pipeline.fit.metrics import format_metrics
-from etf.utils import foreign, read_json, staged_dir, write_json_atomic
+from etf.utils import atomic_path, foreign, read_json, staged_dir, write_json_atomic
 
 
 class FusionModel(nn.Module):
@@ -867,7 +867,8 @@ def write_model_files(
     write_json_atomic(out / "config.json", config)
     write_json_atomic(out / "stores.json", stores)
     write_json_atomic(out / "metrics.json", metrics)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    with atomic_path(out / "model.safetensors") as tmp:  # save_file would make it 0600, whatever the umask
+        tmp.write_bytes(save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     with open(out / "history.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
         w.writeheader()
