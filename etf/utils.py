@@ -200,6 +200,10 @@ def read_json(path: str | os.PathLike) -> Any:
         return parse_json(Path(path).read_text(), str(path))
     except FileNotFoundError:
         raise EtfError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise EtfError(f"{path}: not valid JSON (byte {e.start} is not UTF-8)") from None
+    except OSError as e:
+        raise EtfError(f"{path}: cannot be read ({e.strerror})") from None
 
 
 def parse_size(text: str) -> int:

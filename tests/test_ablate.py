@@ -483,3 +483,31 @@ def test_unread_settings_merge_and_the_heatmap_says_what_each_cell_is(xor, tmp_p
     (ax,) = [a for a in fig.axes if a.get_title() == "A+B"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["etfuser attn=full", "etfuser attn=intra", "concat"]
     assert len(ax.texts) == 6  # one cell per configuration, no cell an average of several
+
+
+def test_a_runs_identity_does_not_change_with_how_its_store_is_named(tmp_path):
+    """A second store of encoder A makes ``A`` ambiguous; naming the first one ``A-HASHPREFIX``
+    or by its path finds the runs already fitted, not new ones."""
+    dataset, spec, cache = xor_cache(tmp_path, n=40)
+    ids = {p.run_id for p in plan_grid(_grid((dataset, spec, cache), tmp_path / "g", seeds="0")).points}
+    first_a = next(cache.glob("*/A-*.zarr"))
+    rng = np.random.default_rng(1)
+    import_prior(cache, dataset, "A", rng.normal(size=(len(dataset), T + 4, D)).astype(np.float32), tmp_path)
+    with pytest.raises(EtfError, match="NAME-HASHPREFIX"):
+        plan_grid(_grid((dataset, spec, cache), tmp_path / "g", seeds="0"))
+    for name in (first_a.stem[:6], str(first_a)):
+        plan = plan_grid(_grid((dataset, spec, cache), tmp_path / "g", seeds="0", encoders=f"{name},B"))
+        assert {p.run_id for p in plan.points} == ids, name
+
+
+def test_a_finished_run_with_damaged_metrics_is_fitted_again(xor, tmp_path):
+    grid = _grid(xor, tmp_path, fusers="etfuser", seeds="0", subsets="k=2")
+    assert run_grid(plan_grid(grid)).done == 2
+    damaged = next(p for p in plan_grid(grid).points if p.labels["fuser"] == "etfuser")
+    (damaged.dir / "metrics.json").write_bytes(b"\xff\x00 garbage")
+    lines = []
+    again = run_grid(plan_grid(grid), lines.append)
+    assert (again.reused, again.done, again.failed) == (1, 1, [])
+    said = [line for line in lines if "metrics.json" in line]
+    assert len(said) == 1 and "fitting it again" in said[0], lines
+    assert json.loads((damaged.dir / "metrics.json").read_text())["best_epoch"] >= 1

@@ -16,6 +16,13 @@ CacheDir = str | os.PathLike | Location
 STORE_RE = re.compile(r"^(?P<name>.+)-(?P<hash>[0-9a-f]{16})\.(?P<ext>zarr|h5)(?P<partial>\.partial)?$")
 
 
+def store_name(path: str) -> str:
+    """The encoder name a store was written under, from its path (``.../vit_b-<hash>.zarr``)."""
+    tail = str(path).rstrip("/").rsplit("/", 1)[-1]
+    m = STORE_RE.match(tail)
+    return m.group("name") if m else tail
+
+
 def dataset_dir(cache_dir: CacheDir, key: str) -> Location:
     return cache_location(cache_dir) / key
 

@@ -35,6 +35,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from etf.cache.catalog import store_name
 from etf.cache.features import PriorSet
 from etf.cache.location import Location, cache_location
 from etf.data.base import Dataset, load_dataset
@@ -362,7 +363,7 @@ def plan_grid(grid: Grid) -> Plan:
         raise EtfError(f"--encoders {','.join(grid.encoders)}: an encoder is named twice")
     subsets = parse_subsets(grid.subsets, grid.encoders)
     datasets = [load_dataset(d, crop=grid.crop) for d in grid.data]
-    stores_by = _stores(grid, datasets)
+    stores_by, store_names = _stores(grid, datasets)
     stores = stores_by[0]
     if grid.joint is None:
         dataset = datasets[0]
@@ -417,6 +418,7 @@ def plan_grid(grid: Grid) -> Plan:
             **{k: values[k] for k in FIT_AXES},
         )
         hashed = {k: v for k, v in cfg.to_json().items() if k not in ("out", "cache_dir", "progress")}
+        hashed["encoders"] = [store_names[e] for e in subset]  # however the stores were named on the command line
         joint = replace(grid.joint, mix=values["mix"]) if grid.joint else None
         if joint is None:
             run_id = spec_hash({"fit": hashed, **data_id, "stores": [stores[e] for e in subset]})
@@ -450,8 +452,10 @@ def plan_grid(grid: Grid) -> Plan:
     return Plan(grid, datasets, list(points.values()), metrics)
 
 
-def _stores(grid: Grid, datasets: list[Dataset]) -> list[dict[str, str]]:
-    """Per dataset, the spec hash of each encoder's store (a joint grid's must match)."""
+def _stores(grid: Grid, datasets: list[Dataset]) -> tuple[list[dict[str, str]], dict[str, str]]:
+    """Per dataset, the spec hash of each encoder's store (a joint grid's must match), and the
+    name each store was written under (``vit_b`` for ``vit_b-1a2b`` or a store's path): what
+    a run's identity holds, so that it does not change with how ``--encoders`` names a store."""
     priors: list[PriorSet] = []
     try:
         for d in datasets:
@@ -460,7 +464,8 @@ def _stores(grid: Grid, datasets: list[Dataset]) -> list[dict[str, str]]:
             from etf.pipeline.fit.joint import check_priors_match
 
             check_priors_match(priors, dataset_labels([d.name for d in datasets]))
-        return [{s["name"]: s["spec_hash"] for s in p.specs()} for p in priors]
+        names = {s["name"]: store_name(s["path"]) for s in priors[0].specs()}
+        return [{s["name"]: s["spec_hash"] for s in p.specs()} for p in priors], names
     except EtfError as e:
         raise EtfError(f"--encoders: {e}") from None
     finally:
@@ -500,6 +505,23 @@ def status(point: Point) -> str:
     if (point.dir / "done.json").exists():
         return "done"
     return "failed" if (point.dir / "failed.json").exists() else "pending"
+
+
+def _recheck_done(points: list[Point], echo: Callable[[str], None]) -> None:
+    """A finished run whose metrics.json cannot be read is no result: it is recorded as failed,
+    with one line, and fitted again (rather than stopping every later call of the grid)."""
+    for point in points:
+        if status(point) != "done":
+            continue
+        path = point.dir / "metrics.json"
+        try:
+            problem = None if isinstance(read_json(path), dict) else f"{path}: holds no JSON object"
+        except EtfError as e:
+            problem = str(e)
+        if problem:
+            echo(f"  {problem}; fitting it again")
+            (point.dir / "done.json").unlink()
+            _record_failure(point, EtfError(problem))
 
 
 def _record_done(point: Point, seconds: float, group: list[Point]) -> None:
@@ -643,6 +665,7 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
 
     grid = plan.grid
     by_id = {p.run_id: p for p in plan.points}
+    _recheck_done(plan.points, echo)
     todo = [[p for p in g if status(p) != "done"] for g in plan.groups()]
     todo = [g for g in todo if g]
     mark_owned(grid.out, "grid")
