@@ -126,3 +126,22 @@ def test_authors_readout_heads():
     regressor = AuthorsHead(8, 2, "regressor")
     widths = [(m.in_features, m.out_features) for m in regressor.modules() if isinstance(m, torch.nn.Linear)]
     assert widths == [(8, 256), (256, 2)]
+
+
+def test_ablate_recipe_authors_reaches_every_run(xor, tmp_path):
+    _, spec, cache = xor
+    args = ["ablate", "--data", spec, "--cache", str(cache), "--encoders", "A,B", "--out", str(tmp_path),
+            "--task", "classify:label", "--subsets", "singles", "--fusers", "linear", "--recipe", "authors",
+            "--epochs", "1", "--optimizer", "adamw"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    configs = [json.loads(p.read_text()) for p in tmp_path.rglob("config.json")]
+    assert len(configs) == 2
+    for config in configs:
+        assert (config["recipe"], config["optimizer"], config["select_by"], config["epochs"]) == (
+            "authors",
+            "adamw",  # given: it wins
+            "f1-or-loss",
+            1,
+        )
+        assert config["fuser_config"]["readout"] == "authors"

@@ -465,8 +465,8 @@ def _test_splits(dataset: Dataset, grid: Grid) -> tuple[str, ...]:
 
 
 #: the fuser settings the baseline reads: it reads the canonical prior as the point does (its
-#: pooled token, normalised or not) and its heads read what the point's heads read
-BASELINE_READS = ("head", "pool", "canonical_norm")
+#: pooled token, normalised or not) and its heads are the point's heads, reading what they read
+BASELINE_READS = ("head", "pool", "canonical_norm", "readout")
 
 
 def _as_baseline(values: dict[str, Any]) -> dict[str, Any]:
