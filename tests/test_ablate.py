@@ -133,6 +133,23 @@ def test_two_encoder_two_seed_grid_reports_and_resumes(xor, tmp_path, monkeypatc
     assert (point.dir / "model.safetensors").read_bytes() == model
 
 
+def test_a_finished_run_whose_model_changed_is_fitted_again(xor, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    grid = _grid(xor, tmp_path, fusers="concat", seeds="0", subsets="k=1")
+    plan = plan_grid(grid)
+    assert run_grid(plan).done == len(plan.points)
+    point = plan.points[0]
+    model = point.dir / "model.safetensors"
+    fitted = model.read_bytes()
+    save_file({k: v * -37 for k, v in load_file(str(model)).items()}, str(model))
+    lines: list[str] = []
+    again = run_grid(plan_grid(grid), echo=lines.append)
+    assert (again.reused, again.done, again.failed) == (len(plan.points) - 1, 1, [])
+    assert f"  {point.dir}: model.safetensors does not match its SHA-256 in SHA256SUMS" in "\n".join(lines)
+    assert model.read_bytes() == fitted  # fitted again, the same as before
+
+
 class Explode(LinearProbe):
     """A fuser that fails while ``armed``."""
 

@@ -41,6 +41,7 @@ from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
 from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
 from etf.pipeline.ablate.report import Metric, Run, write_report
+from etf.pipeline.fit.checksums import sums_problem
 from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key, resolve
 from etf.pipeline.fit.fusers import check_fuser
 from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names, with_recipe
@@ -485,6 +486,17 @@ def status(point: Point) -> str:
     return "failed" if (point.dir / "failed.json").exists() else "pending"
 
 
+def _recheck_done(points: list[Point], echo: Callable[[str], None]) -> None:
+    """A finished run whose files changed since its fit (see :mod:`etf.pipeline.fit.checksums`)
+    is no result: it is recorded as failed, with one line, and fitted again."""
+    for point in points:
+        problem = sums_problem(point.dir) if status(point) == "done" else None
+        if problem:
+            echo(f"  {point.dir}: {problem}; fitting it again")
+            (point.dir / "done.json").unlink()
+            _record_failure(point, EtfError(problem))
+
+
 def _record_done(point: Point, seconds: float, group: list[Point]) -> None:
     (point.dir / "failed.json").unlink(missing_ok=True)
     write_json_atomic(
@@ -624,6 +636,7 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
 
     grid = plan.grid
     by_id = {p.run_id: p for p in plan.points}
+    _recheck_done(plan.points, echo)
     todo = [[p for p in g if status(p) != "done"] for g in plan.groups()]
     todo = [g for g in todo if g]
     outcome = Outcome(grid.out / "report.md", len(plan.points), len(plan.points) - sum(map(len, todo)), len(todo))

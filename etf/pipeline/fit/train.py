@@ -30,6 +30,7 @@ from etf.data.geometry import check_views, view_samples
 from etf.data.labels import point_columns
 from etf.errors import EtfError
 from etf.pipeline.extract.run import autocast_for, resolve_device, resolve_precision
+from etf.pipeline.fit.checksums import check_sums, write_sums
 from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key, schedule_period
 from etf.pipeline.fit.feature_aug import feature_augment, parse_feature_aug
 from etf.pipeline.fit.fusers import create_fuser
@@ -859,7 +860,8 @@ def write_model_files(
     model: nn.Module,
     history: list[dict[str, Any]],
 ) -> None:
-    """A run's config.json, stores.json, metrics.json, model.safetensors and history.csv."""
+    """A run's config.json, stores.json, metrics.json, model.safetensors and history.csv, and
+    the SHA-256s of the first four, which every reader of the run checks."""
     write_json_atomic(out / "config.json", config)
     write_json_atomic(out / "stores.json", stores)
     write_json_atomic(out / "metrics.json", metrics)
@@ -868,6 +870,7 @@ def write_model_files(
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
         w.writeheader()
         w.writerows(history)
+    write_sums(out)
 
 
 def task_cells(task: Task, y: np.ndarray, m: np.ndarray, i: int, pred: np.ndarray) -> list[str]:
@@ -912,6 +915,7 @@ def load_run(run: Path) -> dict[str, Any]:
     path = Path(run) / "config.json"
     if not path.exists():
         raise EtfError(f"--run {run}: not a run directory (no config.json)")
+    check_sums(run)
     config = read_json(path)
     if config.get("run_format", 1) != RUN_FORMAT:
         raise EtfError(
