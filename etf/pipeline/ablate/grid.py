@@ -20,6 +20,9 @@ or Ray backend.
 from __future__ import annotations
 
 import itertools
+import os
+import threading
+import time
 import traceback
 import typing
 from collections.abc import Callable, Iterator
@@ -537,6 +540,33 @@ def limit_threads(threads: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _as_child(parent: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a worker; a worker process that the grid's process started itself (loky's)
+    first arranges to exit when that process dies, rather than go on fitting for nobody and
+    overlap a re-run of the grid (``kill -9`` runs no cleanup in the parent)."""
+    if os.getpid() != parent and os.getppid() == parent:
+        _exit_with_parent(parent)
+    return fn(*args)
+
+
+#: the process this worker watches, once it does
+_WATCHED: list[int] = []
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Exit this process at once when it is orphaned: its parent died and it was re-parented."""
+    if _WATCHED:
+        return
+    _WATCHED.append(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)  # what it was fitting resumes from its last saved epoch next time
+
+    threading.Thread(target=watch, name="etf-exit-with-parent", daemon=True).start()
+
+
 def run_group(datasets: list[Dataset], group: list[Point], threads: int) -> list[tuple[str, str, str]]:
     """One parallel job: fit a group in one pass and record each run. Never raises for a run's
     error: it returns (run id, ``done``/``failed``, message) per point."""
@@ -649,7 +679,7 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
         with _backend(grid, threads) as config, joblib.parallel_config(**config):
             as_ = "list" if grid.backend == "ray" else "generator_unordered"
             jobs = joblib.Parallel(n_jobs=grid.jobs, return_as=as_)(
-                joblib.delayed(run_group)(plan.datasets, g, threads) for g in todo
+                joblib.delayed(_as_child)(os.getpid(), run_group, plan.datasets, g, threads) for g in todo
             )
             try:
                 for k, results in enumerate(jobs, 1):
