@@ -183,3 +183,51 @@ def test_both_encoder_spellings_work_everywhere(xor, tmp_path):
               "classify:label", "--dry-run")  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "A+B" in res.output and "-" in res.output  # no --out: statuses are not looked up
+
+
+def test_overwrite_replaces_only_a_run_etf_wrote(xor, tmp_path):
+    """--overwrite never deletes a cache, a folder of other files or a user's file put into a
+    run; ablate --out, explain --out and predict --embed refuse the same folders."""
+    spec, cache = xor
+    before = sorted(str(p.relative_to(cache)) for p in cache.rglob("*"))
+    line = error_line(etf(*fit_args(xor, cache, "--overwrite")))
+    assert "--out" in line and "token cache" in line, line
+    assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == before
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    assert "thesis.tex" in error_line(etf(*fit_args(xor, thesis, "--overwrite")))
+    assert (thesis / "thesis.tex").read_text() == "years of work"
+    run = tmp_path / "run"
+    assert etf(*fit_args(xor, run)).exit_code == 0
+    (run / "notes.txt").write_text("mine")
+    assert "notes.txt" in error_line(etf(*fit_args(xor, run, "--overwrite")))
+    assert (run / "notes.txt").read_text() == "mine"
+    (run / "notes.txt").unlink()
+    assert etf(*fit_args(xor, run, "--overwrite", "--seed", "2")).exit_code == 0
+    assert not list(tmp_path.glob(".run.*")), "no staging folder is left beside the run"
+    for args in (
+        ["ablate", "--data", spec, "--cache", cache, "--encoders", "A,B", "--task", "classify:label", "--out", thesis],
+        ["ablate", "--data", spec, "--cache", cache, "--encoders", "A,B", "--task", "classify:label", "--out", run],
+        ["explain", "--run", run, "--split", "test", "--out", thesis],
+        ["explain", "--run", run, "--split", "test", "--out", cache],
+        ["predict", "--run", run, "--data", spec, "--embed", thesis],
+    ):
+        line = error_line(etf(*args))
+        assert "--out" in line or "--embed" in line, line
+    assert (thesis / "thesis.tex").read_text() == "years of work"
+    assert sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) == before
+    maps = tmp_path / "maps"
+    for _ in range(2):  # explain writes into its own folder again
+        res = etf("explain", "--run", run, "--split", "test", "--out", maps)
+        assert res.exit_code == 0, res.output
+    assert "explain directory, not a run" in error_line(etf(*fit_args(xor, maps, "--overwrite")))
+
+
+def test_staging_leftovers_etf_did_not_write_are_kept(xor, tmp_path):
+    """A folder that happens to bear a staging name is the user's: refused, not removed."""
+    (tmp_path / ".run.partial").mkdir()
+    (tmp_path / ".run.partial" / "keep.txt").write_text("mine")
+    line = error_line(etf(*fit_args(xor, tmp_path / "run")))
+    assert ".run.partial" in line
+    assert (tmp_path / ".run.partial" / "keep.txt").read_text() == "mine"

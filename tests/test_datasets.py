@@ -513,3 +513,58 @@ def test_file_digests_are_the_bytes_hash_whatever_the_path_spelling(tmp_path, mo
     assert file_digests(paths) == [digest] * 3 + [UNREADABLE]
     with sqlite3.connect(tmp_path / "home" / "digests.sqlite") as db:
         assert db.execute("SELECT path FROM digests").fetchall() == [(str(tmp_path.resolve() / "real" / "a.png"),)]
+
+
+def _garbage(db: Path) -> None:
+    db.write_bytes(b"not a database " * 100)
+
+
+def _other_layout(db: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE digests (path TEXT, sha TEXT)")
+
+
+def _read_only(db: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE digests (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, ctime INTEGER,"
+                  " inode INTEGER, digest TEXT)")  # fmt: skip
+    db.chmod(0o444)
+
+
+def _a_folder(db: Path) -> None:
+    db.mkdir()
+
+
+@pytest.mark.parametrize("damage", [_garbage, _other_layout, _read_only, _a_folder])
+def test_a_broken_digest_memo_is_rebuilt_or_done_without(tmp_path, damage):
+    """$ETF_DATA_HOME/digests.sqlite is a cache: garbage or another layout is rebuilt, one that
+    cannot be opened or written is done without, with one warning line; the command works.
+    (Run as root, a read-only file is written anyway: then there is nothing to warn about.)"""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import make_folder
+
+    root = make_folder(tmp_path / "faces", train=2, val=1, test=1)
+    home = tmp_path / "home"
+    home.mkdir()
+    damage(home / "digests.sqlite")
+    env = {**os.environ, "ETF_DATA_HOME": str(home)}
+    keys = []
+    for attempt in range(2):
+        res = subprocess.run([sys.executable, "-m", "etf.cli", "data", "check", f"folder:{root}"],
+                             capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+        warned = [line for line in res.stderr.splitlines() if line.strip()]
+        rebuilt = damage in (_garbage, _other_layout)
+        if attempt == 1 and rebuilt:
+            assert warned == [], "a rebuilt memo works the next time"
+        elif damage is not _read_only or os.geteuid() != 0:
+            assert len(warned) == 1 and warned[0].startswith("Warning:") and "digests.sqlite" in warned[0], warned
+        keys.append(next(line for line in res.stdout.splitlines() if "key" in line))
+    assert keys[0] == keys[1]

@@ -70,7 +70,7 @@ _SETTING = {"cache_dir": "cache", "data_spec": "data"}
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Grid directory: runs/ and the report (optional with --dry-run).",
+    help="Grid directory: runs/ and the report; new, empty, or a grid etf wrote (optional with --dry-run).",
 )
 @click.option("--dry-run", is_flag=True, help="List the runs, grouped as they would train, and fit nothing.")
 @click.pass_context

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from etf.cli.options import device_option, location_type, run_option, storage_option, weights_option, writable_dir
+from etf.cli.options import claim_dir, device_option, location_type, run_option, storage_option, weights_option
 
 
 @click.command("explain")
@@ -26,12 +26,17 @@ from etf.cli.options import device_option, location_type, run_option, storage_op
 @storage_option
 @weights_option
 @device_option
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory for the PNGs.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the PNGs: new, empty, or one etf explain wrote.",
+)
 def command(run, images, split, data_spec, cache_dir, weights, device, out) -> None:
     """Draw where --run's fuser looks: over IMAGE... (PNG overlays), or over --split (bar chart)."""
     if bool(images) == bool(split):
         raise click.UsageError("give IMAGE... or --split NAME (one of them)")
-    writable_dir(out, "--out")
+    claim_dir(out, "--out", "explain")
     from etf.pipeline.fit.explain import explain_images, explain_split
 
     if images:

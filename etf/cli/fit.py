@@ -419,7 +419,7 @@ def joint_task_specs(kw: dict[str, Any], datasets: list[Any]) -> list[str]:
 @training_options
 @_fit("seed", type=click.IntRange(min=0))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory (must be new or empty).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run directory at --out.")
+@click.option("--overwrite", is_flag=True, help="Replace the run at --out (only a run etf wrote, nothing else).")
 @click.pass_context
 def command(ctx: click.Context, **kw: Any) -> None:
     """Train --fuser and task heads on cached tokens of --encoders; write the run to --out.

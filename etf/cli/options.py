@@ -16,7 +16,7 @@ import click
 
 from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
-from etf.utils import writable_dir  # noqa: F401  (re-exported for the commands)
+from etf.utils import claim_dir, writable_dir  # noqa: F401  (re-exported for the commands)
 
 
 def default(cls: type, name: str) -> Any:

@@ -10,11 +10,11 @@ import click
 
 from etf.cli.options import (
     cache_option,
+    claim_dir,
     device_option,
     open_dataset,
     run_option,
     weights_option,
-    writable_dir,
     writable_file,
 )
 from etf.pipeline.fit.config import INFER_MODES
@@ -26,7 +26,8 @@ from etf.pipeline.fit.config import INFER_MODES
 @click.option(
     "--embed",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write each verify task's embeddings to DIR/embeddings-<task>.npy (+ .txt: the ids, one a line).",
+    help="Write each verify task's embeddings to DIR/embeddings-<task>.npy (+ .txt: the ids, one a line); "
+    "DIR is new, empty, or one etf wrote embeddings to.",
 )
 @click.option(
     "--data",
@@ -62,7 +63,7 @@ def command(
     writable_file(json_out, "--json")
     writable_file(csv_out, "--csv")
     if embed:
-        writable_dir(embed, "--embed")
+        claim_dir(embed, "--embed", "embed")
     from etf.pipeline.fit.predict import embed_dataset, load_predictor, predict_all
     from etf.pipeline.fit.verification import format_pair_metrics
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 #: the digest recorded for a file that cannot be read (``etf data check`` still gives a key)
 UNREADABLE = "unreadable"
@@ -68,32 +69,99 @@ def file_digests(paths: Sequence[Path], workers: int = 8) -> list[str]:
         except OSError:
             stamps[name] = None
     digests: dict[str, str] = {n: UNREADABLE for n, s in stamps.items() if s is None}
-    with closing(sqlite3.connect(_database(), timeout=60)) as db:
+    present = [n for n in unique if stamps[n] is not None]
+    db = _open_memo()
+    try:
+        if db is not None:
+            digests.update(_remembered(db, present, stamps))
+        todo = [n for n in present if n not in digests]
+        if todo:
+            with ThreadPoolExecutor(max_workers=workers) as pool:  # file reads and hashlib release the GIL
+                fresh = list(pool.map(_safe_hash, todo))
+            if db is not None:
+                _remember(db, [(n, *stamps[n], d) for n, d in zip(todo, fresh) if d != UNREADABLE])
+            digests.update(zip(todo, fresh))
+    finally:
+        if db is not None:
+            db.close()
+    return [digests[n] for n in names]
+
+
+_COLUMNS = ("path", "size", "mtime", "ctime", "inode", "digest")
+
+
+def _open_memo() -> sqlite3.Connection | None:
+    """The digest memo. It is only a cache: one that is damaged or has another layout is
+    rebuilt, one that cannot be opened is done without (every file is hashed); either with
+    one warning. None where it is done without."""
+    try:
+        path = _database()
+    except OSError as e:
+        return _without(f"{e}")
+    try:
+        return _connect(path)
+    except sqlite3.OperationalError as e:  # cannot be opened or read (permissions, locked): not its bytes
+        return _without(f"{path}: {e}")
+    except sqlite3.DatabaseError as e:  # not a database, malformed, or another layout
+        try:
+            path.unlink()
+            db = _connect(path)
+        except (OSError, sqlite3.DatabaseError) as again:
+            return _without(f"{path}: {e}, and it cannot be rebuilt ({again})")
+        _warn(f"{path}: {e}; rebuilt it (it only remembers file digests)")
+        return db
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=60)
+    try:
         db.execute(
             "CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER,"
             " ctime INTEGER, inode INTEGER, digest TEXT)"
         )
-        present = [n for n in unique if stamps[n] is not None]
-        for start in range(0, len(present), _BATCH):
-            part = present[start : start + _BATCH]
+        columns = tuple(row[1] for row in db.execute("PRAGMA table_info(digests)"))
+        if columns != _COLUMNS:
+            raise sqlite3.DatabaseError(f"another layout (columns {', '.join(columns)})")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _without(why: str) -> None:
+    _warn(f"{why}; file digests are not remembered, so every file is hashed")
+    return None
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _remembered(db: sqlite3.Connection, names: list[str], stamps: dict[str, Any]) -> dict[str, str]:
+    """The digests the memo holds for ``names`` whose stamp is unchanged."""
+    found = {}
+    try:
+        for start in range(0, len(names), _BATCH):
+            part = names[start : start + _BATCH]
             rows = db.execute(
                 f"SELECT path, size, mtime, ctime, inode, digest FROM digests WHERE path IN ({','.join('?' * len(part))})",
                 part,
             )
             for path, *stamp, digest in rows:
                 if tuple(stamp) == stamps[path]:
-                    digests[path] = digest
-        todo = [n for n in present if n not in digests]
-        if todo:
-            with ThreadPoolExecutor(max_workers=workers) as pool:  # file reads and hashlib release the GIL
-                fresh = list(pool.map(_safe_hash, todo))
-            with db:
-                db.executemany(
-                    "INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)",
-                    [(n, *stamps[n], d) for n, d in zip(todo, fresh) if d != UNREADABLE],
-                )
-            digests.update(zip(todo, fresh))
-    return [digests[n] for n in names]
+                    found[path] = digest
+    except sqlite3.DatabaseError as e:  # damaged past its header: hash everything this time
+        _warn(f"digests.sqlite cannot be read ({e}); every file is hashed")
+        return {}
+    return found
+
+
+def _remember(db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    try:
+        with db:
+            db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?, ?, ?)", rows)
+    except sqlite3.DatabaseError as e:  # read-only, full disk: the digests are simply not kept
+        _warn(f"digests.sqlite cannot be written ({e}); file digests are not remembered")
 
 
 def _safe_hash(path: str) -> str:

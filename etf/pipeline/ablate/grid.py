@@ -43,14 +43,23 @@ from etf.cache.location import Location, cache_location
 from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
 from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
-from etf.pipeline.ablate.report import Metric, Run, write_report
+from etf.pipeline.ablate.report import REPORT_FILES, Metric, Run, write_report
 from etf.pipeline.fit.checksums import sums_problem
 from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key, resolve
 from etf.pipeline.fit.fusers import check_fuser
 from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names, with_recipe
 from etf.pipeline.fit.mixing import JointConfig, assign, dataset_labels, parse_task_weights
 from etf.pipeline.fit.train import evaluated_test_splits, fit_many
-from etf.utils import canonical_json, parse_size, read_json, spec_hash, write_json_atomic
+from etf.utils import (
+    canonical_json,
+    claim_dir,
+    mark_owned,
+    owner_mark,
+    parse_size,
+    read_json,
+    spec_hash,
+    write_json_atomic,
+)
 
 BASELINE_FUSER = "linear"
 #: how long to wait for a cluster named by --scheduler
@@ -249,7 +258,7 @@ class Grid:
         return cls(
             data=data,
             cache=cache_location(s["cache"]),
-            out=Path(s["out"]) if s.get("out") else None,
+            out=check_grid_out(Path(s["out"])) if s.get("out") else None,
             encoders=_listed(s["encoders"]),
             crop=s["crop"],
             tasks=[tasks] if isinstance(tasks, str) else list(tasks),
@@ -265,6 +274,14 @@ class Grid:
             joint=joint,
             recipe=s["recipe"],
         )
+
+
+def check_grid_out(out: Path) -> Path:
+    """``--out``: new, empty, or a grid etf wrote (marked, or from before grids were marked:
+    holding only runs/ and the report's files); never a cache or a folder of other files."""
+    if out.is_dir() and owner_mark(out) is None and {p.name for p in out.iterdir()} <= {"runs", *REPORT_FILES}:
+        return out
+    return claim_dir(out, "--out", "grid")
 
 
 def _joint_settings(s: dict[str, Any], datasets: int) -> JointConfig | None:
@@ -502,6 +519,7 @@ def _recheck_done(points: list[Point], echo: Callable[[str], None]) -> None:
 
 def _record_done(point: Point, seconds: float, group: list[Point]) -> None:
     (point.dir / "failed.json").unlink(missing_ok=True)
+    mark_owned(point.dir, "run", ["done.json"])  # first: what the run directory holds is etf's
     write_json_atomic(
         point.dir / "done.json",
         {"run_id": point.run_id, "labels": point.labels, "seconds": seconds, "trained_with": [p.run_id for p in group]},
@@ -512,6 +530,7 @@ def _record_failure(point: Point, error: BaseException) -> str:
     path = point.dir / "failed.json"
     attempts = read_json(path).get("attempts", 0) + 1 if path.exists() else 1
     message = f"{type(error).__name__}: {error}" if not isinstance(error, EtfError) else str(error)
+    mark_owned(point.dir, "run", ["failed.json"])  # a retry may replace the directory
     write_json_atomic(
         path,
         {
@@ -669,6 +688,7 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
     _recheck_done(plan.points, echo)
     todo = [[p for p in g if status(p) != "done"] for g in plan.groups()]
     todo = [g for g in todo if g]
+    mark_owned(grid.out, "grid")
     outcome = Outcome(grid.out / "report.md", len(plan.points), len(plan.points) - sum(map(len, todo)), len(todo))
     threads = max(1, joblib.cpu_count() // grid.jobs)
     echo(

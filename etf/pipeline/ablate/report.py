@@ -295,6 +295,9 @@ def _verdict(row: dict[str, Any], metric: Metric) -> str:
 
 # ---------------------------------------------------------------------------- files
 
+#: the files :func:`write_report` writes (and nothing else beside a grid's runs/)
+REPORT_FILES = ("report.md", "results.csv", "results.json", "priors.png", "heatmap.png", "attention.png")
+
 
 def write_report(
     runs: list[Run],

@@ -26,6 +26,7 @@ from etf.errors import EtfError
 from etf.pipeline.extract.run import resolve_device
 from etf.pipeline.fit.fusers.layers import group_shares
 from etf.pipeline.fit.predict import Predictor, load_model, load_predictor, prior_tokens, run_priors
+from etf.utils import mark_owned
 
 
 def group_label(g: Group, groups: list[Group]) -> str:
@@ -69,7 +70,7 @@ def explain_images(
     spatial = [i for i, g in enumerate(p.groups) if g.layout.grid]
     with torch.no_grad():
         maps = p.model.fuser.eval().attention_maps(prior_tokens(p, images))
-    out.mkdir(parents=True, exist_ok=True)
+    mark_owned(out, "explain")
     if not spatial or not getattr(p.model.fuser, "maps_over_patches", True):
         return [_share_panels(p, images, maps, out, b) for b in range(len(images))]
     written = []
@@ -197,7 +198,7 @@ def explain_split(
     import matplotlib.pyplot as plt
 
     labels, means, n = split_shares(run, split, data_spec, cache_dir, device)
-    out.mkdir(parents=True, exist_ok=True)
+    mark_owned(out, "explain")
     x = np.arange(len(labels))
     width = 0.8 / len(means)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.6 * len(labels) * len(means) ** 0.5), 4.0))

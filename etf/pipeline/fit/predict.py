@@ -36,7 +36,7 @@ from etf.pipeline.fit.config import INFER_MODES, FuserConfig
 from etf.pipeline.fit.heads import Classify, Task
 from etf.pipeline.fit.train import FusionModel, build_model, check_finite, load_run, predict_rows
 from etf.pipeline.fit.verification import Verify, pair_metrics, write_embeddings
-from etf.utils import read_json, write_json_atomic
+from etf.utils import mark_owned, read_json, write_json_atomic
 
 
 @dataclass
@@ -180,6 +180,8 @@ def predict_all(p: Predictor, images: list[Path], batch_size: int, embed: Path |
         records += _records(p, batch, out)
         for t in verify:
             embeddings[t.name].append(t.decode(out[t.name]))
+    if verify:
+        mark_owned(embed, "embed")
     for t in verify:
         write_embeddings(embed, t.name, [str(i) for i in images], np.concatenate(embeddings[t.name]))
     return records
@@ -259,6 +261,7 @@ def embed_dataset(
     finally:
         priors.close()
     results = {}
+    mark_owned(embed, "embed")
     for t in verify:
         write_embeddings(embed, t.name, [dataset.ids[i] for i in order], preds[t.name])
         full = np.zeros((len(dataset), preds[t.name].shape[1]), np.float32)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -38,7 +38,7 @@ from etf.pipeline.fit.fusers import create_fuser
 from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
 from etf.pipeline.fit.heads import Classify, Task, parse_task, selection_metric, unique_names
 from etf.pipeline.fit.metrics import format_metrics
-from etf.utils import read_json, staged_dir, write_json_atomic
+from etf.utils import atomic_path, foreign, read_json, staged_dir, write_json_atomic
 
 
 class FusionModel(nn.Module):
@@ -638,14 +638,18 @@ def fit(dataset: Dataset, cfg: FitConfig, overwrite: bool = False) -> FitResult:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """A run goes into a new or empty directory; replacing a non-empty one takes ``overwrite``.
-    Checked before any work, so nothing is lost and no run mixes with unrelated files."""
+    """A run goes into a new or empty directory; replacing a run takes ``overwrite``, and
+    nothing else is ever replaced (a cache, a folder of other files, a dataset): only a
+    directory etf marked as its run, holding only what it wrote. Checked before any work."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EtfError(f"--out {out}: exists and is not a directory")
+    why = foreign(out, "run")
+    if why:
+        raise EtfError(
+            f"--out {out}: {why}; etf writes a run only into a new or empty directory "
+            "(--overwrite replaces only a run etf wrote)"
+        )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        what = "a run" if (out / "config.json").exists() else "files"
-        raise EtfError(f"--out {out}: holds {what} already; choose a new directory or pass --overwrite to replace it")
+        raise EtfError(f"--out {out}: holds a run already; choose a new directory or pass --overwrite to replace it")
 
 
 def prepare_data(
@@ -909,7 +913,8 @@ def write_model_files(
     write_json_atomic(out / "config.json", config)
     write_json_atomic(out / "stores.json", stores)
     write_json_atomic(out / "metrics.json", metrics)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    with atomic_path(out / "model.safetensors") as tmp:  # save_file would make it 0600, whatever the umask
+        tmp.write_bytes(save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     with open(out / "history.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
         w.writeheader()
