@@ -1,11 +1,15 @@
-"""Zarr store layers on object storage: fsspec (s3fs) against obstore, with local disk as the baseline.
+"""Zarr store layers on object storage: fsspec (s3fs) against obstore, with local disk as the
+baseline; and what the chunks' checksums cost a read.
 
-Starts a local S3 server (moto's server mode, the one the tests use) on 127.0.0.1, writes
+1. Checksums: the same array on local disk read in ``etf fit``'s block sizes from Zarr without
+   and with the ``crc32c`` codec (the baseline: format version 1 against 2), and from HDF5
+   without and with the ``fletcher32`` filter; printed as MB/s and the ratio to the baseline.
+2. Object storage: starts a local S3 server (moto's server mode, the one the tests use) on 127.0.0.1, writes
 a float16 token array of whole 8 MiB chunks through each store layer and reads it back in
 the block sizes ``etf fit`` streams, all in one run. What carries over between machines is
 the ratio of the two object-store layers; both talk to the same server.
 
-    python bench/storage.py [--mib 256] [--repeat 2]
+    python bench/storage.py [--mib 256] [--repeat 2] [--no-s3]
 """
 
 from __future__ import annotations
@@ -71,10 +75,41 @@ def measure(store, data: np.ndarray, rows: int, block: int) -> tuple[float, floa
     return write, read, time.perf_counter() - t
 
 
+def checksum_reads(local: Path, data: np.ndarray, rows: int, block: int) -> dict[str, float]:
+    """Block read MB/s of ``data`` stored four ways: Zarr and HDF5, each without and with the
+    checksum etf's stores carry. Each array is read once before timing (page cache warm)."""
+    import h5py
+    import zarr
+
+    paths = {}
+    for crc in (False, True):
+        path = local / f"crc{crc}.zarr"
+        arr = zarr.create_array(str(path), shape=data.shape, chunks=(rows, *data.shape[1:]), dtype=data.dtype,
+                                compressors=[zarr.codecs.Crc32cCodec()] if crc else None, fill_value=0)  # fmt: skip
+        arr[:] = data
+        paths["Zarr, crc32c" if crc else "Zarr, no checksum"] = lambda p=path: zarr.open_array(str(p), mode="r")
+    for f32 in (False, True):
+        path = local / f"f32{f32}.h5"
+        with h5py.File(path, "w") as f:
+            f.create_dataset("tokens", data=data, chunks=(16, *data.shape[1:]), fletcher32=f32)
+        paths["HDF5, fletcher32" if f32 else "HDF5, no checksum"] = lambda p=path: h5py.File(p, "r")["tokens"]
+    out = {}
+    for name, open_ in paths.items():
+        arr = open_()
+        for timing in (False, True):
+            t = time.perf_counter()
+            for start in range(0, len(data), block):
+                np.asarray(arr[start : start + block])
+            if timing:
+                out[name] = data.nbytes / (time.perf_counter() - t) / 1e6
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=256, help="array size")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--no-s3", action="store_true", help="only the checksums' read cost")
     args = ap.parse_args()
     t, d = 197, 384  # ViT-S tokens
     row = t * d * 2
@@ -85,6 +120,15 @@ def main() -> None:
     print(f"{n} x {t} x {d} float16 ({data.nbytes / 2**20:.0f} MiB), {rows} rows per chunk, reads of {block} rows")
     local = Path(tempfile.mkdtemp(prefix="etf-bench-storage-"))
     try:
+        runs = [checksum_reads(local / str(k), data, rows, block) for k in range(args.repeat)]
+        print("| local disk, block reads | MB/s | ratio to no checksum |")
+        print("|---|---|---|")
+        for name in runs[0]:
+            base = name.split(",")[0] + ", no checksum"
+            mbs = " / ".join(f"{r[name]:.0f}" for r in runs)
+            print(f"| {name} | {mbs} | {' / '.join(f'{r[name] / r[base]:.3f}' for r in runs)} |")
+        if args.no_s3:
+            return
         with S3Server() as server:
             print(f"| store layer | write MB/s | block read MB/s | listing {n // rows} chunks, ms |")
             print("|---|---|---|---|")

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,23 @@ def test_two_encoder_two_seed_grid_reports_and_resumes(xor, tmp_path, monkeypatc
     assert (point.dir / "model.safetensors").read_bytes() == model
 
 
+def test_a_finished_run_whose_model_changed_is_fitted_again(xor, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    grid = _grid(xor, tmp_path, fusers="concat", seeds="0", subsets="k=1")
+    plan = plan_grid(grid)
+    assert run_grid(plan).done == len(plan.points)
+    point = plan.points[0]
+    model = point.dir / "model.safetensors"
+    fitted = model.read_bytes()
+    save_file({k: v * -37 for k, v in load_file(str(model)).items()}, str(model))
+    lines: list[str] = []
+    again = run_grid(plan_grid(grid), echo=lines.append)
+    assert (again.reused, again.done, again.failed) == (len(plan.points) - 1, 1, [])
+    assert f"  {point.dir}: model.safetensors does not match its SHA-256 in SHA256SUMS" in "\n".join(lines)
+    assert model.read_bytes() == fitted  # fitted again, the same as before
+
+
 class Explode(LinearProbe):
     """A fuser that fails while ``armed``."""
 
@@ -164,6 +182,54 @@ def test_a_failed_run_is_recorded_the_rest_finish_and_it_is_retried(xor, tmp_pat
     assert (third.reused, third.done, third.failed) == (2, 1, [])
     assert not failed.exists()
     assert {r["seeds"] for r in _csv(tmp_path / "results.csv")} == {"1"}
+
+
+def _children(pid: int) -> set[int]:
+    """The live (not zombie) processes whose parent is ``pid``, from /proc."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        found |= {int(c) for c in (task / "children").read_text().split()} if (task / "children").exists() else set()
+    return {c for c in found if _alive(c)}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux's /proc")
+def test_the_workers_of_a_killed_grid_exit(xor, tmp_path):
+    """kill -9 of etf ablate: its loky workers stop fitting at once (no run finishes after the
+    kill), so a re-run does not overlap them."""
+    _, spec, cache = xor
+    out = tmp_path / "grid"
+    args = ["ablate", "--data", spec, "--cache", str(cache), "--encoders", "A,B", "--task", "classify:label",
+            "--fusers", "etfuser,concat", "--seeds", "0,1,2,3", "--epochs", "40", "--batch-size", "2",
+            "--jobs", "2", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    grid = subprocess.Popen([sys.executable, "-m", "etf.cli", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    workers: set[int] = set()
+    try:
+        # both workers are fitting once a run has saved an epoch's state
+        while not list((out / "runs").glob(".*.resume")) or len(workers) < 2:
+            assert grid.poll() is None, "the grid ended before it could be killed"
+            workers = _children(grid.pid)
+            time.sleep(0.05)
+        grid.send_signal(signal.SIGKILL)
+        grid.wait()
+        done = len(list(out.glob("runs/*/done.json")))
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), "workers still running 10 s after their grid was killed"
+        assert len(list(out.glob("runs/*/done.json"))) == done
+    finally:
+        for pid in workers:  # only the processes this test's grid started, if any survived
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_dead_worker_stops_the_grid_but_keeps_what_finished(xor, tmp_path, monkeypatch):

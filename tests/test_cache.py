@@ -175,8 +175,8 @@ def test_verify_reports_an_unreadable_chunk(store_path):
     chunk.write_bytes(chunk.read_bytes()[:100])
     problems = verify_store(store_path)
     assert problems == [
-        "tokens: 1 chunk(s) of the wrong size (first: chunk 1, 100 bytes of 163840)",
-        "tokens: rows 4:8 cannot be read",
+        "tokens: 1 chunk(s) of the wrong size (first: chunk 1, 100 bytes of 163844)",  # values and a CRC-32C
+        "tokens: rows 4:8 fail their checksum (changed bytes)",
     ]
 
 

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from etf.cli import main
+from etf.pipeline.fit.checksums import write_sums
 from tests.conftest import IMG, TINY_VIT
 
 
@@ -109,6 +110,34 @@ def test_predict_refuses_encoders_whose_weights_changed(run, tmp_path):
     stores = json.loads((copy / "stores.json").read_text())
     stores[1]["spec"]["weights_sha256"] = "0" * 64
     (copy / "stores.json").write_text(json.dumps(stores))
+    write_sums(copy)  # the run as if fitted on a cache of other weights
     out = CliRunner().invoke(main, ["predict", "--run", str(copy), str(next(root.rglob("*.png")))])
     assert out.exit_code == 1
     assert "prior 'resnet18': the loaded weights" in out.output and "differ" in out.output
+
+
+@pytest.mark.parametrize("command", ["predict", "explain"])
+def test_a_tampered_model_is_refused_with_one_line(run, tmp_path, command):
+    """A model multiplied by -37 has the same size and shape and predicts something else:
+    its SHA-256, recorded when the run was published, no longer matches."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tmp, root = run
+    copy = tmp_path / "run"
+    shutil.copytree(tmp / "run", copy)
+    assert "  model.safetensors" in (copy / "SHA256SUMS").read_text()
+    weights = load_file(str(copy / "model.safetensors"))
+    save_file({k: v * -37 for k, v in weights.items()}, str(copy / "model.safetensors"))
+    image = str(next(root.rglob("*.png")))
+    args = (
+        ["predict", "--run", str(copy), image]
+        if command == "predict"
+        else ["explain", "--run", str(copy), "--out", str(tmp_path / "maps"), image]
+    )
+    out = CliRunner().invoke(main, args)
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    (line,) = [line for line in out.output.splitlines() if line.startswith("Error:")]
+    assert f"--run {copy}: model.safetensors does not match its SHA-256 in SHA256SUMS" in line
+    assert not (tmp_path / "maps").exists()

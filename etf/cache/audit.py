@@ -111,7 +111,14 @@ def store_info(path: str | Location) -> dict[str, Any]:
             "flops_per_image": store.attrs.get("info", {}).get("flops_per_image"),
             "versions": store.attrs.get("info", {}).get("versions"),
             "format_version": store.attrs.get("format_version"),
+            "checksums": store.checksums,
         }
+
+
+def has_checksums(path: str | Location) -> bool:
+    """Whether every chunk of the store carries a checksum (format version 2 on)."""
+    with TokenStore.open(cache_location(path), check=False) as store:
+        return store.checksums
 
 
 def verify_store(path: str | Location, cache_dir: CacheDir | None = None) -> list[str]:
@@ -172,8 +179,8 @@ def _scan_values(store: TokenStore, a: ArraySpec, ids: list[str], skipped: set[s
         stop = min(store.n, start + step)
         try:
             block = decode_tokens(store._rows(a.name, start, stop), dtype)
-        except EtfError:
-            problems.append(f"{a.name}: rows {start}:{stop} cannot be read")
+        except EtfError as e:
+            problems.append(f"{a.name}: rows {start}:{stop} {_unreadable(e)}")
             continue
         views = block.reshape(len(block), -1 if a.is_views else 1, *block.shape[1 + a.is_views :])
         per_layer = views if a.name in ("tokens", "views") else views[:, :, None]
@@ -189,6 +196,11 @@ def _scan_values(store: TokenStore, a: ArraySpec, ids: list[str], skipped: set[s
     return problems
 
 
+def _unreadable(e: EtfError) -> str:
+    """Why rows could not be read, as a verify line says it."""
+    return "fail their checksum (changed bytes)" if "checksum" in str(e) else "cannot be read"
+
+
 def _scan_geometry(store: TokenStore, a: ArraySpec, ids: list[str]) -> list[str]:
     """Read every chunk of a views geometry array: unreadable chunks and non-finite matrices."""
     problems, bad = [], []
@@ -196,8 +208,8 @@ def _scan_geometry(store: TokenStore, a: ArraySpec, ids: list[str]) -> list[str]
         stop = min(store.n, start + store.chunk_rows)
         try:
             block = store._rows(a.name, start, stop)
-        except EtfError:
-            problems.append(f"{a.name}: rows {start}:{stop} cannot be read")
+        except EtfError as e:
+            problems.append(f"{a.name}: rows {start}:{stop} {_unreadable(e)}")
             continue
         bad += [ids[start + i] for i in np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(1))[0]]
     if bad:

@@ -1,6 +1,15 @@
 """The store's on-disk constants, importable without zarr or torch (the command line lists them)."""
 
-FORMAT_VERSION = 1
+#: Version 2: every chunk carries a checksum (Zarr v3 ``crc32c`` codec, HDF5 ``fletcher32``
+#: filter). Version 1 stores (no checksums) are still read; ``etf cache verify`` says so.
+FORMAT_VERSION = 2
+#: format versions this etf reads
+READABLE_VERSIONS = (1, 2)
+#: what ``etf cache info`` and ``verify`` say of a version 1 store
+NO_CHECKSUMS = (
+    "a same-size change to a chunk cannot be detected (format version 1); "
+    "delete the store and re-run etf extract to add them"
+)
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
 #: Bytes per Zarr chunk (and resume unit). See bench/README.md for the measurements.
 ZARR_CHUNK_BYTES = 8 << 20

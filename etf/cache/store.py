@@ -43,6 +43,7 @@ from etf.cache.format import (
     FORMATS,
     HDF5_CHUNK_BYTES,
     PHYSICAL,
+    READABLE_VERSIONS,
     ZARR_CHUNK_BYTES,
 )
 from etf.cache.location import Location, cache_location
@@ -174,14 +175,18 @@ def _chunk_rows(arrays: list[ArraySpec], itemsize: int, target: int, n: int) -> 
     return -(-n // -(-n // rows))
 
 
-def _zarr_compressors(codec: str) -> Any:
+def _zarr_compressors(codec: str) -> list[Any]:
+    """The bytes-to-bytes codecs of every array: ``codec``, then a CRC-32C of the stored bytes,
+    so that any changed byte of a chunk fails its read instead of decoding to wrong tokens."""
     if codec == "none":
-        return None
-    if codec == "zstd":
-        return zarr.codecs.ZstdCodec(level=3)
-    if codec.startswith("blosc-"):
-        return zarr.codecs.BloscCodec(cname=codec.split("-", 1)[1], clevel=3, shuffle="bitshuffle")
-    raise EtfError(f"--codec {codec!r}: use one of {', '.join(CODECS)}")
+        compress = []
+    elif codec == "zstd":
+        compress = [zarr.codecs.ZstdCodec(level=3)]
+    elif codec.startswith("blosc-"):
+        compress = [zarr.codecs.BloscCodec(cname=codec.split("-", 1)[1], clevel=3, shuffle="bitshuffle")]
+    else:
+        raise EtfError(f"--codec {codec!r}: use one of {', '.join(CODECS)}")
+    return [*compress, zarr.codecs.Crc32cCodec()]
 
 
 class StoreWriter:
@@ -402,7 +407,7 @@ def _zarr_to_hdf5(arrays: dict[str, zarr.Array], path: Path, attrs: dict[str, An
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         for a in specs:
             name, arr = a.name, arrays[a.name]
-            ds = f.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=a.chunks(rows))
+            ds = f.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=a.chunks(rows), fletcher32=True)
             step = rows * -(-arr.chunks[0] // rows)  # whole HDF5 chunks, at least one Zarr chunk
             for start in range(0, arr.shape[0], step):
                 ds[start : start + step] = arr[start : start + step]
@@ -475,8 +480,9 @@ class TokenStore:
         problem = (
             "incomplete store; re-run the same etf extract to resume"
             if not attrs.get("complete")
-            else f"store format version {attrs.get('format_version')}, this etf reads version {FORMAT_VERSION}"
-            if attrs.get("format_version") != FORMAT_VERSION
+            else f"store format version {attrs.get('format_version')}, this etf reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+            if attrs.get("format_version") not in READABLE_VERSIONS
             else None
         )
         if problem is None and check:
@@ -563,9 +569,14 @@ class TokenStore:
         try:
             return np.asarray(arr[start:stop, layer_index] if layer_index is not None else arr[start:stop])
         except Exception as e:  # codec, shape and I/O errors of a damaged chunk, whatever the format
-            raise EtfError(
-                f"{self.path}: rows {start}:{stop} of {name} cannot be read ({type(e).__name__}: {e}); {REPAIR}"
-            ) from None
+            why = "fail their checksum" if _is_checksum_error(e, arr) else f"cannot be read ({type(e).__name__}: {e})"
+            raise EtfError(f"{self.path}: rows {start}:{stop} of {name} {why}; {REPAIR}") from None
+
+    @property
+    def checksums(self) -> bool:
+        """Whether every array's chunks carry a checksum (Zarr ``crc32c``, HDF5 ``fletcher32``):
+        format version 2 on; older stores are read without one."""
+        return all(_has_checksum(arr) for arr in self._arrays.values())
 
     def damage(self) -> list[str]:
         """What is wrong with the stored chunks, from one listing: chunk objects that are missing
@@ -622,6 +633,22 @@ class TokenStore:
 REPAIR = "run etf cache verify on it, then delete it and re-run etf extract"
 
 
+def _has_checksum(arr: Any) -> bool:
+    """Whether a stored array checks its chunks on read: Zarr's ``crc32c`` codec or HDF5's
+    ``fletcher32`` filter."""
+    if isinstance(arr, zarr.Array):
+        return any(isinstance(c, zarr.codecs.Crc32cCodec) for c in arr.metadata.codecs)
+    return bool(arr.fletcher32)
+
+
+def _is_checksum_error(e: Exception, arr: Any) -> bool:
+    """A read refused by a chunk's checksum: zarr's crc32c codec says so; HDF5 says only that
+    a filter failed, and fletcher32 is the only filter etf's HDF5 stores have."""
+    return "checksum" in str(e).lower() or (
+        not isinstance(arr, zarr.Array) and _has_checksum(arr) and "filter returned failure" in str(e)
+    )
+
+
 def _chunk_objects(arr: zarr.Array, grid: list[int]) -> tuple[list[tuple[int, ...]], list[str], dict[str, int]]:
     """The index and key of every chunk of an array chunked by rows (and views) over the
     chunk ``grid``, and the size of every object stored under the array, from one listing."""
@@ -660,7 +687,7 @@ def _zarr_chunk_damage(arr: zarr.Array, name: str, grid: list[int], uncompressed
             f"{name}: {len(missing)} of {len(keys)} chunks missing (first: rows {first[0] * rows}:{(first[0] + 1) * rows}{view})"
         )
     if uncompressed:
-        size = int(np.prod(arr.chunks)) * arr.dtype.itemsize
+        size = int(np.prod(arr.chunks)) * arr.dtype.itemsize + 4 * _has_checksum(arr)  # a CRC-32C is 4 bytes
         wrong = [c for c, k in enumerate(keys) if k in found and found[k] != size]
         if wrong:
             out.append(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from etf.cache.format import DTYPES, POOLS
+from etf.cache.format import DTYPES, NO_CHECKSUMS, POOLS
 from etf.cli.options import cache_option, data_options, echo_kv, location_type, open_dataset, storage_option
 from etf.errors import EtfError
 
@@ -46,6 +46,7 @@ def describe_store(path) -> None:
             ("on disk", f"{human_size(info['bytes'])}, {info['chunk_rows']} samples per chunk, codec {info['codec']}"),
             ("GFLOPs/img", f"{info['flops_per_image'] / 1e9:.2f}" if info["flops_per_image"] else "n/a"),
             ("format", f"version {info['format_version']}; written by {_versions(info['versions'])}"),
+            ("checksums", "every chunk (crc32c / fletcher32)" if info["checksums"] else f"none; {NO_CHECKSUMS}"),
         ]
     )
 
@@ -99,14 +100,16 @@ def info(store) -> None:
 @store_argument
 def verify(store) -> None:
     """Check STORE: spec hash, manifest, shapes, every chunk present and readable, finite values."""
-    from etf.cache.audit import verify_store
+    from etf.cache.audit import has_checksums, verify_store
 
     problems = verify_store(store)
     if problems:
         for p in problems:
             click.echo(f"{store}: {p}", err=True)
         raise SystemExit(1)
-    click.echo(f"{store}: ok")
+    click.echo(
+        f"{store}: ok" if has_checksums(store) else f"{store}: ok, but its chunks carry no checksums; {NO_CHECKSUMS}"
+    )
 
 
 @command.command("import")

@@ -20,6 +20,9 @@ or Ray backend.
 from __future__ import annotations
 
 import itertools
+import os
+import threading
+import time
 import traceback
 import typing
 from collections.abc import Callable, Iterator
@@ -42,6 +45,7 @@ from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
 from etf.pipeline.ablate import BACKENDS, CORRECTIONS, SUBSETS
 from etf.pipeline.ablate.report import REPORT_FILES, Metric, Run, write_report
+from etf.pipeline.fit.checksums import sums_problem
 from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key, resolve
 from etf.pipeline.fit.fusers import check_fuser
 from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names, with_recipe
@@ -487,8 +491,8 @@ def _test_splits(dataset: Dataset, grid: Grid) -> tuple[str, ...]:
 
 
 #: the fuser settings the baseline reads: it reads the canonical prior as the point does (its
-#: pooled token, normalised or not) and its heads read what the point's heads read
-BASELINE_READS = ("head", "pool", "canonical_norm")
+#: pooled token, normalised or not) and its heads are the point's heads, reading what they read
+BASELINE_READS = ("head", "pool", "canonical_norm", "readout")
 
 
 def _as_baseline(values: dict[str, Any]) -> dict[str, Any]:
@@ -508,20 +512,26 @@ def status(point: Point) -> str:
 
 
 def _recheck_done(points: list[Point], echo: Callable[[str], None]) -> None:
-    """A finished run whose metrics.json cannot be read is no result: it is recorded as failed,
-    with one line, and fitted again (rather than stopping every later call of the grid)."""
+    """A finished run whose files changed since its fit (see :mod:`etf.pipeline.fit.checksums`)
+    or whose metrics.json cannot be read (a run fitted before runs carried checksums) is no
+    result: it is recorded as failed, with one line, and fitted again, rather than stopping
+    every later call of the grid."""
     for point in points:
-        if status(point) != "done":
-            continue
-        path = point.dir / "metrics.json"
-        try:
-            problem = None if isinstance(read_json(path), dict) else f"{path}: holds no JSON object"
-        except EtfError as e:
-            problem = str(e)
+        problem = _done_problem(point.dir) if status(point) == "done" else None
         if problem:
-            echo(f"  {problem}; fitting it again")
+            echo(f"  {point.dir}: {problem}; fitting it again")
             (point.dir / "done.json").unlink()
             _record_failure(point, EtfError(problem))
+
+
+def _done_problem(run: Path) -> str | None:
+    problem = sums_problem(run)
+    if problem:
+        return problem
+    try:
+        return None if isinstance(read_json(run / "metrics.json"), dict) else "metrics.json holds no JSON object"
+    except EtfError:
+        return "metrics.json cannot be read"
 
 
 def _record_done(point: Point, seconds: float, group: list[Point]) -> None:
@@ -564,6 +574,33 @@ def limit_threads(threads: int) -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(before)
+
+
+def _as_child(parent: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a worker; a worker process that the grid's process started itself (loky's)
+    first arranges to exit when that process dies, rather than go on fitting for nobody and
+    overlap a re-run of the grid (``kill -9`` runs no cleanup in the parent)."""
+    if os.getpid() != parent and os.getppid() == parent:
+        _exit_with_parent(parent)
+    return fn(*args)
+
+
+#: the process this worker watches, once it does
+_WATCHED: list[int] = []
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Exit this process at once when it is orphaned: its parent died and it was re-parented."""
+    if _WATCHED:
+        return
+    _WATCHED.append(parent)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)  # what it was fitting resumes from its last saved epoch next time
+
+    threading.Thread(target=watch, name="etf-exit-with-parent", daemon=True).start()
 
 
 def run_group(datasets: list[Dataset], group: list[Point], threads: int) -> list[tuple[str, str, str]]:
@@ -679,7 +716,7 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
         with _backend(grid, threads) as config, joblib.parallel_config(**config):
             as_ = "list" if grid.backend == "ray" else "generator_unordered"
             jobs = joblib.Parallel(n_jobs=grid.jobs, return_as=as_)(
-                joblib.delayed(run_group)(plan.datasets, g, threads) for g in todo
+                joblib.delayed(_as_child)(os.getpid(), run_group, plan.datasets, g, threads) for g in todo
             )
             try:
                 for k, results in enumerate(jobs, 1):

@@ -30,6 +30,8 @@ from etf.data.geometry import check_views, view_samples
 from etf.data.labels import point_columns
 from etf.errors import EtfError
 from etf.pipeline.extract.run import autocast_for, resolve_device, resolve_precision
+from etf.pipeline.fit import resume
+from etf.pipeline.fit.checksums import check_sums, write_sums
 from etf.pipeline.fit.config import INFER_MODES, FitConfig, FuserConfig, data_key, schedule_period
 from etf.pipeline.fit.feature_aug import feature_augment, parse_feature_aug
 from etf.pipeline.fit.fusers import create_fuser
@@ -538,6 +540,29 @@ class _Member:
     def _rng_state(self) -> list[torch.Tensor]:
         return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in self.cuda)]
 
+    #: what :meth:`state` saves besides the model, optimiser, schedule and scaler
+    _KEPT = ("rng", "history", "best", "best_epoch", "best_state", "best_val", "diverged", "stopped")
+
+    def state(self) -> dict[str, Any]:
+        """Everything training has changed, at an epoch's end: what a resumed fit restores."""
+        return {
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            **{k: getattr(self, k) for k in self._KEPT},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.scaler.load_state_dict(state["scaler"])
+        for k in self._KEPT:
+            setattr(self, k, state[k])
+        if self.best_state is not None:
+            self.best_state = {k: v.to(self.device) for k, v in self.best_state.items()}
+
     def step(
         self, tokens: list[torch.Tensor], targets: dict[str, tuple[torch.Tensor, torch.Tensor]], tasks: list[Task]
     ) -> None:
@@ -705,7 +730,10 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
         every = [_Member(c, priors.groups, tasks, steps_per_epoch, device, precision) for c in configs]
         members = every
         disable = None if cfg.progress is None else not cfg.progress
-        bar = tqdm(range(cfg.epochs), desc=f"fit {'+'.join(c.fuser for c in configs)}", unit="epoch", disable=disable)
+        keys = [resume.fingerprint(c.to_json(), dataset.key, priors.specs()) for c in configs]
+        start = _resume(every, keys)
+        bar = tqdm(range(start, cfg.epochs), desc=f"fit {'+'.join(c.fuser for c in configs)}", unit="epoch",
+                   disable=disable, initial=start, total=cfg.epochs)  # fmt: skip
         y_dev = {
             name: (torch.from_numpy(y).to(device), torch.from_numpy(m).to(device))
             for name, (y, m) in train_targets.items()
@@ -734,6 +762,8 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
                 val = evaluate(tasks, order, p, targets, extra)
                 score = selection.score(val, losses[k] if losses else math.nan)
                 member.end_epoch(epoch + 1, seen, rate, val, (order, p), score)
+            for member, key in zip(every, keys):
+                resume.save(member.cfg.out, key, epoch + 1, member.state())
             for first in live(members)[:1]:
                 row = first.history[-1]
                 bar.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{row['selection_score']:.4f}", sps=f"{rate:.0f}")
@@ -768,6 +798,7 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
                 "views": views,
                 "precision": precision,
                 "seconds": seconds,
+                **({"resumed_after_epoch": start} if start else {}),
             }
             if share is not None:
                 metrics["attention_share"] = share
@@ -775,9 +806,23 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
                 member.cfg, dataset, tasks, priors, member.model, metrics, member.history, prediction, targets
             )
             out[member.cfg.out] = FitResult(member.cfg.out, metrics, run)
+        for member in every:  # published, or diverged: the fit has ended
+            resume.clear(member.cfg.out)
     finally:
         priors.close()
     return [out[m.cfg.out] for m in every]
+
+
+def _resume(members: list[_Member], keys: list[str]) -> int:
+    """Restore every member's state saved at the end of the same epoch by an interrupted fit of
+    the same settings; the number of epochs to skip (0: start afresh). Members are saved one after
+    the other, so a kill between two leaves them at different epochs: then the fit starts over."""
+    saved = [resume.load(m.cfg.out, key) for m, key in zip(members, keys)]
+    if any(s is None for s in saved) or len({epoch for epoch, _ in saved}) != 1:
+        return 0
+    for member, (_, state) in zip(members, saved):
+        member.restore(state)
+    return saved[0][0]
 
 
 # ---------------------------------------------------------------------------- run directory
@@ -863,7 +908,8 @@ def write_model_files(
     model: nn.Module,
     history: list[dict[str, Any]],
 ) -> None:
-    """A run's config.json, stores.json, metrics.json, model.safetensors and history.csv."""
+    """A run's config.json, stores.json, metrics.json, model.safetensors and history.csv, and
+    the SHA-256s of the first four, which every reader of the run checks."""
     write_json_atomic(out / "config.json", config)
     write_json_atomic(out / "stores.json", stores)
     write_json_atomic(out / "metrics.json", metrics)
@@ -873,6 +919,7 @@ def write_model_files(
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
         w.writeheader()
         w.writerows(history)
+    write_sums(out)
 
 
 def task_cells(task: Task, y: np.ndarray, m: np.ndarray, i: int, pred: np.ndarray) -> list[str]:
@@ -886,6 +933,7 @@ def format_summary(cfg: FitConfig, tasks: list[Task], metrics: dict[str, Any]) -
     lines = [
         f"run {cfg.out}: {cfg.fuser} over {', '.join(metrics['priors'])}; best epoch {metrics['best_epoch']}/{cfg.epochs} by {metrics['selected_by']}"
         + (" (streamed from the stores)" if metrics["streamed"] else "")
+        + (f"; resumed after epoch {metrics['resumed_after_epoch']}" if metrics.get("resumed_after_epoch") else "")
         + (f"; trained on a random one of {metrics['views']} views per epoch" if metrics.get("views", 1) > 1 else ""),
         "samples  " + "  ".join(f"{k} {v}" for k, v in metrics["splits"].items()),
         *(f"held out {k}: {v}" for k, v in metrics.get("held_out", {}).items()),
@@ -917,6 +965,7 @@ def load_run(run: Path) -> dict[str, Any]:
     path = Path(run) / "config.json"
     if not path.exists():
         raise EtfError(f"--run {run}: not a run directory (no config.json)")
+    check_sums(run)
     config = read_json(path)
     if config.get("run_format", 1) != RUN_FORMAT:
         raise EtfError(
