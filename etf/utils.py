@@ -212,9 +212,12 @@ def parse_size(text: str) -> int:
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
     try:
-        return int(float(num) * units[unit])
+        size = int(float(num) * units[unit])
     except ValueError:
         raise EtfError(f"--max-memory {text!r}: expected a size like 8G or 512M") from None
+    if size <= 0:
+        raise EtfError(f"--max-memory {text!r}: must be a positive size like 8G or 512M")
+    return size
 
 
 def writable_dir(path: Path, flag: str) -> Path:

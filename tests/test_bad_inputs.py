@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -305,3 +306,148 @@ def test_manifest_is_json_after_a_refused_run(bad_folder, tmp_path):
     etf("extract", "--data", f"folder:{bad_folder}", *TINY, "--cache", tmp_path)
     manifest = next(tmp_path.glob("*/manifest.json"))
     assert json.loads(manifest.read_text())["skipped"] == []
+
+
+# --- one line for each listed bad input, found where it is read (issue 22, items 5 and 6) ---
+
+
+def _csv(tmp_path: Path, text: str | bytes) -> str:
+    make_image(tmp_path / "a.png", seed=1)
+    make_image(tmp_path / "b.png", seed=2)
+    path = tmp_path / "data.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return f"csv:{path}"
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("path,split,label\na.png,train,caf\xe9\nb.png,test,x\n".encode("latin-1"), ["line 2", "0xe9", "cp1252"]),
+        ("path,split,label,label\na.png,train,1,2\nb.png,test,0,1\n", ["'label' appears 2 times"]),
+        ("path, split,label\na.png,train,1\nb.png,test,0\n", ["' split'", "spaces"]),
+        ("path,split,label\na.png,train\nb.png,test,0\n", ["line 2", "2 fields"]),
+        ("path,split,label\na.png,train,1,extra\nb.png,test,0\n", ["line 2", "4 fields"]),
+    ],
+    ids=["latin-1", "duplicate-column", "spaced-header", "short-row", "long-row"],
+)
+def test_a_csv_read_wrong_later_is_one_line_now(tmp_path, text, named):
+    spec = _csv(tmp_path, text)
+    line = error_line(etf("data", "check", spec))
+    assert "data.csv" in line and all(n in line for n in named), line
+
+
+def test_non_utf8_file_names_and_one_class_folders_are_problems(tmp_path):
+    root = tmp_path / "faces"
+    make_image(root / "a" / "1.png", seed=1)
+    make_image(root / "a" / "2.png", seed=2)
+    res = etf("data", "check", f"folder:{root}")
+    assert res.exit_code == 1 and "a classifier needs two or more" in res.output, res.output
+    make_image(Path(os.fsdecode(bytes(root / "b") + b"/caf\xe9.png")), seed=3)
+    line = error_line(etf("data", "check", f"folder:{root}"))
+    assert "caf\\xe9.png" in line and "not UTF-8" in line, line
+
+
+def test_an_empty_imported_array_writes_nothing(tmp_path):
+    spec = _csv(tmp_path, "path,split,label\na.png,train,1\nb.png,test,0\n")
+    np.save(tmp_path / "t.npy", np.zeros((2, 0, 8), np.float32))
+    cache = tmp_path / "cache"
+    line = error_line(
+        etf("cache", "import", "--data", spec, "--name", "E", "--array", tmp_path / "t.npy", "--cache", cache)
+    )
+    assert "empty array" in line, line
+    assert not list(cache.rglob("*.partial")) and not list(cache.rglob("E-*"))
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> tuple[Path, str, Path]:
+    from tests.synthetic import xor_cache
+
+    tmp = tmp_path_factory.mktemp("run")
+    _, spec, cache = xor_cache(tmp, n=40)
+    res = etf("fit", "--data", spec, "--cache", cache, "--encoders", "A", "--fuser", "linear", "--epochs", "1",
+              "--task", "classify:label", "--out", tmp / "run", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return tmp / "run", spec, cache
+
+
+def _copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to)
+    (to / "SHA256SUMS").unlink(missing_ok=True)  # as a run fitted before checksums: only the reader is left
+    return to
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_model_file_is_one_line(small_run, tmp_path, damage):
+    run, spec, cache = small_run
+    copy = _copy_run(run, tmp_path / "copy")
+    model = copy / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:100] if damage == "truncated" else b"garbage" * 50)
+    line = error_line(etf("explain", "--run", copy, "--split", "test", "--out", tmp_path / "maps"))
+    assert "model.safetensors" in line, line
+
+
+def test_a_run_config_without_a_key_and_a_staging_folder_are_one_line(small_run, tmp_path):
+    run, spec, cache = small_run
+    copy = _copy_run(run, tmp_path / "copy")
+    config = json.loads((copy / "config.json").read_text())
+    del config["groups"]
+    (copy / "config.json").write_text(json.dumps(config))
+    image = make_image(tmp_path / "x.png", seed=4)
+    assert "'groups'" in error_line(etf("predict", "--run", copy, image))
+    assert "'groups'" in error_line(etf("explain", "--run", copy, "--split", "test", "--out", tmp_path / "maps"))
+    staging = _copy_run(run, tmp_path / ".run.partial")
+    assert "not a run" in error_line(etf("predict", "--run", staging, image))
+
+
+@pytest.mark.parametrize(
+    "toml, named",
+    [
+        ("epochs = 0", "--epochs"),
+        ("batch_size = 0", "--batch-size"),
+        ("lr = -0.1", "--lr"),
+        ("max_memory = 0", "--max-memory"),
+        ("max_memory = '-1G'", "--max-memory"),
+        ("batch-size = 8\nbatch_size = 16", "batch-size"),
+    ],
+)
+def test_toml_settings_that_would_fail_every_run_fail_the_dry_run(small_run, tmp_path, toml, named):
+    _, spec, cache = small_run
+    config = tmp_path / "grid.toml"
+    config.write_text(toml + "\n")
+    line = error_line(etf("ablate", "--config", config, "--data", spec, "--cache", cache, "--encoders", "A",
+                          "--task", "classify:label", "--dry-run"))  # fmt: skip
+    assert named in line, line
+
+
+@pytest.mark.parametrize("size", ["0", "-1G"])
+def test_a_memory_budget_of_nothing_is_refused(small_run, tmp_path, size):
+    _, spec, cache = small_run
+    line = error_line(etf("fit", "--data", spec, "--cache", cache, "--encoders", "A", "--out", tmp_path / "r",
+                          "--task", "classify:label", "--max-memory", size))  # fmt: skip
+    assert "--max-memory" in line and not (tmp_path / "r").exists()
+
+
+def test_a_full_disk_while_a_run_is_published_is_one_line(small_run, tmp_path):
+    """The file size limit (RLIMIT_FSIZE) fails a write as a full disk does: one line, exit 1,
+    and no run that a later command would read."""
+    import resource
+    import subprocess
+    import sys
+
+    _, spec, cache = small_run
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    res = subprocess.run(
+        [sys.executable, "-m", "etf.cli", "fit", "--data", spec, "--cache", str(cache), "--encoders", "A",
+         "--fuser", "linear", "--epochs", "1", "--task", "classify:label", "--out", str(tmp_path / "run"),
+         "--no-progress", "--device", "cpu"],  # a GPU's driver writes caches of its own
+        capture_output=True, text=True, preexec_fn=limit, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "File too large" in errors[0], res.stderr
+    assert not (tmp_path / "run").exists()

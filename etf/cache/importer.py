@@ -84,6 +84,8 @@ def import_tokens(
     shapes = "(N,K,T,D) or (N,K,L,T,D)" if geometry_file else "(N,T,D) or (N,L,T,D)"
     if src.ndim not in (3 + bool(geometry_file), 4 + bool(geometry_file)) or not np.issubdtype(src.dtype, np.floating):
         raise EtfError(f"--array {tokens_file}: expected a float array {shapes}, got {src.dtype} {src.shape}")
+    if 0 in src.shape:
+        raise EtfError(f"--array {tokens_file}: an empty array {src.shape}; every axis of {shapes} needs a size")
     if not geometry_file:
         src = src[:, None]  # one view
     if src.ndim == 4:

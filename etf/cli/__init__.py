@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import warnings
 
 import click
 
 from etf.errors import EtfError
+
+#: errors of the storage, not of etf: a full disk or quota, a file over its size limit, a
+#: read-only or failing file system
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 class Terminated(KeyboardInterrupt):
@@ -20,8 +25,9 @@ def _terminate(signum: int, frame) -> None:
 
 
 class _Group(click.Group):
-    """Turns :class:`EtfError` into one ``Error: ...`` line and exit status 1, and Ctrl-C or
-    SIGTERM into one line and the shell's status for them, 130 or 143."""
+    """Turns :class:`EtfError` and a storage error (a full disk) into one ``Error: ...`` line and
+    exit status 1, and Ctrl-C or SIGTERM into one line and the shell's status for them, 130 or 143.
+    Every write that a later command trusts is atomic, so a failed one leaves nothing it would read."""
 
     def invoke(self, ctx: click.Context):
         previous = signal.signal(signal.SIGTERM, _terminate)
@@ -29,6 +35,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except EtfError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if e.errno not in _STORAGE_ERRORS:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            raise click.ClickException(f"{where}{e.strerror or e}; fix that and run the same command again") from None
         except KeyboardInterrupt as e:
             click.echo("\nInterrupted: what finished is kept; run the same command again to resume.", err=True)
             ctx.exit(143 if isinstance(e, Terminated) else 130)

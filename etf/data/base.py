@@ -343,11 +343,26 @@ def load_dataset(spec: str, *, require_files: bool = True, **overrides: Any) -> 
         dataset.options["crop"] = crop
         dataset.options["crop_source"] = crop_source(dataset, crop, where)
         dataset.samples = crop_labels(dataset.samples, crop, where)
+    require_utf8_names(dataset)
     if require_files:
         require_images(dataset)
     if not dataset.tasks:
         dataset.tasks = list(adapter.tasks)
     return dataset
+
+
+def require_utf8_names(dataset: Dataset) -> None:
+    """Sample ids go into manifests and keys as UTF-8: a file name in another encoding (which
+    Python carries as surrogates) is one error naming it, not a failure at the first write."""
+    for s in dataset.samples:
+        try:
+            s.id.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = s.id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise EtfError(
+                f"{dataset.describe()}: the file name '{shown}' is not UTF-8; rename it "
+                "(convmv -f latin1 -t utf8 renames a folder's names)"
+            ) from None
 
 
 def require_images(dataset: Dataset) -> None:

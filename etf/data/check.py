@@ -86,9 +86,15 @@ def protocol_lines(dataset: Dataset) -> list[str]:
 def _check_tasks(dataset: Dataset, report: CheckReport) -> None:
     for text in dataset.tasks:
         try:
-            parse_task(text).columns(dataset.label_columns)
+            task = parse_task(text)
+            columns = task.columns(dataset.label_columns)
         except EtfError as e:
             report.problems.append(str(e))
+            continue
+        if task.kind == "classify":  # what etf fit would refuse after the extraction
+            values = {v for v in dataset.column(columns[0]) if v is not None}
+            if len(values) < 2:
+                report.problems.append(f"task {text}: {len(values)} class(es) labelled; a classifier needs two or more")
 
 
 def _check_labels(dataset: Dataset, order: list[str], report: CheckReport) -> None:

@@ -24,7 +24,6 @@ model sees. Coordinates are continuous, pixel ``i`` spanning ``[i, i + 1)`` as i
 
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Sequence
 from dataclasses import replace
@@ -98,11 +97,10 @@ LANDMARKS5_HEADER = ["id", *(f"{c}{k}" for k in range(1, 6) for c in "xy")]
 def read_landmarks5(path: Path, samples: Sequence[Sample], where: str) -> list[Sample]:
     """``samples`` with ``meta["landmarks5"]`` from ``path`` (header ``id,x1,y1,...,x5,y5``);
     samples the file does not list lose the adapter's, so nothing else is aligned by."""
-    from etf.data.datasets._common import annotation_error, numbers
+    from etf.data.datasets._common import annotation_error, csv_rows, numbers
 
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
+        rows = csv_rows(path)
     except OSError as e:
         raise EtfError(f"{where}: landmarks5={path}: {e.strerror or e}") from None
     if not rows or [c.strip() for c in rows[0]] != LANDMARKS5_HEADER:

@@ -7,6 +7,7 @@ on the names and the seed, never on directory listing order.
 
 from __future__ import annotations
 
+import csv
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -47,14 +48,45 @@ def annotation_error(path: Path, line: int, message: str) -> EtfError:
     return EtfError(f"{path}: line {line}: {message}")
 
 
+def not_utf8(path: Path) -> EtfError:
+    """The error for a text file that is not UTF-8: its first such byte and line, and the
+    encoding its bytes suggest converting from."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        try:
+            data.decode("cp1252")
+            guess = "cp1252"  # Excel's on Windows
+        except UnicodeDecodeError:
+            guess = "latin-1"
+        return EtfError(
+            f"{path}: line {line}: byte 0x{data[e.start]:02x} (offset {e.start}) is not UTF-8; "
+            f"save the file as UTF-8 (it may be {guess}: iconv -f {guess} -t utf-8)"
+        )
+    return EtfError(f"{path}: not UTF-8 text")
+
+
+def csv_rows(path: Path) -> list[list[str]]:
+    """The rows of a UTF-8 CSV file (a byte-order mark is not part of its first cell)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return list(csv.reader(f))
+    except FileNotFoundError:
+        raise EtfError(f"{path}: not found") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
 def read_rows(path: Path, skip: int = 0) -> list[tuple[int, list[str]]]:
     """Whitespace-separated fields of each non-blank line after the first ``skip``, with 1-based line numbers."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise EtfError(f"{path}: not found") from None
-    except UnicodeDecodeError as e:
-        raise EtfError(f"{path}: not a text file ({e})") from None
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     return [(n, line.split()) for n, line in enumerate(text.splitlines(), start=1) if n > skip and line.strip()]
 
 

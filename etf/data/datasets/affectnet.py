@@ -17,13 +17,13 @@ fraction of it. Expression codes 0 Neutral, 1 Happy, 2 Sad, 3 Surprise, 4 Fear, 
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from etf.data.base import Dataset, MetaSource, Sample, register_dataset
 from etf.data.datasets._common import (
     FIVE_FROM_68,
     annotation_error,
+    csv_rows,
     find,
     five_points,
     hold_out,
@@ -73,8 +73,7 @@ def load_affectnet(root: Path, classes: int = 7, val: float = 0.0, seed: int = 0
 
 
 def _read(path: Path, images: Path, split: str, classes: int) -> list[Sample]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows = csv_rows(path)
     start = 2 if rows and rows[0][:1] == COLUMNS[:1] else 1
     if start == 2 and rows[0] != COLUMNS:
         raise annotation_error(path, 1, f"expected header {','.join(COLUMNS)}")

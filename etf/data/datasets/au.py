@@ -28,7 +28,7 @@ import csv
 from pathlib import Path
 
 from etf.data.base import Dataset, Sample, register_dataset
-from etf.data.datasets._common import annotation_error
+from etf.data.datasets._common import annotation_error, not_utf8
 from etf.errors import EtfError
 
 AUS = {
@@ -61,9 +61,12 @@ def load_au(file: Path, dataset: str = "bp4d", fold: int = 1) -> Dataset:
         raise EtfError(f"au:{file}: dataset={dataset!r}; use {' or '.join(AUS)}")
     if not 1 <= fold <= FOLDS:
         raise EtfError(f"au:{file}: fold={fold}; use 1, 2 or 3")
-    with open(file, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        rows, header = list(reader), reader.fieldnames or []
+    try:
+        with open(file, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            rows, header = list(reader), reader.fieldnames or []
+    except UnicodeDecodeError:
+        raise not_utf8(file) from None
     if not rows:
         raise EtfError(f"au:{file}: no rows")
     columns = [f"AU{n}" for n in AUS[dataset]]

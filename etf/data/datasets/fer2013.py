@@ -13,7 +13,6 @@ are ``fer0000000.png`` by row, the names FER+ gives the same rows.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from etf.data.base import Dataset, Sample, register_dataset
-from etf.data.datasets._common import annotation_error, data_home, find
+from etf.data.datasets._common import annotation_error, csv_rows, data_home, find
 from etf.errors import EtfError
 from etf.utils import atomic_path, sha256_file
 
@@ -37,8 +36,7 @@ def locate_csv(root: Path, fmt: str) -> Path:
 
 def read_fer2013(path: Path) -> list[tuple[int, str, str]]:
     """(emotion, Usage, pixels) per row, checked; an error names the first bad line."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows = csv_rows(path)
     if not rows or rows[0] != HEADER:
         raise annotation_error(path, 1, f"expected header {','.join(HEADER)}")
     out = []

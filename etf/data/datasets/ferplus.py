@@ -17,11 +17,10 @@ the winner is ``unknown`` or ``NF``, no column wins, or there are no votes.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 from etf.data.base import Dataset, Sample, register_dataset
-from etf.data.datasets._common import annotation_error, find, numbers
+from etf.data.datasets._common import annotation_error, csv_rows, find, numbers
 from etf.data.datasets.fer2013 import USAGE, image_name, locate_csv, pixel_images, read_fer2013
 from etf.errors import EtfError
 
@@ -53,8 +52,7 @@ def load_ferplus(root: Path, vote: str = "majority") -> Dataset:
         raise EtfError(f"ferplus:{root}: vote={vote!r}; use {' or '.join(VOTES)}")
     votes_file = find(root, ["fer2013new.csv"], "FER+ votes file", "ferplus")
     pixels_file = locate_csv(root, "ferplus")
-    with open(votes_file, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    rows = csv_rows(votes_file)
     if not rows or [c.strip() for c in rows[0]] != HEADER:
         raise annotation_error(votes_file, 1, f"expected header {','.join(HEADER)}")
     fer = read_fer2013(pixels_file)

@@ -161,6 +161,9 @@ def load_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise EtfError(f"{path}: malformed TOML: {e}") from None
     settings = {k.replace("-", "_"): v for k, v in raw.items()}
+    if len(settings) < len(raw):  # batch-size and batch_size: which one was meant?
+        twice = next(k for k in raw if k.replace("-", "_") != k and k.replace("-", "_") in raw)
+        raise EtfError(f"{path}: {twice!r} and {twice.replace('-', '_')!r} are one setting, given twice; keep one")
     known = {*OPTIONS, *(PLURAL.get(k, k) for k in AXES), *JOINT_AXES}
     unknown = sorted(set(settings) - known)
     if unknown:

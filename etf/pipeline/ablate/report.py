@@ -21,7 +21,7 @@ import numpy as np
 from etf.pipeline.ablate.stats import ALPHA, adjust, compare, interval, paired_seed_tests, summarize
 from etf.pipeline.ablate.terms import Terms, mean_terms, sample_terms
 from etf.pipeline.fit.metrics import metric_bounds
-from etf.utils import read_json, write_json_atomic
+from etf.utils import atomic_path, read_json, write_json_atomic
 
 #: labels every configuration has; others appear in its name only where the grid varies them
 FIXED_LABELS = ("subset", "priors", "fuser")
@@ -316,7 +316,7 @@ def write_report(
     metric = metrics[0]
     rows, priors = configurations(runs, metrics, correction, norms)
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "results.csv", "w", newline="") as f:
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:  # whole or not at all
         w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
@@ -356,7 +356,8 @@ def write_report(
         if p
     ]
     path = out / "report.md"
-    path.write_text(_markdown(runs, rows, metrics, title, plots, correction, held_out))
+    with atomic_path(path) as tmp:
+        tmp.write_text(_markdown(runs, rows, metrics, title, plots, correction, held_out))
     return path
 
 

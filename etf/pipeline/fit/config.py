@@ -288,8 +288,20 @@ class FitConfig:
             if value not in choices:
                 raise EtfError(f"{flag} {value!r}: use {' or '.join(choices)}")
         schedule_period(self.schedule)
-        if self.early_stop is not None and self.early_stop < 1:
-            raise EtfError(f"--early-stop {self.early_stop}: must be at least 1 epoch")
+        for flag, value, ok, want in (
+            ("--epochs", self.epochs, self.epochs >= 1, "at least 1"),
+            ("--batch-size", self.batch_size, self.batch_size >= 1, "at least 1"),
+            ("--lr", self.lr, self.lr > 0, "positive"),
+            ("--weight-decay", self.weight_decay, self.weight_decay >= 0, "at least 0"),
+            ("--warmup-epochs", self.warmup_epochs, self.warmup_epochs >= 0, "at least 0"),
+            ("--train-fraction", self.train_fraction, 0 < self.train_fraction <= 1, "in (0, 1]"),
+            ("--val-fraction", self.val_fraction, 0 < self.val_fraction < 1, "in (0, 1)"),
+            ("--shots", self.shots, self.shots is None or self.shots >= 1, "at least 1"),
+            ("--early-stop", self.early_stop, self.early_stop is None or self.early_stop >= 1, "at least 1 epoch"),
+            ("--max-memory", self.max_memory, self.max_memory is None or self.max_memory > 0, "a positive size"),
+        ):  # the command line's ranges, for settings from a TOML file or the API too
+            if not ok:
+                raise EtfError(f"{flag} {value}: must be {want}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

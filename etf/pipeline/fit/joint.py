@@ -279,8 +279,6 @@ def fit_joint(
     cfg = check_group(configs, overwrite)
     if len(datasets) < 2:
         raise EtfError("a joint fit takes at least two --data")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise EtfError("--epochs and --batch-size must be at least 1")
     if cfg.views == "random":
         raise EtfError("--views random: a joint fit trains on each store's clean view; use --views clean")
     if cfg.select_by != "metric":

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from etf.cache.catalog import CacheDir
@@ -58,11 +59,21 @@ class Predictor:
 def load_model(run: Path) -> tuple[dict[str, Any], list[Task], list[Group], FusionModel]:
     """The run's fuser and heads with their trained weights (no encoders)."""
     config = load_run(run)
-    tasks = [Task.from_state(s) for s in config["tasks"]]
-    groups = [Group.from_json(g) for g in config["groups"]]
-    model = build_model(config["fuser"], groups, tasks, FuserConfig(**config["fuser_config"]), config["seed"])
     try:
-        model.load_state_dict(load_file(str(Path(run) / "model.safetensors")))
+        tasks = [Task.from_state(s) for s in config["tasks"]]
+        groups = [Group.from_json(g) for g in config["groups"]]
+        fuser_config = FuserConfig(**config["fuser_config"])
+    except (KeyError, TypeError, ValueError) as e:  # edited by hand, or written by another etf
+        raise EtfError(
+            f"--run {run}: config.json does not describe a model ({type(e).__name__}: {e}); fit it again"
+        ) from None
+    model = build_model(config["fuser"], groups, tasks, fuser_config, config["seed"])
+    try:
+        weights = load_file(str(Path(run) / "model.safetensors"))
+    except (OSError, SafetensorError) as e:  # missing, truncated or not a safetensors file at all
+        raise EtfError(f"--run {run}: model.safetensors cannot be read ({e}); fit it again") from None
+    try:
+        model.load_state_dict(weights)
     except RuntimeError:  # a run of an etf whose model had other parts (before the authors' ET-Fuser)
         raise EtfError(
             f"--run {run}: model.safetensors does not hold the model config.json describes "

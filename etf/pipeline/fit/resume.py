@@ -12,6 +12,7 @@ other settings or data (its fingerprint differs) is ignored and overwritten.
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,10 @@ def save(out: Path, key: str, epoch: int, state: dict[str, Any]) -> None:
     """The state of the run ``out`` after ``epoch`` complete epochs."""
     folder = resume_dir(out)
     folder.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()  # torch.save turns a failed write (a full disk) into a RuntimeError; a file's write does not
+    torch.save({"fingerprint": key, "epoch": epoch, "state": state}, buffer)
     with atomic_path(folder / STATE) as tmp:
-        torch.save({"fingerprint": key, "epoch": epoch, "state": state}, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 def load(out: Path, key: str) -> tuple[int, dict[str, Any]] | None:

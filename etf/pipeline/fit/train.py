@@ -222,8 +222,6 @@ def make_splits(dataset: Dataset, usable: np.ndarray, cfg: FitConfig, first: Tas
         own = [s for s in names if s in set(split)]
         tests = {s: rows(s) if s in own else np.sort(np.concatenate([rows(t) for t in own])) for s in names}
     if len(val) == 0:
-        if not 0 < cfg.val_fraction < 1:
-            raise EtfError(f"{dataset.describe()} has no val split; --val-fraction must be in (0, 1)")
         train, val = units.hold_out(train, cfg.val_fraction, cfg.seed, first, y0, f"--val-fraction {cfg.val_fraction}")
         held_out["val"] = units.describe(cfg.val_fraction, cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -706,8 +704,6 @@ def fit_many(dataset: Dataset, configs: list[FitConfig], overwrite: bool = False
         raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
     tasks = [parse_task(s, dataset) for s in specs]
     unique_names(tasks)
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise EtfError("--epochs and --batch-size must be at least 1")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device, without_bf16="fp32")
     priors = PriorSet(cfg.cache_dir, dataset, cfg.encoders, cfg.layers, cfg.tokens)
@@ -860,6 +856,10 @@ def dataset_record(dataset: Dataset) -> dict[str, Any]:
 RUN_FORMAT = 2
 
 
+#: what readers of a run take from its config.json (:func:`run_config` writes them)
+RUN_KEYS = ("fuser", "fuser_config", "seed", "encoders", "layers", "tokens", "cache_dir", "dataset", "tasks", "groups")
+
+
 def run_config(cfg: FitConfig, dataset: Dataset, tasks: list[Task], priors: PriorSet) -> dict[str, Any]:
     """config.json of a run: the settings with absolute cache and run locations, the dataset
     predict reopens, the tasks' state and the token groups."""
@@ -963,10 +963,17 @@ def _cost(metrics: dict[str, Any], mode: str) -> str:
 def load_run(run: Path) -> dict[str, Any]:
     """config.json of a run directory (what predict and explain rebuild the model from)."""
     path = Path(run) / "config.json"
+    if Path(run).name.startswith(".") and Path(run).name.endswith(".partial"):
+        raise EtfError(f"--run {run}: the staging folder of a fit that has not finished, not a run")
     if not path.exists():
         raise EtfError(f"--run {run}: not a run directory (no config.json)")
     check_sums(run)
     config = read_json(path)
+    if not isinstance(config, dict):
+        raise EtfError(f"--run {run}: config.json holds no JSON object; fit it again")
+    missing = [k for k in RUN_KEYS if k not in config]
+    if missing:
+        raise EtfError(f"--run {run}: config.json lacks {', '.join(map(repr, missing))}; fit it again")
     if config.get("run_format", 1) != RUN_FORMAT:
         raise EtfError(
             f"--run {run}: fitted by etf {config.get('etf_version', '?')} with run format {config.get('run_format', 1)}, "
