@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from etf.cli import main
@@ -56,7 +57,8 @@ def fit_args(xor, out: Path, *extra: str) -> list:
         ("--batch-size", "0", "--batch-size"),
         ("--max-memory", "lots", "--max-memory"),
         ("--mask", "prior:2", "--mask"),
-        ("--device", "cuda:7", "--device"),
+        # past the last GPU: CUDA is missing on a CPU machine, the ordinal is out of range on a GPU one
+        ("--device", f"cuda:{max(7, torch.cuda.device_count())}", "--device"),
     ],
 )
 def test_bad_fit_values_are_one_line_before_any_work(xor, tmp_path, flag, value, named):

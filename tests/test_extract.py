@@ -19,7 +19,10 @@ from etf.pipeline.extract.encoders import create_encoder
 from etf.pipeline.extract.run import ExtractOptions, extract
 from tests.conftest import IMG, TINY_VIT, kill_after_chunks
 
-OPTS = dict(workers=0, progress=False)
+#: on the CPU, where extraction runs in fp32 and matches a direct forward of the caller's model to
+#: float error; the default device (a GPU's bf16 autocast) is compared with it in
+#: test_extraction_on_the_default_device_leaves_the_encoder_where_it_was
+OPTS = dict(workers=0, progress=False, device="cpu")
 
 
 def _direct_tokens(dataset, encoder, layers):
@@ -99,6 +102,28 @@ def test_every_spec_change_makes_a_new_store(folder_dataset, tmp_path, tiny_vit)
     relabelled.samples[0] = type(relabelled.samples[0])(**{**relabelled.samples[0].__dict__, "labels": {"label": 1}})
     paths.add(extract(relabelled, tiny_vit, tmp_path, ExtractOptions(**OPTS)).path)
     assert base not in paths and len(paths) == 7
+
+
+def test_extraction_on_the_default_device_leaves_the_encoder_where_it_was(folder_dataset, tmp_path, tiny_vit):
+    """--device auto: on a CPU-only machine the CPU (the same store, found); on a GPU the GPU with
+    bf16 autocast (fp16 where bf16 is missing), a store of its own (precision is in the spec)
+    whose tokens agree with the CPU's fp32 ones to half precision's rounding, a few parts in a
+    thousand per block. Either way the caller's encoder is still on the CPU and runs there."""
+    dataset = load_dataset(f"folder:{folder_dataset}")
+    opts = {**OPTS, "layers": [2]}
+    cpu = extract(dataset, tiny_vit, tmp_path, ExtractOptions(**opts))
+    auto = extract(dataset, tiny_vit, tmp_path, ExtractOptions(**{**opts, "device": "auto"}))
+    assert {p.device.type for p in tiny_vit.model.parameters()} == {"cpu"}
+    x = torch.stack([tiny_vit.transform()(dataset.load_image(0))])
+    ((tokens, _),) = tiny_vit.tokens(x, [2])
+    assert tokens.device.type == "cpu"
+    if not torch.cuda.is_available():
+        assert auto.path == cpu.path and auto.samples_done == 0
+        return
+    assert auto.path != cpu.path and auto.complete
+    with TokenStore.open(cpu.path) as a, TokenStore.open(auto.path) as b:
+        want, got = a.read(2).astype(np.float32), b.read(2).astype(np.float32)
+    assert np.linalg.norm(got - want) <= 0.03 * np.linalg.norm(want)
 
 
 def test_random_init_is_reproducible(tiny_vit):
@@ -242,3 +267,32 @@ def test_an_image_changed_in_place_never_reuses_its_old_tokens(folder_dataset, t
     with TokenStore.open(old.path) as a, TokenStore.open(new.path) as b:
         changed = np.abs(a.read(12) - b.read(12)).reshape(len(edited), -1).max(axis=1) > 0
     assert changed.tolist() == [i == 3 for i in range(len(edited))]
+
+
+def test_extract_into_a_read_only_cache_that_has_every_store_says_found(folder_dataset, tmp_path):
+    """Nothing is written when every store is complete, so a cache a lab shares read-only
+    serves: found, exit 0. (Made read-only too; root writes through that, which the check of
+    every file's change time still catches.)"""
+    from click.testing import CliRunner
+
+    from etf.cli import main
+
+    cache = tmp_path / "cache"
+    args = ["extract", "--data", f"folder:{folder_dataset}", "--encoder", TINY_VIT, "--no-pretrained",
+            "--img-size", str(IMG), "--workers", "0", "--no-progress", "--device", "cpu", "--cache", str(cache)]  # fmt: skip
+    assert CliRunner().invoke(main, args).exit_code == 0
+
+    def state() -> dict[Path, tuple[int, int]]:  # a write replaces an inode or touches its folder's mtime
+        return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in [cache, *cache.rglob("*")]}
+
+    before = state()
+    for p in before:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        res = CliRunner().invoke(main, args)
+    finally:
+        for p in before:
+            p.chmod(p.stat().st_mode | 0o200)
+    assert res.exit_code == 0, res.output
+    assert f"{TINY_VIT}: found complete" in res.output
+    assert state() == before, "nothing is written"

@@ -48,8 +48,10 @@ def test_fp16_fit_scales_its_loss_and_stays_finite(planted, tmp_path):
     assert metrics["precision"] == "fp16" and math.isfinite(metrics["val"]["label"]["accuracy"])
 
 
-def test_auto_precision_is_fp32_on_the_cpu(planted, tmp_path):
-    assert _fit(planted, tmp_path / "auto", epochs=1)["precision"] == "fp32"
+def test_auto_precision_is_bf16_on_a_gpu_that_has_it_else_fp32(planted, tmp_path):
+    assert _fit(planted, tmp_path / "cpu", epochs=1, device="cpu")["precision"] == "fp32"
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()  # --device auto picks the GPU
+    assert _fit(planted, tmp_path / "auto", epochs=1)["precision"] == ("bf16" if gpu_bf16 else "fp32")
 
 
 def test_resident_streamed_and_in_memory_batches_are_identical(planted):

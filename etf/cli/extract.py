@@ -180,7 +180,9 @@ def command(
     from etf.pipeline.extract.augment import check_view_options
 
     check_view_options(views, augment)
-    check_store_format(cache_dir, store_format).check_writable("--cache")
+    cache = check_store_format(cache_dir, store_format)
+    if not cache.exists():  # an existing cache may be read-only yet hold every store: extract finds them
+        cache.check_writable("--cache")
     dataset = open_dataset(data_spec, crop)
 
     from etf.cli.cache import describe_store
@@ -220,7 +222,7 @@ def command(
             click.echo(f"{name}: {encoder.pool_note}")
         result = extract(dataset, encoder, cache_dir, opts)
         if result.complete and result.samples_done == 0:
-            click.echo(f"{name}: already complete")
+            click.echo(f"{name}: found complete, nothing to extract")
         elif result.complete:
             click.echo(f"{name}: {result.samples_done} images in {result.seconds:.1f}s ({result.rate:.1f} img/s)")
         else:

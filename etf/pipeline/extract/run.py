@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,11 @@ def resolve_device(device: str) -> torch.device:
         raise EtfError(f"--device {device!r}: not a torch device (cpu, cuda, cuda:1, mps, auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EtfError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise EtfError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise EtfError(f"--device {device}: MPS is not available on this machine")
     return dev
 
 
@@ -211,6 +216,18 @@ def _bad_list(bad: list[tuple[str, str]]) -> str:
     return shown + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
 
 
+@contextmanager
+def on_device(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """``model`` on ``device`` for the block, then back where its caller had it: extraction
+    never moves a model it was handed (a caller's later forward on the CPU still works)."""
+    before = next(model.parameters(), torch.empty(0)).device
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(before)
+
+
 def extract(dataset: Dataset, encoder: Encoder, cache_dir: CacheDir, opts: ExtractOptions) -> ExtractResult:
     """Fill (or resume, or find complete) the store of ``encoder`` over ``dataset``."""
     t0 = time.perf_counter()
@@ -231,53 +248,53 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: CacheDir, opts: Extra
     cache = cache_location(cache_dir)
     spec = store_spec(dataset, encoder, layers, opts, precision)
     path = store_path(cache, dataset.key, encoder.name, spec, opts.store)
-    encoder.model.to(device)
-    write_manifest(cache, dataset)
-    if is_complete(path):
+    if is_complete(path):  # found: nothing is written, so a read-only cache serves too
         with TokenStore.open(path) as store:
             return ExtractResult(path, True, 0, time.perf_counter() - t0, store.skipped)
-
-    autocast = autocast_for(precision, device)
-    with autocast:
-        probe, flops = encoder.probe(layers, opts.norm)
-    selected = [select_tokens(t, lay, opts.tokens) for t, lay in probe]
-    layouts = {layer: lay for layer, (_, lay) in zip(layers, selected)}
-    arrays = plan_arrays(layers, [tuple(t.shape[1:]) for t, _ in selected])
-    views = plan_views(arrays, opts.views)
-    info = {
-        "flops_per_image": flops,
-        "versions": library_versions(),
-        "load_report": encoder.load_report.summary() if encoder.load_report else None,
-    }
-    writer = StoreWriter(
-        path, spec, arrays, layouts, codec=opts.codec, chunk_rows=opts.chunk_rows, info=info, views=views
-    )
-
-    todo = sorted(set(range(writer.num_chunks)) - writer.done_chunks())
-    if shard is not None:
-        i, n = shard
-        todo = [c for c in todo if c * n // writer.num_chunks == i]
-    rows = [r for c in todo for r in range(*writer.chunk_range(c))]
-
-    bad = _prescan(dataset, rows)
-    listed = _bad_list([(dataset.ids[r], w) for r, w in sorted(bad.items())]) if bad else ""
-    if bad and opts.on_error == "fail":
-        raise EtfError(
-            f"{len(bad)} unreadable image(s) in {dataset.describe()}: {listed} "
-            "(nothing written for them; fix or remove them, or pass --on-error skip)"
+    cache.check_writable("--cache")
+    write_manifest(cache, dataset)
+    with on_device(encoder.model, device):
+        autocast = autocast_for(precision, device)
+        with autocast:
+            probe, flops = encoder.probe(layers, opts.norm)
+        selected = [select_tokens(t, lay, opts.tokens) for t, lay in probe]
+        layouts = {layer: lay for layer, (_, lay) in zip(layers, selected)}
+        arrays = plan_arrays(layers, [tuple(t.shape[1:]) for t, _ in selected])
+        views = plan_views(arrays, opts.views)
+        info = {
+            "flops_per_image": flops,
+            "versions": library_versions(),
+            "load_report": encoder.load_report.summary() if encoder.load_report else None,
+        }
+        writer = StoreWriter(
+            path, spec, arrays, layouts, codec=opts.codec, chunk_rows=opts.chunk_rows, info=info, views=views
         )
-    if len(bad) == len(dataset):
-        raise EtfError(
-            f"every image of {dataset.describe()} is unreadable ({listed}); check the dataset path and format"
-        )
-    done_rows = _run(dataset, encoder, writer, todo, bad, layers, opts, device, autocast)
-    complete = writer.finalize()
-    skipped = []
-    if complete:
-        with TokenStore.open(path, check=False) as store:  # only its attributes: finalize checked the chunks
-            skipped = store.skipped
-            write_manifest(cache, dataset, store.skip_reasons)
-    return ExtractResult(path, complete, done_rows, time.perf_counter() - t0, skipped)
+
+        todo = sorted(set(range(writer.num_chunks)) - writer.done_chunks())
+        if shard is not None:
+            i, n = shard
+            todo = [c for c in todo if c * n // writer.num_chunks == i]
+        rows = [r for c in todo for r in range(*writer.chunk_range(c))]
+
+        bad = _prescan(dataset, rows)
+        listed = _bad_list([(dataset.ids[r], w) for r, w in sorted(bad.items())]) if bad else ""
+        if bad and opts.on_error == "fail":
+            raise EtfError(
+                f"{len(bad)} unreadable image(s) in {dataset.describe()}: {listed} "
+                "(nothing written for them; fix or remove them, or pass --on-error skip)"
+            )
+        if len(bad) == len(dataset):
+            raise EtfError(
+                f"every image of {dataset.describe()} is unreadable ({listed}); check the dataset path and format"
+            )
+        done_rows = _run(dataset, encoder, writer, todo, bad, layers, opts, device, autocast)
+        complete = writer.finalize()
+        skipped = []
+        if complete:
+            with TokenStore.open(path, check=False) as store:  # only its attributes: finalize checked the chunks
+                skipped = store.skipped
+                write_manifest(cache, dataset, store.skip_reasons)
+        return ExtractResult(path, complete, done_rows, time.perf_counter() - t0, skipped)
 
 
 def _prescan(dataset: Dataset, rows: list[int]) -> dict[int, str]:
