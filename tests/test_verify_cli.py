@@ -100,7 +100,12 @@ def test_a_run_trained_elsewhere_is_evaluated_on_lfw_pairs(run):
     images = [str(lfw / sid) for sid in ids[:3]]
     _ok(["predict", "--run", str(tmp / "run"), "--embed", str(tmp / "new"), "--device", "cpu", *images])
     assert (tmp / "new" / "embeddings-label.txt").read_text().split() == images
-    assert np.allclose(np.load(tmp / "new" / "embeddings-label.npy"), cached[:3], atol=1e-3)
+    new = np.load(tmp / "new" / "embeddings-label.npy")
+    precision = json.loads((tmp / "run" / "stores.json").read_text())[0]["spec"]["precision"]
+    if precision == "fp32":  # extracted on the CPU: the same computation, to float error
+        assert np.allclose(new, cached[:3], atol=1e-3)
+    else:  # extracted on a GPU under bf16 autocast, recomputed under the CPU's: unit vectors within rounding
+        assert np.linalg.norm(new - cached[:3], axis=1).max() < 0.05
 
 
 def test_predict_without_embed_on_a_verify_run_says_what_to_do(run):

@@ -36,7 +36,9 @@ H, W = 48, 40
 #: five points (eyes, nose, mouth corners) and a colour for each, far apart in RGB
 POINTS = np.array([[13.0, 17.0], [27.0, 17.0], [20.0, 25.0], [14.0, 33.0], [26.0, 33.0]])
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255]])
-OPTS = dict(workers=0, progress=False, chunk_rows=4, batch_size=4)
+#: on the CPU: the cached views are compared with direct fp32 forwards of the caller's model, and
+#: store keys with fp32's (a GPU's auto precision, bf16, is another key)
+OPTS = dict(workers=0, progress=False, chunk_rows=4, batch_size=4, device="cpu")
 
 
 def dots(points: np.ndarray) -> Image.Image:
