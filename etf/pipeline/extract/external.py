@@ -401,36 +401,34 @@ def _onnx(
 
 def graph_flops(graph: Any, input_name: str, shape: tuple[int, ...]) -> int | None:
     """FLOPs of one image (multiply-add = 2) in the graph's Conv, Gemm and MatMul nodes (what
-    torch's counter counts), from inferred shapes; None when a shape cannot be inferred."""
+    torch's counter counts). The shapes are those of one run of the graph on zeros of
+    ``shape``, every operand made an output; None when that run fails."""
     import onnx
+    import onnxruntime as ort
+    from onnx.helper import tensor_dtype_to_np_dtype
 
+    nodes = [n for n in graph.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    shapes: dict[str, tuple[int, ...]] = {t.name: tuple(t.dims) for t in graph.graph.initializer}
+    shapes[input_name] = tuple(shape)
+    wanted = list(dict.fromkeys(t for n in nodes for t in (n.output[0], *n.input[:2]) if t not in shapes))
     g = onnx.ModelProto()
     g.CopyFrom(graph)
-    for i in g.graph.input:
-        if i.name == input_name:
-            for d, n in zip(i.type.tensor_type.shape.dim, shape):
-                d.Clear()
-                d.dim_value = n
+    del g.graph.output[:]
+    g.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted)
+    inp = next(i for i in g.graph.input if i.name == input_name)
+    zeros = np.zeros(shape, tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
     try:
-        g = onnx.shape_inference.infer_shapes(g, strict_mode=False, data_prop=True)
-    except Exception:
+        sess = ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"])
+        shapes.update({t: v.shape for t, v in zip(wanted, sess.run(wanted, {input_name: zeros}))})
+    except Exception:  # a graph onnxruntime cannot run alone on the CPU: unknown
         return None
-    shapes: dict[str, list[int | None]] = {t.name: list(t.dims) for t in g.graph.initializer}
-    for v in [*g.graph.input, *g.graph.value_info, *g.graph.output]:
-        if v.type.tensor_type.HasField("shape"):
-            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
     total = 0
-    for n in g.graph.node:
-        if n.op_type not in ("Conv", "Gemm", "MatMul"):
-            continue
-        out, a, b = shapes.get(n.output[0]), shapes.get(n.input[0]), shapes.get(n.input[1])
-        if not out or not a or not b or None in out or None in a or None in b:
-            return None
+    for n in nodes:
+        out, a, b = shapes[n.output[0]], shapes[n.input[0]], shapes[n.input[1]]
         if n.op_type == "Conv":
             inner = math.prod(b[1:])
         elif n.op_type == "Gemm":
-            trans_a = any(at.name == "transA" and at.i for at in n.attribute)
-            inner = a[0] if trans_a else a[-1]
+            inner = a[0] if any(at.name == "transA" and at.i for at in n.attribute) else a[-1]
         else:
             inner = a[-1]
         total += 2 * math.prod(out) * inner
