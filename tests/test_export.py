@@ -32,6 +32,7 @@ def svd_factory() -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     return SingularValues(), {"size": IMG}
 
+
 TOL = 1e-4  # fp32; the tokens' float16 rounding is inside the graph too, as at extraction
 N_IMAGES = 24
 

@@ -7,6 +7,7 @@ import csv
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -213,3 +214,25 @@ def test_onnx_prior_extracts_fits_and_predicts_again(cnn_onnx, tmp_path):
     res = r.invoke(main, ["predict", "--run", str(out), *images, "--weights", f"cnnx={path}", "--json", str(pred)])
     assert res.exit_code == 0, res.output
     assert [g["label"] for g in json.loads(pred.read_text())] == [row["label_pred"] for row in rows]
+
+
+def test_onnx_prior_in_shards_with_views_equals_one_process(cnn_onnx, tmp_path):
+    """Like any encoder: two --shard processes with --views write what one process writes."""
+    _, path = cnn_onnx
+    root = make_folder(tmp_path / "faces", train=4, val=1, test=1)
+    r = CliRunner()
+    base = ["extract", "--data", f"folder:{root}", "--encoder", f"onnx:{path}", "--views", "2", "--workers", "0"]
+    for cache, shards in (("one", [None]), ("two", ["0/2", "1/2"])):
+        for shard in shards:
+            extra = ["--shard", shard] if shard else []
+            res = r.invoke(main, [*base, "--cache", str(tmp_path / cache), "--no-progress", *extra])
+            assert res.exit_code == 0, res.output
+    (a,), (b,) = ((tmp_path / c).glob("*/cnn-*.zarr") for c in ("one", "two"))
+    assert a.name == b.name
+    with TokenStore.open(a) as sa, TokenStore.open(b) as sb:
+        assert sa.spec["views"]["count"] == 2
+        assert set(sa._arrays) >= {"tokens", "views"}
+        for name, arr in sa._arrays.items():
+            assert (np.asarray(arr[:]) == np.asarray(sb._arrays[name][:])).all(), name
+    res = r.invoke(main, ["cache", "info", str(a)])
+    assert res.exit_code == 0 and "onnx:cnn.onnx" in res.output, res.output
