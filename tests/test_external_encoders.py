@@ -17,6 +17,7 @@ from etf.cache.store import TokenStore
 from etf.cli import main
 from etf.errors import EtfError
 from etf.pipeline.extract.encoders import create_encoder
+from etf.utils import sha256_file
 from tests.conftest import IMG, TINY_CNN, make_folder
 
 pytest.importorskip("onnxruntime")
@@ -139,6 +140,7 @@ def test_py_prior_gives_its_forward_and_a_hooked_submodules_output():
     enc = create_encoder("py:tests.test_external_encoders:tiny_factory?output=body,")
     assert enc.name == "tiny_factory" and enc.data_config["input_size"] == (3, IMG, IMG)
     assert enc.spec()["model"] == "py:tests.test_external_encoders:tiny_factory?output=body,"
+    assert enc.spec()["code_sha256"] == sha256_file(__file__)  # an edit of the factory's file: a new store
     x = torch.randn(2, 3, IMG, IMG)
     ((body, layout), (out, _)) = enc.tokens(x, [1, 2])
     assert layout.grid == (IMG // 2, IMG // 2)

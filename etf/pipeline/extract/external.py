@@ -207,9 +207,9 @@ class OnnxModule(nn.Module):
     """An onnxruntime session behind ``nn.Module``: ``.to(device)`` picks its provider (CUDA
     when the device is a GPU and onnxruntime has it, else the CPU)."""
 
-    def __init__(self, graph: bytes, input_name: str, batch_one: bool) -> None:
+    def __init__(self, graph: bytes, input_name: str, dtype: np.dtype, batch_one: bool) -> None:
         super().__init__()
-        self.graph, self.input_name, self.batch_one = graph, input_name, batch_one
+        self.graph, self.input_name, self.dtype, self.batch_one = graph, input_name, dtype, batch_one
         self.register_buffer("anchor", torch.empty(0), persistent=False)  # follows .to(device)
         self._sessions: dict[str, Any] = {}
 
@@ -225,7 +225,7 @@ class OnnxModule(nn.Module):
 
     def forward(self, x: torch.Tensor, wanted: list[str]) -> dict[str, torch.Tensor]:
         sess = self.session()
-        arr = x.detach().float().cpu().numpy()
+        arr = x.detach().float().cpu().numpy().astype(self.dtype, copy=False)
         batches = [arr[i : i + 1] for i in range(len(arr))] if self.batch_one else [arr]
         runs = [sess.run(wanted, {self.input_name: b}) for b in batches]
         return {o: torch.from_numpy(np.concatenate([r[k] for r in runs])).to(x.device) for k, o in enumerate(wanted)}
@@ -250,6 +250,11 @@ class OnnxEncoder(ExternalEncoder):
 @dataclass
 class ModuleEncoder(ExternalEncoder):
     source: str = "py"
+    #: SHA-256 of the file that defines the factory: an edit of the user's code is a new store
+    code_sha256: str = ""
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "code_sha256": self.code_sha256}
 
     def run(self, x: torch.Tensor, wanted: list[str]) -> dict[str, torch.Tensor]:
         modules = dict(self.model.named_modules())
@@ -371,7 +376,10 @@ def _onnx(
         if o not in graph_outputs:
             extended.graph.output.append(onnx.ValueInfoProto(name=o))
     data = extended.SerializeToString()
-    module = OnnxModule(data, inp.name, dims[0] == 1).to(device)
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    dtype = tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+    module = OnnxModule(data, inp.name, dtype, dims[0] == 1).to(device)
     stem = options.get("name") or alias or path.stem
     enc = OnnxEncoder(
         name=stem,
@@ -494,7 +502,19 @@ def _module(
         outputs=outputs,
         prefix=prefix,
         preprocess=preprocess,
+        code_sha256=_source_sha256(factory),
     )
     for layer in range(1, enc.num_layers + 1):  # every output must map to tokens before any work
         enc.probe([layer])
     return enc
+
+
+def _source_sha256(factory: Any) -> str:
+    """SHA-256 of the file defining ``factory`` (empty when it has none, e.g. a builtin)."""
+    import inspect
+
+    try:
+        path = inspect.getsourcefile(factory)
+    except TypeError:
+        path = None
+    return sha256_file(path) if path else ""

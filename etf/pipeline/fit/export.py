@@ -55,6 +55,7 @@ class Deployable(nn.Module):
     def __init__(self, p: Predictor, layout: str) -> None:
         super().__init__()
         self.encoder = p.encoders[0]
+        self.backbone = self.encoder.model  # its tensors are this module's
         self.model = p.model
         self.tasks = p.tasks
         self.groups = p.groups
@@ -215,6 +216,7 @@ def model_card(
         },
         "outputs": [_task_card(t) for t in p.tasks],
         "inference": "canonical: the canonical prior's encoder, the fuser with the other priors absent, the heads",
+        "precision": {"model": "fp32", "store": spec["precision"]},
         "canonical_prior": {k: spec.get(k) for k in ("name", "source", "model", "weights_file", "weights_sha256")},
         "priors": [{"name": s["spec"]["name"], "spec_hash": s.get("spec_hash")} for s in p.stores],
         "fuser": p.config.get("fuser"),
