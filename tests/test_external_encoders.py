@@ -18,7 +18,7 @@ from etf.cli import main
 from etf.errors import EtfError
 from etf.pipeline.extract.encoders import create_encoder
 from etf.utils import sha256_file
-from tests.conftest import IMG, TINY_CNN, make_folder
+from tests.conftest import IMG, TINY_CNN, TINY_VIT, make_folder
 
 pytest.importorskip("onnxruntime")
 
@@ -147,6 +147,27 @@ def test_py_prior_gives_its_forward_and_a_hooked_submodules_output():
     torch.testing.assert_close(body, net.body(x).flatten(2).transpose(1, 2))
     torch.testing.assert_close(out[:, 0], net(x))
     assert enc.spec()["weights_sha256"] == create_encoder("py:tests.test_external_encoders:tiny_factory").weights_sha256
+
+
+def vit_factory() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(TINY_VIT, pretrained=False, img_size=IMG, num_classes=0)
+
+
+def test_py_prior_of_sequence_tokens_maps_a_prefix_and_a_grid(tiny_vit, tmp_path):
+    """(N, T, D) with prefix=1: the class token, then a square grid; the same tokens as the
+    timm encoder of the same weights (its last block, before the final norm)."""
+    torch.save(tiny_vit.model.state_dict(), tmp_path / "vit.pt")
+    spec = f"py:tests.test_external_encoders:vit_factory?output=blocks.11&prefix=1&size={IMG}"
+    enc = create_encoder(spec, weights=tmp_path / "vit.pt")
+    x = torch.randn(2, 3, IMG, IMG)
+    ((tokens, layout),) = enc.tokens(x, [1])
+    assert (layout.prefix, layout.grid, layout.pool) == (1, (IMG // 16, IMG // 16), "token")
+    assert enc.weights_sha256 == tiny_vit.weights_sha256
+    ((want, _),) = tiny_vit.tokens(x, [12], norm=False)
+    torch.testing.assert_close(tokens, want)
 
 
 def test_py_prior_loads_weights_and_hashes_them(tmp_path):
