@@ -236,7 +236,9 @@ def _task_card(t: Task) -> dict[str, Any]:
         card["value"] = "probability of each label (column)"
     else:
         card["value"] = "values in the labels' units" + (
-            " (x, y pairs, in the labels' coordinates)" if t.kind == "landmarks" else ""
+            " (x, y pairs in the pixels of the image etf was given: the face crop before its resize to the input)"
+            if t.kind == "landmarks"
+            else ""
         )
     return card
 
