@@ -11,7 +11,6 @@ identity embeddings (verify). A JSON card beside it says all of that for a deplo
 
 from __future__ import annotations
 
-import json
 import platform
 import warnings
 from pathlib import Path
@@ -247,4 +246,4 @@ def describe(card: dict[str, Any]) -> str:
     """One line per output, for the command's report."""
     lines = [f"input {card['input']['name']}: uint8 {card['input']['layout']} {card['input']['shape']} RGB"]
     lines += [f"output {o['name']}: {o['value']}" for o in card["outputs"]]
-    return "\n".join(lines) + "\n" + json.dumps({"sha256": card["sha256"]})
+    return "\n".join([*lines, f"sha256 {card['sha256']}"])
