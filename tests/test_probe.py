@@ -221,3 +221,25 @@ def test_cka_interval_is_the_spread_of_half_sample_estimates():
         [float(cka_gram(gram(torch.from_numpy(x[rows][h])), gram(torch.from_numpy(y[rows][h])))) for h in halves]
     )
     assert [got.low, got.high] == pytest.approx(got.value + np.percentile(direct - direct.mean(), [2.5, 97.5]))
+
+
+def test_ablate_probe_puts_the_probes_and_solo_scores_into_the_report(tmp_path):
+    dataset, cache, _, _ = _probe_data(tmp_path, n=200)
+    out = tmp_path / "grid"
+    result = _etf(
+        "ablate", "--data", dataset.describe(), "--cache", cache, "--encoders", "A,C", "--subsets", "all",
+        "--task", "classify:label", "--epochs", "2", "--probe", "--out", out,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (out / "probe" / "probe.json").exists() and (out / "probe" / "cka.png").exists()
+    report = (out / "report.md").read_text()
+    section = report[report.index("## Probes: A, C") :]
+    assert "![probe/cka.png](probe/cka.png)" in section
+    rows = [line for line in section.splitlines() if line.startswith("| A+C")]
+    record = json.loads((out / "probe" / "probe.json").read_text())
+    solo = {
+        r["prior"]: r["metrics"]["accuracy"]
+        for r in record["results"]
+        if (r["config"], r["split"], r["method"]) == ("chosen", "test", "knn")
+    }
+    assert rows and all(f"A {solo['A']:.4f}" in r and f"C {solo['C']:.4f}" in r for r in rows)

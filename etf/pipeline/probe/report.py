@@ -198,6 +198,8 @@ def markdown(record: dict[str, Any], plots: list[str], level: str = "#") -> list
         *tables(record),
         "```",
         "",
+        *(f"- {s['task']}, {s['prior']}, {s['method']}: {s['note']}" for s in record["selections"] if s["note"]),
+        "",
         f"{level}# Complementarity",
         "",
         "| prior A | prior B | debiased linear CKA | 95% interval | samples |",

@@ -348,6 +348,8 @@ def _probe_once(
             cfg.cs,
         )
         chosen = f"C={found.c:g}"
+        if found.c in (min(cfg.cs), max(cfg.cs)):
+            note = f"C={found.c:g} is at the edge of the swept range"
         preds = {
             name: {chosen: found.probe.predict(scaler.transform(data.x(prior, rows)))} for name, rows in splits.items()
         }
