@@ -33,7 +33,7 @@ def _methods(ctx: click.Context, param: click.Parameter, value: str) -> tuple[st
 
 
 def probe_options(fn):
-    """The probe's own options, shared with ``etf ablate --probe``."""
+    """The probe protocols' settings."""
     for opt in reversed(
         [
             click.option(
