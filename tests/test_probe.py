@@ -243,3 +243,22 @@ def test_ablate_probe_puts_the_probes_and_solo_scores_into_the_report(tmp_path):
         if (r["config"], r["split"], r["method"]) == ("chosen", "test", "knn")
     }
     assert rows and all(f"A {solo['A']:.4f}" in r and f"C {solo['C']:.4f}" in r for r in rows)
+
+
+def test_features_are_each_prior_pooled_its_own_way_or_by_the_patch_mean(tmp_path):
+    from etf.cache.features import PriorSet
+    from etf.pipeline.probe.features import pooled_features
+
+    n = 20
+    dataset, _ = make_csv_dataset(tmp_path / "data", {"label": np.arange(n) % 2.0}, standard_splits(n))
+    tokens = np.random.default_rng(0).normal(size=(n, T, D)).astype(np.float32)
+    import_prior(tmp_path / "cache", dataset, "vit", tokens, tmp_path, pool=None)  # the class token
+    import_prior(tmp_path / "cache", dataset, "cnn", tokens, tmp_path, pool="avg")
+    rows = np.array([1, 4, 19])
+    priors = PriorSet(tmp_path / "cache", dataset, ["vit", "cnn"])
+    own, mean = pooled_features(priors, rows), pooled_features(priors, rows, "avg")
+    priors.close()
+    stored = tokens[rows].astype(np.float16).astype(np.float32)  # imported as float16
+    np.testing.assert_allclose(own["vit"], stored[:, 0])
+    np.testing.assert_allclose(own["cnn"], stored[:, 1:].mean(axis=1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean["vit"], own["cnn"])
