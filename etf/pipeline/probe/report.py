@@ -64,16 +64,11 @@ def overlap(data: Any, tasks: list, preds: dict[tuple[str, str], np.ndarray], ro
 def solo_scores(record: dict[str, Any]) -> tuple[str, str, dict[str, float], bool] | None:
     """The first task's selection metric on the test split under the first method, per
     prior: (task, metric, scores, higher is better); None without a test split."""
-    sel = record["selections"]
     split = record.get("test_split")
-    if not sel or split is None:
-        rows = [r for r in record["results"] if r["split"] == split and r["method"] == "linear"]
-        if not rows:
-            return None
-    task = (sel[0] if sel else rows[0])["task"]
-    method = sel[0]["method"] if sel else "linear"
-    metric = sel[0]["by"].removeprefix("val ") if sel else next(iter(rows[0]["metrics"]))
-    higher = sel[0]["higher_is_better"] if sel else not metric.startswith(("mae", "nme"))
+    if split is None:
+        return None
+    task, (metric, higher) = next(iter(record["metric"].items()))
+    method = record["methods"][0]
     scores = {
         r["prior"]: r["metrics"].get(metric, math.nan)
         for r in record["results"]

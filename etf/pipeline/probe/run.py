@@ -213,7 +213,6 @@ def run_probe(dataset: Dataset, cfg: ProbeConfig) -> dict[str, Any]:
                         "method": method,
                         "chosen": chosen,
                         "by": f"val {metric}",
-                        "higher_is_better": t.higher_is_better,
                         "val_scores": [r["val_scores"] for r in runs],
                         "note": runs[0].get("note", ""),
                         "seconds": time.perf_counter() - t1,
@@ -252,6 +251,8 @@ def run_probe(dataset: Dataset, cfg: ProbeConfig) -> dict[str, Any]:
         "dataset": dataset.describe(),
         "priors": list(cfg.encoders),
         "tasks": [t.spec for t in tasks],
+        #: per task, the metric that picks k and C on val (and ranks priors), and whether higher is better
+        "metric": {t.name: [selection_metric(t, dataset), t.higher_is_better] for t in tasks},
         "methods": list(cfg.methods),
         "pool": cfg.pool or "each prior's own",
         "ks": list(cfg.ks),
