@@ -34,12 +34,12 @@ def _wrong(kind: str, pred: np.ndarray, y: np.ndarray, m: np.ndarray) -> np.ndar
 def overlap(data: Any, tasks: list, preds: dict[tuple[str, str], np.ndarray], rows: np.ndarray) -> list[dict]:
     """Per task and pair of priors, on the test samples: how often both are wrong, exactly one,
     neither (the first method's chosen configuration, first try)."""
-    from etf.pipeline.probe.run import _kind
+    from etf.pipeline.probe.run import task_kind
 
     out = []
     for t in tasks:
         y, m = data.targets[t.name]
-        kind = _kind(t)
+        kind = task_kind(t)
         keep = m[rows].all(axis=1) if kind == "regress" else m[rows].any(axis=1)
         have = [p for (name, p) in preds if name == t.name]
         wrong = {p: _wrong(kind, preds[(t.name, p)][keep], y[rows][keep], m[rows][keep]) for p in have}

@@ -68,7 +68,8 @@ class ProbeConfig:
             raise EtfError(f"--tries {self.tries}: must be at least 1")
 
 
-def _kind(task: Task) -> str:
+def task_kind(task: Task) -> str:
+    """How the probes treat a task: classify, multilabel or regress (landmarks too)."""
     if isinstance(task, Classify):
         return "classify"
     if isinstance(task, MultiLabel):
@@ -98,7 +99,7 @@ class _Data:
     def train_rows(self, task: Task) -> np.ndarray:
         """Training samples that carry the task's label (every column, for regression)."""
         m = self.targets[task.name][1][self.train]
-        return self.train[m.all(axis=1) if _kind(task) == "regress" else m.any(axis=1)]
+        return self.train[m.all(axis=1) if task_kind(task) == "regress" else m.any(axis=1)]
 
     def metrics(self, task: Task, pred: np.ndarray, rows: np.ndarray) -> dict[str, float] | None:
         y, m = self.targets[task.name]
@@ -149,7 +150,7 @@ def run_probe(dataset: Dataset, cfg: ProbeConfig) -> dict[str, Any]:
     tasks = [parse_task(s, dataset) for s in specs]
     unique_names(tasks)
     for t in tasks:
-        _kind(t)
+        task_kind(t)
         if cfg.shots is not None and not isinstance(t, Classify):
             raise EtfError(f"--shots {cfg.shots}: samples per class need classify tasks; --task {t.spec} is not one")
     device = resolve_device(cfg.device)
@@ -304,7 +305,7 @@ def _probe_once(
 ) -> dict[str, Any]:
     """One prior, one task, one training set: every configuration's metrics per split, the
     configuration val chose, and its predictions on the first test split."""
-    kind = _kind(task)
+    kind = task_kind(task)
     y, m = data.targets[task.name]
     classes = len(task.classes) if kind == "classify" else None
     x_train = data.x(prior, train)
