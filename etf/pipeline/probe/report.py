@@ -67,7 +67,8 @@ def solo_scores(record: dict[str, Any]) -> tuple[str, str, dict[str, float], boo
     split = record.get("test_split")
     if split is None:
         return None
-    task, (metric, higher) = next(iter(record["metric"].items()))
+    first = record["metrics"][0]
+    task, metric, higher = first["task"], first["metric"], first["higher_is_better"]
     method = record["methods"][0]
     scores = {
         r["prior"]: r["metrics"].get(metric, math.nan)
@@ -266,7 +267,8 @@ def _plot_score(record: dict[str, Any], out: Path) -> str | None:
     ax.scatter(mean_cka, [scores.get(p, math.nan) for p in names])
     for p, x in zip(names, mean_cka):
         ax.annotate(p, (x, scores.get(p, math.nan)), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlim(min(-0.05, float(mean_cka.min()) - 0.05), 1.05)  # CKA's range: reports compare at a glance
     ax.set_xlabel("mean CKA to the other priors")
-    ax.set_ylabel(f"{task} {metric} alone ({record['test_split']})")
+    ax.set_ylabel(f"{task} {metric} alone ({record['methods'][0]}, {record['test_split']})")
     fig.savefig(out / "score_vs_cka.png", dpi=120)
     return "score_vs_cka.png"

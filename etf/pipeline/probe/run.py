@@ -252,8 +252,11 @@ def run_probe(dataset: Dataset, cfg: ProbeConfig) -> dict[str, Any]:
         "dataset": dataset.describe(),
         "priors": list(cfg.encoders),
         "tasks": [t.spec for t in tasks],
-        #: per task, the metric that picks k and C on val (and ranks priors), and whether higher is better
-        "metric": {t.name: [selection_metric(t, dataset), t.higher_is_better] for t in tasks},
+        #: per task (in order), the metric that picks k and C on val and ranks the priors
+        "metrics": [
+            {"task": t.name, "metric": selection_metric(t, dataset), "higher_is_better": t.higher_is_better}
+            for t in tasks
+        ],
         "methods": list(cfg.methods),
         "pool": cfg.pool or "each prior's own",
         "ks": list(cfg.ks),
