@@ -33,7 +33,7 @@ def _wrong(kind: str, pred: np.ndarray, y: np.ndarray, m: np.ndarray) -> np.ndar
 
 def overlap(data: Any, tasks: list, preds: dict[tuple[str, str], np.ndarray], rows: np.ndarray) -> list[dict]:
     """Per task and pair of priors, on the test samples: how often both are wrong, exactly one,
-    neither (the first method's chosen configuration, first try)."""
+    neither (the first of kNN and logreg run, its chosen configuration, first try)."""
     from etf.pipeline.probe.run import task_kind
 
     out = []
@@ -208,7 +208,9 @@ def markdown(record: dict[str, Any], plots: list[str], level: str = "#") -> list
     ]
     if record["overlap"]:
         lines += [
-            f"Error overlap on {record['test_split']} (the first method's chosen configuration):",
+            f"Error overlap on {record['test_split']} ({record['overlap_method']}, its chosen configuration"
+            + (", first try" if record["shots"] else "")
+            + "):",
             "",
             "| task | prior A | prior B | both wrong | one wrong | neither | samples |",
             "|---|---|---|---|---|---|---|",

@@ -97,15 +97,28 @@ class _Data:
         return self.features[prior][self.position[rows]]
 
     def train_rows(self, task: Task) -> np.ndarray:
-        """Training samples that carry the task's label (every column, for regression)."""
-        m = self.targets[task.name][1][self.train]
-        return self.train[m.all(axis=1) if task_kind(task) == "regress" else m.any(axis=1)]
+        return labelled(task, self.targets, self.train)
 
     def metrics(self, task: Task, pred: np.ndarray, rows: np.ndarray) -> dict[str, float] | None:
         y, m = self.targets[task.name]
         if not m[rows].any():
             return None
         return task.metrics(pred, y[rows], m[rows], {"rows": rows, **{k: v[rows] for k, v in self.extra.items()}})
+
+
+def labelled(task: Task, targets: dict[str, tuple[np.ndarray, np.ndarray]], rows: np.ndarray) -> np.ndarray:
+    """The ``rows`` that carry the task's label (every column of it, for regression)."""
+    m = targets[task.name][1][rows]
+    return rows[m.all(axis=1) if task_kind(task) == "regress" else m.any(axis=1)]
+
+
+def check_neighbours(cfg: ProbeConfig, task: Task, train: int) -> None:
+    """kNN needs at least the smallest k training samples with the task's label."""
+    if "knn" in cfg.methods and train < min(cfg.ks):
+        raise EtfError(
+            f"--method knn: --task {task.spec} has {train} training sample(s) with labels, fewer than the "
+            f"smallest k ({min(cfg.ks)}): no k has that many neighbours; lower --k or use --method logreg"
+        )
 
 
 def check_out(out: Path) -> None:
@@ -172,6 +185,10 @@ def run_probe(dataset: Dataset, cfg: ProbeConfig) -> dict[str, Any]:
             else None
             for t in tasks
         }
+        for t in tasks:
+            check_neighbours(
+                cfg, t, len(draws[t.name][0]) if draws[t.name] else len(labelled(t, targets, splits.train))
+            )
         rows = np.unique(np.concatenate([splits.train, *splits.evaluate.values()]))
         position = np.full(len(dataset), -1)
         position[rows] = np.arange(len(rows))
@@ -268,6 +285,7 @@ def run_probe(dataset: Dataset, cfg: ProbeConfig) -> dict[str, Any]:
         "splits": splits.counts(),
         **({"held_out": splits.held_out} if splits.held_out else {}),
         "test_split": first_test,
+        "overlap_method": next((m for m in cfg.methods if m != "linear"), None),
         "results": results,
         "selections": selections,
         "cka": cka,
@@ -315,12 +333,8 @@ def _probe_once(
     splits = data.evaluate
     note = ""
     if method == "knn":
+        check_neighbours(cfg, task, len(train))
         ks = tuple(k for k in cfg.ks if k <= len(train))
-        if not ks:
-            raise EtfError(
-                f"--method knn: --task {task.spec} has {len(train)} training sample(s) with labels, fewer than the "
-                f"smallest k ({min(cfg.ks)}): no k has that many neighbours; lower --k or use --method logreg"
-            )
         if len(ks) < len(cfg.ks):
             note = f"k > {len(train)} training samples left out: {', '.join(str(k) for k in cfg.ks if k not in ks)}"
         preds = {name: {} for name in splits}
@@ -372,7 +386,8 @@ def _probe_once(
 
 def _linear(dataset: Dataset, cfg: ProbeConfig, specs: list[str], tasks: list[Task], fit_cfg: Any) -> list[dict]:
     """The ``linear`` fuser (a trained head on each prior's pooled token) as ``etf fit``
-    trains it, one run per prior (and per try), under ``cfg.out/linear``."""
+    trains it, one run per prior under ``cfg.out/linear``; few-shot, one run per try as
+    ``etf fit --shots K --seed S`` for S = seed .. seed + tries - 1 (fit's own draws)."""
     from etf.pipeline.fit.config import FuserConfig
     from etf.pipeline.fit.train import fit
 
