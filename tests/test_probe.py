@@ -262,3 +262,24 @@ def test_features_are_each_prior_pooled_its_own_way_or_by_the_patch_mean(tmp_pat
     np.testing.assert_allclose(own["vit"], stored[:, 0])
     np.testing.assert_allclose(own["cnn"], stored[:, 1:].mean(axis=1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(mean["vit"], own["cnn"])
+
+
+def test_multilabel_probes_read_each_label_where_it_is_given(tmp_path):
+    n = 240
+    rng = np.random.default_rng(0)
+    smile, glasses = rng.integers(2, size=n).astype(float), rng.integers(2, size=n).astype(float)
+    glasses[rng.random(n) < 0.3] = np.nan  # a third unlabelled
+    dataset, _ = make_csv_dataset(tmp_path / "data", {"smile": smile, "glasses": glasses}, standard_splits(n))
+    signal = np.stack([2 * smile - 1, 2 * np.nan_to_num(glasses) - 1], axis=1)
+    a = rng.normal(size=(n, T, D)) + 2 * (signal @ rng.normal(size=(2, D)))[:, None]
+    import_prior(tmp_path / "cache", dataset, "A", a.astype(np.float32), tmp_path)
+    import_prior(tmp_path / "cache", dataset, "C", rng.normal(size=(n, T, D)).astype(np.float32), tmp_path)
+    cfg = ProbeConfig(tmp_path / "cache", ["A", "C"], tmp_path / "probe", ["multilabel:smile,glasses"], ks=(10, 20))
+    record = run_probe(dataset, cfg)
+    score = {
+        (r["prior"], r["method"]): r["metrics"]["mean_accuracy"]
+        for r in record["results"]
+        if r["config"] == "chosen" and r["split"] == "test"
+    }
+    for method in ("knn", "logreg"):
+        assert score[("A", method)] > 0.85 > 0.7 > score[("C", method)]
