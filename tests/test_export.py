@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from etf.cli import main
+from etf.pipeline.fit.export import card_path
 from etf.utils import sha256_file
 from tests.conftest import IMG, TINY_VIT
 
@@ -108,6 +109,13 @@ def test_onnx_export_equals_predict_canonical(run, tmp_path):
     assert {"test", "test:canonical"} <= set(card["metrics"])
     assert [q["name"] for q in card["priors"]] == [TINY_VIT, "resnet18"]
     assert card["flops_per_image"] > 0
+
+    invoke("export", "--run", run / "run", "--out", model)  # its own export: replaced
+    thesis = tmp_path / "thesis.tex"
+    thesis.write_text("chapter 1")
+    res = CliRunner().invoke(main, ["export", "--run", str(run / "run"), "--out", str(thesis)])
+    assert res.exit_code == 1 and "is not a model etf exported there" in res.output
+    assert thesis.read_text() == "chapter 1" and not card_path(thesis).exists()
 
 
 def test_torchscript_export_equals_predict_canonical_in_nchw(run, tmp_path):

@@ -103,6 +103,7 @@ def export_run(
         raise EtfError(f"--format {fmt!r}: use {' or '.join(FORMATS)}")
     if layout not in LAYOUTS:
         raise EtfError(f"--layout {layout!r}: use {' or '.join(LAYOUTS)}")
+    check_replaceable(out)
     run = Path(run)
     spec = read_json(run / "stores.json")[0]["spec"]
     name = spec["name"]
@@ -164,6 +165,21 @@ def _check_runs(path: Path) -> None:
     except Exception as e:
         why = str(e).split(" : ")[-1].strip().splitlines()[0][:240]
         raise EtfError(f"etf export: onnxruntime cannot run the exported graph: {why}") from None
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse an ``--out`` that exists and is not a model etf exported (its card beside it,
+    naming it with the file's SHA-256): nothing etf did not write is replaced."""
+    out, card = Path(out), card_path(Path(out))
+    if not out.exists() and not card.exists():
+        return
+    try:
+        mine = read_json(card).get("file") == out.name and read_json(card).get("sha256") == sha256_file(out)
+    except (EtfError, OSError, AttributeError):  # no card, not JSON, not a card
+        mine = False
+    if not mine:
+        held = out if out.exists() else card
+        raise EtfError(f"--out {out}: {held} exists and is not a model etf exported there; choose a new file name")
 
 
 def card_path(out: Path) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from etf.utils import write_json_atomic
+from etf.utils import mark_owned, write_json_atomic
 
 #: what the suggested order is, said wherever it is shown
 HEURISTIC = (
@@ -168,7 +168,7 @@ def summary(record: dict[str, Any]) -> str:
 
 def write_probe(out: Path, record: dict[str, Any]) -> None:
     """probe.json, probe.md, cka.png and score_vs_cka.png into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    mark_owned(out, "probe")
     write_json_atomic(out / "probe.json", record)
     plots = [p for p in (_plot_cka(record, out), _plot_score(record, out)) if p]
     (out / "probe.md").write_text("\n".join(markdown(record, plots)) + "\n")

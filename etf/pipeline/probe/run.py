@@ -24,6 +24,7 @@ from etf.errors import EtfError
 from etf.pipeline.fit.heads import Classify, MultiLabel, Regress, Task, parse_task, selection_metric, unique_names
 from etf.pipeline.probe.knn import KS, TEMPERATURE, knn_predict
 from etf.pipeline.probe.logreg import C_GRID, sweep
+from etf.utils import claim_dir
 
 METHODS = ("knn", "logreg", "linear")
 
@@ -121,14 +122,6 @@ def check_neighbours(cfg: ProbeConfig, task: Task, train: int) -> None:
         )
 
 
-def check_out(out: Path) -> None:
-    """The probe writes into a new or empty directory, or over a probe it wrote before."""
-    if out.exists() and not out.is_dir():
-        raise EtfError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "probe.json").exists():
-        raise EtfError(f"--out {out}: holds files that are not a probe's; choose a new or empty directory")
-
-
 def draw_shots(task: Classify, y: np.ndarray, train: np.ndarray, shots: int, seed: int, tries: int) -> list[np.ndarray]:
     """``tries`` seeded draws of ``shots`` training samples per class (sorted rows of ``train``)."""
     labels = y[train, 0].astype(int)
@@ -156,7 +149,7 @@ def run_probe(dataset: Dataset, cfg: ProbeConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     cfg.check()
-    check_out(Path(cfg.out))
+    claim_dir(Path(cfg.out), "--out", "probe")  # a new or empty directory, or a probe etf wrote
     specs = cfg.tasks or dataset.tasks
     if not specs:
         raise EtfError(f"--task: {dataset.describe()} has no default task; give e.g. --task classify:COLUMN")
