@@ -40,6 +40,8 @@ bench: install
 	$(BIN)/python bench/storage.py
 	$(BIN)/python bench/paper_fuser.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/export.py
+	$(BIN)/python bench/probe.py
 
 # Random-init tiny encoders: the demo must run offline. Drop --no-pretrained with network access.
 DEMO_IMAGES = $${ETF_DATA_HOME:-$$HOME/.cache/etf/data}/lfw-subset

@@ -170,7 +170,9 @@ def test_pretrained_weights_fail_fast_when_the_hub_is_unreachable(folder_dataset
 def test_help_and_listing_commands_do_not_import_torch():
     code = (
         "import sys; from click.testing import CliRunner; from etf.cli import main\n"
-        "for args in (['--help'], ['fit', '--help'], ['ablate', '--help'], ['data', 'list'], ['cache', '--help']):\n"
+        "for args in (['--help'], ['fit', '--help'], ['export', '--help'], ['ablate', '--help'], ['probe', '--help'],\n"
+        "             ['data', 'list'],\n"
+        "             ['cache', '--help']):\n"
         "    assert CliRunner().invoke(main, args).exit_code == 0, args\n"
         "heavy = [m for m in ('torch', 'timm', 'sklearn', 'zarr', 'torchvision') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

@@ -10,7 +10,7 @@ import numpy as np
 
 from etf.cache.catalog import STORE_RE, CacheDir, list_stores, read_manifest
 from etf.cache.location import Location, cache_location
-from etf.cache.store import ArraySpec, TokenStore, decode_tokens, partial_of, version_mismatch
+from etf.cache.store import ArraySpec, ChecksumError, TokenStore, decode_tokens, partial_of, version_mismatch
 from etf.errors import EtfError
 from etf.utils import spec_hash
 
@@ -198,7 +198,7 @@ def _scan_values(store: TokenStore, a: ArraySpec, ids: list[str], skipped: set[s
 
 def _unreadable(e: EtfError) -> str:
     """Why rows could not be read, as a verify line says it."""
-    return "fail their checksum (changed bytes)" if "checksum" in str(e) else "cannot be read"
+    return "fail their checksum (changed bytes)" if isinstance(e, ChecksumError) else "cannot be read"
 
 
 def _scan_geometry(store: TokenStore, a: ArraySpec, ids: list[str]) -> list[str]:

@@ -569,8 +569,13 @@ class TokenStore:
         try:
             return np.asarray(arr[start:stop, layer_index] if layer_index is not None else arr[start:stop])
         except Exception as e:  # codec, shape and I/O errors of a damaged chunk, whatever the format
-            why = "fail their checksum" if _is_checksum_error(e, arr) else f"cannot be read ({type(e).__name__}: {e})"
-            raise EtfError(f"{self.path}: rows {start}:{stop} of {name} {why}; {REPAIR}") from None
+            if _is_checksum_error(e, arr):
+                raise ChecksumError(
+                    f"{self.path}: rows {start}:{stop} of {name} fail their checksum; {REPAIR}"
+                ) from None
+            raise EtfError(
+                f"{self.path}: rows {start}:{stop} of {name} cannot be read ({type(e).__name__}: {e}); {REPAIR}"
+            ) from None
 
     @property
     def checksums(self) -> bool:
@@ -627,6 +632,10 @@ class TokenStore:
     def chunk_bytes(self) -> int:
         row = sum(int(np.prod(a.shape)) for a in self.array_specs) * physical_dtype(self.spec["dtype"]).itemsize
         return row * self.chunk_rows
+
+
+class ChecksumError(EtfError):
+    """Stored rows whose chunk no longer matches its checksum: bytes changed after they were written."""
 
 
 #: what to do about a damaged store, in every message that refuses one

@@ -61,9 +61,9 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def _register() -> None:
     """Every command module is light (heavy libraries load inside the commands)."""
-    from etf.cli import ablate, cache, data, explain, extract, fit, predict
+    from etf.cli import ablate, cache, data, explain, export, extract, fit, predict, probe
 
-    for module in (extract, fit, predict, explain, ablate, cache, data):
+    for module in (extract, fit, predict, export, explain, probe, ablate, cache, data):
         main.add_command(module.command)
 
 

@@ -56,6 +56,12 @@ _SETTING = {"cache_dir": "cache", "data_spec": "data"}
     show_default=True,
     help="The report's metric with every prior, or with the canonical prior alone (both are in every run; the report compares them).",
 )
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="First probe every prior alone (etf probe: kNN, logreg, CKA) into OUT/probe; the report adds their "
+    "table, the CKA map and each fused subset's gain beside its priors' solo scores.",
+)
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Parallel fits (groups).")
 @click.option(
     "--backend",

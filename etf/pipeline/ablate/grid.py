@@ -51,6 +51,7 @@ from etf.pipeline.fit.fusers import check_fuser
 from etf.pipeline.fit.heads import parse_task, selection_metric, unique_names, with_recipe
 from etf.pipeline.fit.mixing import JointConfig, assign, dataset_labels, parse_task_weights
 from etf.pipeline.fit.train import evaluated_test_splits, fit_many
+from etf.pipeline.probe.ablate import append_probe_section, probe_grid
 from etf.utils import (
     canonical_json,
     claim_dir,
@@ -119,6 +120,7 @@ OPTIONS = {
     "correction": "holm",
     "metric_infer": "all",
     "recipe": "etf",
+    "probe": False,
     # joint grids: fixed settings of every fit (see JointConfig)
     "task_weights": [],
     "uncertainty": False,
@@ -217,6 +219,8 @@ class Grid:
     joint: JointConfig | None = None
     #: the recipe the unset settings came from (see ``apply_recipe``); its task options apply in planning
     recipe: str = "etf"
+    #: run ``etf probe`` over the priors first and add its section to the report
+    probe: bool = False
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any], where: str | None = None, dry_run: bool = False) -> Grid:
@@ -277,6 +281,7 @@ class Grid:
             metric_infer=s["metric_infer"],
             joint=joint,
             recipe=s["recipe"],
+            probe=bool(s["probe"]),
         )
 
 
@@ -711,6 +716,7 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
     mark_owned(grid.out, "grid")
     outcome = Outcome(grid.out / "report.md", len(plan.points), len(plan.points) - sum(map(len, todo)), len(todo))
     threads = max(1, joblib.cpu_count() // grid.jobs)
+    probed = probe_grid(plan, echo) if grid.probe else None
     echo(
         f"grid: {outcome.runs} runs ({outcome.reused} already done), {sum(map(len, todo))} to fit in {len(todo)} "
         f"group(s) on {grid.jobs} {grid.backend} worker(s) x {threads} thread(s); runs in {grid.out / 'runs'}"
@@ -740,7 +746,9 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
     else:
         labels = dataset_labels([d.name for d in plan.datasets])
         norms = {label: _nme_norms(d) for label, d in zip(labels, plan.datasets)}
-    write_report(runs, plan.metrics, grid.out, _title(grid), grid.correction, norms)
+    report = write_report(runs, plan.metrics, grid.out, _title(grid), grid.correction, norms)
+    if probed is not None:
+        append_probe_section(report, probed)
     return outcome
 
 

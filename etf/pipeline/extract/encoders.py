@@ -92,7 +92,10 @@ def resolve_name(name: str) -> tuple[str, dict[str, Any]]:
         return ALIASES[name].model, dict(ALIASES[name].kwargs)
     arch = name.split(".")[0]
     if not timm.is_model(arch):
-        raise EtfError(f"--encoder {name!r}: unknown encoder (aliases: {', '.join(ALIASES)}; or any timm model name)")
+        raise EtfError(
+            f"--encoder {name!r}: unknown encoder (aliases: {', '.join(ALIASES)}; or any timm model name, "
+            "onnx:FILE.onnx, py:package.module:factory, or an etf.encoders entry point)"
+        )
     return name, {}
 
 
@@ -124,6 +127,10 @@ class Encoder:
     #: empty: the layout default) and why it differs from what the model does, if it does
     pool: str = ""
     pool_note: str | None = None
+    #: what made the tokens (the store spec's ``source``): timm, onnx, py
+    source: str = "timm"
+    #: the one precision the encoder computes in whatever ``--precision`` says (None: any)
+    fixed_precision: str | None = None
 
     @property
     def is_vit(self) -> bool:
@@ -133,14 +140,21 @@ class Encoder:
     def num_layers(self) -> int:
         return len(self.model.feature_info)
 
+    @property
+    def layer_kind(self) -> str:
+        return "blocks" if self.is_vit else "feature stages"
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter([*self.model.parameters(), *self.model.buffers()]), torch.empty(0)).device
+
     def resolve_layers(self, layers: list[int] | None) -> list[int]:
         """1-based layer numbers (ViT blocks, CNN stages); negatives count from the end."""
         n = self.num_layers
         out = []
         for layer in layers or [-1]:
             if not (1 <= layer <= n or -n <= layer <= -1):
-                kind = "blocks" if self.is_vit else "feature stages"
-                raise EtfError(f"--layers {layer}: {self.name} has {n} {kind} (1..{n}, or -1 for the last)")
+                raise EtfError(f"--layers {layer}: {self.name} has {n} {self.layer_kind} (1..{n}, or -1 for the last)")
             out.append(layer if layer > 0 else n + 1 + layer)
         if len(set(out)) != len(out):
             raise EtfError(f"--layers {','.join(map(str, layers or []))}: a layer is repeated")
@@ -179,7 +193,7 @@ class Encoder:
         took (multiply-add = 2 FLOPs), from a single forward."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        x = torch.zeros(1, *self.data_config["input_size"], device=next(self.model.parameters()).device)
+        x = torch.zeros(1, *self.data_config["input_size"], device=self.device)
         with FlopCounterMode(display=False) as counter:
             out = self.tokens(x, layers, norm)
         return out, int(counter.get_total_flops())
@@ -216,6 +230,14 @@ def create_encoder(
     never a silent random init.
     """
     files = [Path(weights)] if isinstance(weights, (str, Path)) else [Path(w) for w in weights or []]
+    external = _external_target(name)
+    if external is not None:
+        from etf.pipeline.extract.external import create_external
+
+        spec, alias = external
+        return create_external(
+            spec, weights=files, img_size=img_size, allow_partial=allow_partial, device=device, alias=alias
+        )
     model_name, kwargs = resolve_name(name)
     if img_size is not None:
         kwargs["img_size"] = img_size
@@ -279,6 +301,20 @@ def create_encoder(
         pool=pool,
         pool_note=pool_note,
     )
+
+
+def _external_target(name: str) -> tuple[str, str | None] | None:
+    """``onnx:``/``py:`` specs as given, and an ``etf.encoders`` entry-point alias (``alias?opts``)
+    as the ``py:`` spec it stands for with its name; None for timm names."""
+    from etf.pipeline.extract.external import entry_point_aliases, is_external
+
+    if is_external(name):
+        return name, None
+    alias, sep, query = name.partition("?")
+    if alias in ALIASES or (not sep and timm.is_model(alias.split(".")[0])):
+        return None
+    target = entry_point_aliases().get(alias)
+    return (f"py:{target}{sep}{query}", alias) if target else None
 
 
 def _create(model_name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:

@@ -128,7 +128,7 @@ def store_spec(
     """What determines the stored tokens; its hash names the store."""
     return {
         "name": encoder.name,
-        "source": "timm",
+        "source": encoder.source,
         "dataset_key": dataset.key,
         "n": len(dataset),
         **encoder.spec(),
@@ -241,6 +241,10 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: CacheDir, opts: Extra
     check_view_options(opts.views, opts.augment)
     device = resolve_device(opts.device)
     precision = resolve_precision(opts.precision, device)
+    if encoder.fixed_precision and precision != encoder.fixed_precision:
+        if opts.precision != "auto":
+            raise EtfError(f"--precision {opts.precision}: {encoder.name} computes in {encoder.fixed_precision} only")
+        precision = encoder.fixed_precision
     shard = resolve_shard(opts.shard)
     if opts.store == "hdf5" and shard is not None:
         raise EtfError("--shard with --store hdf5: HDF5 has no concurrent writers; extract to zarr, or run one process")

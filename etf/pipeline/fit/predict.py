@@ -101,7 +101,7 @@ def _encoder_for(spec: dict[str, Any], weights: dict[str, list[Path]], device: t
         pretrained=spec.get("pretrained") is not None,
         weights=weights.get(name),
         seed=spec.get("init_seed") or 0,
-        img_size=spec["data_config"]["input_size"][-1],
+        img_size=spec["data_config"]["input_size"][-1] if spec.get("source", "timm") == "timm" else None,
         allow_partial=True,
         device=device,
     )

@@ -175,7 +175,8 @@ class ETFuser(Fuser):
             [-1] + [self.groups[i].prior for i in which for _ in range(self.tokens_in.counts[i])], device=x.device
         )
         allowed = self.structure(owner)[None] & present[:, None, :]
-        allowed = allowed | torch.eye(x.shape[1], dtype=torch.bool, device=x.device)  # no empty rows
+        # no empty rows; a float eye cast to bool: onnxruntime has no boolean EyeLike (etf export)
+        allowed = allowed | torch.eye(x.shape[1], device=x.device).bool()
         allowed = allowed[:, None]
         for blk in self.blocks:
             x = blk(x, allowed)
