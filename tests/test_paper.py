@@ -304,11 +304,14 @@ def test_predict_infer_canonical_runs_only_the_canonical_encoder(imported_run):
 def test_a_run_whose_weights_are_another_model_is_one_line(imported_run, tmp_path):
     import shutil
 
+    from etf.pipeline.fit.checksums import write_sums
+
     tmp, root, _ = imported_run
     shutil.copytree(tmp / "run", tmp_path / "run")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     config["fuser_config"]["prior_tokens"] = "all"  # as a run of the token-level model would say
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    write_sums(tmp_path / "run")  # as if fitted so: the files agree with their sums, not with each other
     out = CliRunner().invoke(
         main, ["predict", "--run", str(tmp_path / "run"), "--infer", "canonical", str(next(root.rglob("*.png")))]
     )
