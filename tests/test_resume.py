@@ -30,14 +30,14 @@ EPOCHS = 4
 
 @pytest.fixture(scope="module")
 def xor(tmp_path_factory):
-    _, spec, cache = xor_cache(tmp_path_factory.mktemp("resume"), n=240)
+    _, spec, cache = xor_cache(tmp_path_factory.mktemp("resume"), n=160)
     return spec, cache
 
 
 def _args(xor, out: Path) -> list[str]:
     spec, cache = xor
     return ["fit", "--data", spec, "--cache", str(cache), "--encoders", "A,B", "--task", "classify:label",
-            "--fuser", "etfuser", "--epochs", str(EPOCHS), "--batch-size", "4", "--schedule", "periodic:2",
+            "--fuser", "etfuser", "--epochs", str(EPOCHS), "--batch-size", "8", "--schedule", "periodic:2",
             "--early-stop", "3", "--out", str(out), "--no-progress", "--device", "cpu"]  # fmt: skip
 
 
@@ -109,7 +109,7 @@ def test_a_saved_state_of_other_settings_is_not_resumed(xor, uninterrupted, tmp_
     out = tmp_path / "run"
     _kill_after(xor, out, 1, signal.SIGKILL, False)
     args = _args(xor, out)
-    args[args.index("--batch-size") + 1] = "8"
+    args[args.index("--batch-size") + 1] = "16"
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert "resumed" not in res.output
