@@ -31,14 +31,14 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def xor(tmp_path_factory):
-    _, spec, cache = xor_cache(tmp_path_factory.mktemp("resume"), n=240)
+    _, spec, cache = xor_cache(tmp_path_factory.mktemp("resume"), n=160)
     return spec, cache
 
 
 def _args(xor, out: Path) -> list[str]:
     spec, cache = xor
     return ["fit", "--data", spec, "--cache", str(cache), "--encoders", "A,B", "--task", "classify:label",
-            "--fuser", "etfuser", "--epochs", str(EPOCHS), "--batch-size", "4", "--schedule", "periodic:2",
+            "--fuser", "etfuser", "--epochs", str(EPOCHS), "--batch-size", "8", "--schedule", "periodic:2",
             "--early-stop", "3", "--out", str(out), "--no-progress", "--device", "cpu"]  # fmt: skip
 
 
@@ -114,6 +114,6 @@ def test_a_killed_fit_resumes_bit_for_bit(xor, uninterrupted, tmp_path, sig, epo
 def test_a_saved_state_of_other_settings_is_not_resumed(xor, uninterrupted, tmp_path):
     out = tmp_path / "run"
     _kill_after(xor, out, 1, signal.SIGKILL, False)
-    output = _fit(xor, out, "--batch-size", "8")  # the last --batch-size wins
+    output = _fit(xor, out, "--batch-size", "16")  # the last --batch-size wins
     assert "resumed" not in output
     assert "resumed_after_epoch" not in json.loads((out / "metrics.json").read_text())
