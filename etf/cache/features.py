@@ -10,7 +10,8 @@ compressed store.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,24 +48,47 @@ def default_device_budget(device: torch.device) -> int:
 
 
 class DeviceCopy:
-    """Whole blocks onto the fitting device, for a reader thread: pinned host memory and a
-    non-blocking copy on a side stream, finished before the block is handed over, so the
-    training stream never waits on a host-to-device copy. Identity on the CPU."""
+    """Whole blocks onto the fitting device, for a reader thread: a copy into pinned host
+    memory, then a non-blocking copy on the reader's side stream, awaited by an event of its
+    own before the block is handed over. Several readers thus overlap reads, pinning and
+    copies (each block's copy is in flight while the next is read), and the training stream
+    never waits on a host-to-device copy. Identity on the CPU."""
 
     def __init__(self, device: torch.device | None) -> None:
         self.device = device if device is not None and device.type == "cuda" else None
-        self._stream = torch.cuda.Stream(self.device) if self.device is not None else None
+        self._streams = threading.local()
 
     def __call__(self, block: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.device is None:
             return block
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
         consumer = torch.cuda.default_stream(self.device)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(stream):
             out = [x.pin_memory().to(self.device, non_blocking=True) for x in block]
-        self._stream.synchronize()
+            done = torch.cuda.Event()
+            done.record(stream)
+        done.synchronize()
         for x in out:  # freed later by the training stream: keep the allocator from reusing it early
             x.record_stream(consumer)
         return out
+
+
+def to_index(positions: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Positions as an index tensor on ``device``: through pinned memory and a non-blocking
+    copy on a GPU, so that gathering a batch never stalls the host on a pageable copy."""
+    index = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
+    if device.type != "cuda":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)
+
+
+def reader_threads() -> int:
+    """Block readers of a streamed fit: one per four cores, 1 to 4. Each read spends most of
+    its time in per-call overhead and I/O that release the GIL, so a few readers in
+    parallel hide it; on a small CPU one reader leaves the cores to the training step."""
+    return max(1, min(4, (os.cpu_count() or 1) // 4))
 
 
 @dataclass(frozen=True)
@@ -265,40 +289,28 @@ def rows_between(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
     return rows[lo:hi]
 
 
-def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Produce ``items`` in a background thread, ``depth`` ahead: block reads (which release
-    the GIL in Zarr/HDF5 decoding and file I/O) overlap the training step."""
-    import queue
-    import threading
+def read_ahead(read: Callable[[Any], Any], items: Iterable[Any], threads: int = 1, depth: int = 2) -> Iterator[Any]:
+    """``read(item)`` of each item in order, computed by ``threads`` background threads up
+    to ``depth`` items ahead: block reads (which release the GIL in Zarr/HDF5 decoding and
+    file I/O) overlap each other and the training step. Closing the iterator early cancels
+    the reads not yet started."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
 
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def run() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # re-raised in the consumer
-            q.put(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="etf-read")
+    ahead: deque = deque()
+    todo = iter(items)
     try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        for item in todo:
+            ahead.append(pool.submit(read, item))
+            if len(ahead) > max(depth, threads):
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
     finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
+        for f in ahead:
+            f.cancel()
+        pool.shutdown(wait=True)
 
 
 class BlockStream:
@@ -324,11 +336,13 @@ class BlockStream:
         pool_blocks: int = 8,
         views: int = 1,
         to_device: DeviceCopy | None = None,
+        readers: int | None = None,
     ) -> None:
         self.priors, self.rows, self.batch_size = priors, np.sort(rows), batch_size
         self.shuffle, self.seed, self.pool_blocks = shuffle, seed, max(1, pool_blocks)
         self.views = views
         self.to_device = to_device or DeviceCopy(None)
+        self.readers = readers or reader_threads()
         n = len(priors.dataset)
         self.blocks = [(b * block_rows, min(n, (b + 1) * block_rows)) for b in np.unique(self.rows // block_rows)]
 
@@ -343,15 +357,14 @@ class BlockStream:
         order = rng.permutation(len(self.blocks)) if self.shuffle else range(len(self.blocks))
         block_view = draw_views(self.seed, epoch, len(self.blocks), self.views)
 
-        def read() -> Iterator[list[Any]]:
-            for i in order:
-                start, stop = self.blocks[i]
-                sel = rows_between(self.rows, start, stop)
-                view = int(block_view[i])
-                block = self.to_device(self.priors.read_block(start, stop, view))
-                yield [sel, torch.from_numpy(sel - start), block, np.full(len(sel), view)]
+        def read(i: int) -> list[Any]:
+            start, stop = self.blocks[i]
+            sel = rows_between(self.rows, start, stop)
+            view = int(block_view[i])
+            block = self.to_device(self.priors.read_block(start, stop, view))
+            return [sel, sel - start, block, np.full(len(sel), view)]
 
-        blocks = prefetch(read(), depth=1)
+        blocks = read_ahead(read, order, self.readers, depth=1)
         pool_blocks = self.pool_blocks if self.shuffle else 1  # in order, a pool only delays the first batch
         pool: list[list[Any]] = []  # [rows not yet drawn, their positions in the block, block]
         exhausted = False
@@ -386,10 +399,11 @@ class BlockStream:
             if len(mine):
                 idx.append(rows[mine])
                 views.append(view[mine])
-                parts.append([x[local[mine]] for x in block])
+                at = to_index(local[mine], block[0].device)
+                parts.append([x[at] for x in block])
                 keep = np.ones(len(rows), dtype=bool)
                 keep[mine] = False
-                p[0], p[1], p[3] = rows[keep], local[torch.from_numpy(keep)], view[keep]
+                p[0], p[1], p[3] = rows[keep], local[keep], view[keep]
         tokens = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)]
         return np.concatenate(idx), np.concatenate(views), tokens
 
@@ -485,12 +499,11 @@ class Batches:
                 yield (
                     order[b : b + self.batch_size],
                     view,
-                    [t[torch.from_numpy(sel).to(self.device)] for t in self.tokens[0]],
+                    [t[to_index(sel, t.device)] for t in self.tokens[0]],
                 )
                 continue
             tokens = [torch.empty((len(sel), *t.shape[1:]), dtype=t.dtype, device=t.device) for t in self.tokens[0]]
             for v in np.unique(view):
-                which = torch.from_numpy(np.nonzero(view == v)[0]).to(self.device)
                 for out, t in zip(tokens, self.tokens[v]):
-                    out[which] = t[torch.from_numpy(sel[view == v]).to(self.device)]
+                    out[to_index(np.nonzero(view == v)[0], t.device)] = t[to_index(sel[view == v], t.device)]
             yield order[b : b + self.batch_size], view, tokens
