@@ -470,18 +470,23 @@ def _run(
         landing = None  # the previous batch, its tokens on their way to the host while this one runs
         for idx, x, matrices, errors in loader:
             idx = idx.tolist()
-            x, errors = model_input(pre, x, list(errors), decode, device)
-            failed = {i: e for i, e in zip(idx, errors) if e}
-            if failed and opts.on_error == "fail":
-                raise EtfError(
-                    f"unreadable image(s) in {dataset.describe()}: {_bad_list([(dataset.ids[i], e) for i, e in failed.items()])} "
-                    "(the store stays incomplete and is never read; fix them, or pass --on-error skip to resume)"
-                )
-            keep = [k for k, i in enumerate(idx) if i not in failed]
-            launched = []
-            if keep:
-                x, matrices = (x[keep], matrices[keep]) if failed else (x, matrices)
-                launched = [_launch(encoder, x[:, v], layers, opts, autocast) for v in range(x.shape[1])]
+            try:
+                x, errors = model_input(pre, x, list(errors), decode, device)
+                failed = {i: e for i, e in zip(idx, errors) if e}
+                if failed and opts.on_error == "fail":
+                    raise EtfError(
+                        f"unreadable image(s) in {dataset.describe()}: {_bad_list([(dataset.ids[i], e) for i, e in failed.items()])} "
+                        "(the store stays incomplete and is never read; fix them, or pass --on-error skip to resume)"
+                    )
+                keep = [k for k, i in enumerate(idx) if i not in failed]
+                launched = []
+                if keep:
+                    x, matrices = (x[keep], matrices[keep]) if failed else (x, matrices)
+                    launched = [_launch(encoder, x[:, v], layers, opts, autocast) for v in range(x.shape[1])]
+            except BaseException:  # the batch before this one is computed: keep it
+                if landing is not None:
+                    land(landing)
+                raise
             if landing is not None:
                 land(landing)
             landing = (idx, [idx[k] for k in keep], failed, matrices, launched)
