@@ -169,7 +169,7 @@ def test_a_failed_run_is_recorded_the_rest_finish_and_it_is_retried(xor, tmp_pat
 def test_a_dead_worker_stops_the_grid_but_keeps_what_finished(xor, tmp_path, monkeypatch):
     calls = []
 
-    def dies_second(dataset, group, threads):
+    def dies_second(dataset, group, threads, jobs=1):
         calls.append(group)
         if len(calls) == 2:
             raise RuntimeError("A worker process managed by the executor was unexpectedly terminated.")
@@ -483,3 +483,23 @@ def test_unread_settings_merge_and_the_heatmap_says_what_each_cell_is(xor, tmp_p
     (ax,) = [a for a in fig.axes if a.get_title() == "A+B"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["etfuser attn=full", "etfuser attn=intra", "concat"]
     assert len(ax.texts) == 6  # one cell per configuration, no cell an average of several
+
+
+def test_a_worker_reads_each_store_once_across_groups(xor, tmp_path, monkeypatch):
+    """Groups of different subsets share stores: one worker (jobs 1: this process) reads
+    each store once and keeps its tokens resident for the next groups."""
+    from etf.cache.store import TokenStore
+
+    reads: list[str] = []
+    real = TokenStore.read_layers
+
+    def counted(self, *args, **kwargs):
+        reads.append(self.path.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenStore, "read_layers", counted)
+    plan = plan_grid(_grid(xor, tmp_path, fusers="etfuser", seeds="0", jobs=1))
+    assert len(plan.groups()) >= 3  # A, B, A+B (and the linear baselines)
+    outcome = run_grid(plan)
+    assert outcome.done == len(plan.points) and not outcome.failed
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 2, reads

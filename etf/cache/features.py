@@ -237,23 +237,28 @@ class PriorSet:
             for n, s in zip(self.names, self.stores)
         ]
 
+    def group_row_bytes(self, k: int) -> int:
+        g = self.groups[k]
+        return g.tokens * g.dim * _TORCH_DTYPE[self.stores[g.prior].spec["dtype"]].itemsize
+
     def row_bytes(self) -> int:
-        size = {p: _TORCH_DTYPE[s.spec["dtype"]].itemsize for p, s in enumerate(self.stores)}
-        return sum(g.tokens * g.dim * size[g.prior] for g in self.groups)
+        return sum(self.group_row_bytes(k) for k in range(len(self.groups)))
 
     @property
     def block_rows(self) -> int:
         return max(s.chunk_rows for s in self.stores)
 
-    def read_block(self, start: int, stop: int, view: int = 0) -> list[torch.Tensor]:
-        """Rows ``start:stop`` of every group in one view (0: the clean image), with the
-        read-time token selection applied."""
+    def read_block(self, start: int, stop: int, view: int = 0, groups: list[int] | None = None) -> list[torch.Tensor]:
+        """Rows ``start:stop`` of every group (or of ``groups``, by index) in one view (0: the
+        clean image), with the read-time token selection applied."""
+        sources = [self._source[k] for k in (range(len(self.groups)) if groups is None else groups)]
         read = {
-            p: store.read_layers([layer for q, layer in self._source if q == p], start, stop, view)
+            p: store.read_layers([layer for q, layer in sources if q == p], start, stop, view)
             for p, store in enumerate(self.stores)
+            if any(q == p for q, _ in sources)
         }
         out = []
-        for p, layer in self._source:
+        for p, layer in sources:
             store = self.stores[p]
             x = torch.from_numpy(read[p][layer]).to(_TORCH_DTYPE[store.spec["dtype"]])
             if self.tokens:
@@ -261,14 +266,31 @@ class PriorSet:
             out.append(x.contiguous())
         return out
 
+    def group_key(self, k: int, view: int = 0) -> tuple[Any, ...]:
+        """What group ``k``'s tokens in ``view`` are, across PriorSets: its store's content
+        hash, its layer, the read-time selection."""
+        p, layer = self._source[k]
+        return (self.stores[p].attrs["spec_hash"], str(self.stores[p].path), layer, str(self.tokens), view)
+
     def load(self, rows: np.ndarray, block_rows: int | None = None, view: int = 0) -> list[torch.Tensor]:
         """The selected tokens of ``rows`` (sorted sample indices) in one view in memory, read
         block-wise into preallocated tensors: peak memory is the result plus one block (each
-        block's rows are gathered straight into the result, not into a copy of the block first)."""
+        block's rows are gathered straight into the result, not into a copy of the block
+        first). Under :func:`keep_resident`, every row of each group is read once per process
+        and kept (on its device), and ``rows`` are gathered from there."""
+        if _RESIDENT is not None:
+            kept = _RESIDENT.tokens(self, view)
+            if kept is not None:
+                return [t.index_select(0, to_index(rows, t.device)) for t in kept]
+        return self._read_rows(rows, list(range(len(self.groups))), block_rows, view)
+
+    def _read_rows(
+        self, rows: np.ndarray, groups: list[int], block_rows: int | None = None, view: int = 0
+    ) -> list[torch.Tensor]:
         step = block_rows or self.block_rows * max(1, (64 << 20) // max(1, self.row_bytes() * self.block_rows))
         out = [
             torch.empty((len(rows), g.tokens, g.dim), dtype=_TORCH_DTYPE[self.stores[g.prior].spec["dtype"]])
-            for g in self.groups
+            for g in (self.groups[k] for k in groups)
         ]
         filled = 0
         for start in range(0, len(self.dataset), step):
@@ -276,10 +298,64 @@ class PriorSet:
             sel = rows_between(rows, start, stop)
             if len(sel):
                 local = torch.from_numpy(sel - start)
-                for o, b in zip(out, self.read_block(start, stop, view)):
+                for o, b in zip(out, self.read_block(start, stop, view, groups)):
                     torch.index_select(b, 0, local, out=o[filled : filled + len(sel)])
                 filled += len(sel)
         return out
+
+
+class ResidentTokens:
+    """Every row of the groups fits have read, kept in this process (on ``device``) for the
+    next fit that reads them: a grid worker reads each store once, whichever subsets its
+    groups hold. Least recently used groups leave once ``budget`` bytes would be exceeded;
+    a PriorSet whose groups cannot all fit is read from its stores as without this."""
+
+    def __init__(self, device: torch.device, budget: int) -> None:
+        self.device, self.budget = device, budget
+        self.kept: dict[tuple[Any, ...], torch.Tensor] = {}  # insertion order: least recently used first
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kept.values())
+
+    def tokens(self, priors: PriorSet, view: int) -> list[torch.Tensor] | None:
+        """Every row of each of ``priors``' groups in ``view``, read now if not kept yet;
+        None when they cannot all be kept at once."""
+        keys = [priors.group_key(k, view) for k in range(len(priors.groups))]
+        sizes = [len(priors.dataset) * priors.group_row_bytes(k) for k in range(len(priors.groups))]
+        if sum(sizes) > self.budget:
+            return None
+        for key in keys:  # in use: the last to leave
+            if key in self.kept:
+                self.kept[key] = self.kept.pop(key)
+        missing = [k for k, key in enumerate(keys) if key not in self.kept]
+        while self.nbytes + sum(sizes[k] for k in missing) > self.budget:
+            del self.kept[next(key for key in self.kept if key not in keys)]
+        if missing:
+            for k, t in zip(missing, priors._read_rows(np.arange(len(priors.dataset)), missing)):
+                self.kept[keys[k]] = t.to(self.device)
+        return [self.kept[key] for key in keys]
+
+
+_RESIDENT: ResidentTokens | None = None
+
+
+def keep_resident(device: torch.device, budget: int | None = None) -> ResidentTokens:
+    """Keep the tokens fits read resident in this process from now on (``etf ablate``'s
+    workers): on ``device``, within ``budget`` bytes (default: the device budget on a GPU,
+    the memory budget on the CPU). Called again, it keeps what it holds."""
+    global _RESIDENT
+    if _RESIDENT is None or _RESIDENT.device != device:
+        if budget is None:
+            budget = default_device_budget(device) if device.type == "cuda" else default_memory_budget()
+        _RESIDENT = ResidentTokens(device, budget)
+    return _RESIDENT
+
+
+def stop_resident() -> None:
+    """Release what :func:`keep_resident` holds and read from the stores again."""
+    global _RESIDENT
+    _RESIDENT = None
 
 
 def rows_between(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
