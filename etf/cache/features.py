@@ -84,11 +84,14 @@ def to_index(positions: np.ndarray, device: torch.device) -> torch.Tensor:
     return index.pin_memory().to(device, non_blocking=True)
 
 
-def reader_threads() -> int:
-    """Block readers of a streamed fit: one per four cores, 1 to 4. Each read spends most of
-    its time in per-call overhead and I/O that release the GIL, so a few readers in
-    parallel hide it; on a small CPU one reader leaves the cores to the training step."""
-    return max(1, min(4, (os.cpu_count() or 1) // 4))
+def reader_threads(device: torch.device | None = None) -> int:
+    """Block readers of a streamed fit. Each read spends most of its time in per-call
+    overhead and I/O that release the GIL, so several readers in parallel hide it. Feeding
+    a GPU: one per two cores, at most 8. On the CPU, whose cores train: one per four, 1 to 4."""
+    cores = os.cpu_count() or 1
+    if device is not None and device.type == "cuda":
+        return max(1, min(8, cores // 2))
+    return max(1, min(4, cores // 4))
 
 
 @dataclass(frozen=True)
@@ -418,7 +421,7 @@ class BlockStream:
         self.shuffle, self.seed, self.pool_blocks = shuffle, seed, max(1, pool_blocks)
         self.views = views
         self.to_device = to_device or DeviceCopy(None)
-        self.readers = readers or reader_threads()
+        self.readers = readers or reader_threads(self.to_device.device)
         n = len(priors.dataset)
         self.blocks = [(b * block_rows, min(n, (b + 1) * block_rows)) for b in np.unique(self.rows // block_rows)]
 
