@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from etf.cache.catalog import CacheDir, write_manifest
+from etf.cache.features import read_ahead
 from etf.cache.format import DTYPES
 from etf.cache.location import Location, cache_location
 from etf.cache.store import (
@@ -262,6 +263,26 @@ def model_input(
     return out, errors
 
 
+def _prepared(loader: Any, pre: Preprocess, decode: str, device: torch.device) -> Iterator[tuple[Any, ...]]:
+    """Loader batches with their model input (:func:`model_input`). On a GPU a thread
+    prepares the next batch on a stream of its own while this one's forward runs: nvjpeg's
+    host-side work and the resize overlap the forward instead of preceding it."""
+
+    def prepare(batch: tuple[Any, ...], stream: torch.cuda.Stream | None = None) -> tuple[Any, ...]:
+        idx, x, matrices, errors = batch
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            x, errors = model_input(pre, x, list(errors), decode, device)
+        if stream is not None:
+            stream.synchronize()
+            x.record_stream(torch.cuda.default_stream(device))  # used, then freed, by the forward's stream
+        return idx, x, matrices, errors
+
+    if device.type != "cuda":
+        return map(prepare, loader)
+    stream = torch.cuda.Stream(device)
+    return read_ahead(lambda batch: prepare(batch, stream), loader, threads=1, depth=2)
+
+
 def compute_tokens(
     encoder: Encoder, x: torch.Tensor, layers: list[int], opts: ExtractOptions, ids: list[str], autocast: Any
 ) -> dict[int, np.ndarray]:
@@ -468,10 +489,9 @@ def _run(
             _loader(dataset, encoder, sampler, workers, device, opts, decode) if total else []
         )  # none for an idle shard
         landing = None  # the previous batch, its tokens on their way to the host while this one runs
-        for idx, x, matrices, errors in loader:
-            idx = idx.tolist()
-            try:
-                x, errors = model_input(pre, x, list(errors), decode, device)
+        try:
+            for idx, x, matrices, errors in _prepared(loader, pre, decode, device):
+                idx = idx.tolist()
                 failed = {i: e for i, e in zip(idx, errors) if e}
                 if failed and opts.on_error == "fail":
                     raise EtfError(
@@ -483,15 +503,13 @@ def _run(
                 if keep:
                     x, matrices = (x[keep], matrices[keep]) if failed else (x, matrices)
                     launched = [_launch(encoder, x[:, v], layers, opts, autocast) for v in range(x.shape[1])]
-            except BaseException:  # the batch before this one is computed: keep it
-                if landing is not None:
-                    land(landing)
-                raise
-            if landing is not None:
-                land(landing)
-            landing = (idx, [idx[k] for k in keep], failed, matrices, launched)
-        if landing is not None:
-            land(landing)
+                previous, landing = landing, (idx, [idx[k] for k in keep], failed, matrices, launched)
+                if previous is not None:
+                    land(previous)
+        finally:  # whatever stops the loop, the batch computed before it is kept
+            previous, landing = landing, None
+            if previous is not None:
+                land(previous)
         while pending:
             pending.pop(0).result()
     return total
