@@ -110,24 +110,27 @@ def bare_forward(encoder: Encoder, x: torch.Tensor, batch: int) -> np.ndarray:
 
 
 class _Decoded(torch.utils.data.Dataset):
-    def __init__(self, dataset, transform) -> None:
-        self.dataset, self.transform = dataset, transform
+    def __init__(self, dataset, transform, n: int) -> None:
+        self.dataset, self.transform, self.n = dataset, transform, min(n, len(dataset))
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.n
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.transform(self.dataset.load_image(i))
 
 
-def worker_rates(dataset, encoder: Encoder, workers: int, batch: int, pin: bool = False) -> dict[str, float]:
+def worker_rates(
+    dataset, encoder: Encoder, workers: int, batch: int, pin: bool = False, n: int = 1 << 30
+) -> dict[str, float]:
     """img/s per decode worker of a DataLoader sending float32 batches (timm's transform, as
     extraction did) and uint8 batches (PIL resize and crop only, as it does now), through
-    ``workers`` worker processes; the first batch (worker start) is not counted."""
+    ``workers`` worker processes over the first ``n`` images; the first batch (worker
+    start) is not counted."""
     out = {}
     for name, tf in (("float32", encoder.transform()), ("uint8", encoder.preprocess.pil_transform())):
         loader = torch.utils.data.DataLoader(
-            _Decoded(dataset, tf), batch_size=batch, num_workers=workers, pin_memory=pin, prefetch_factor=4
+            _Decoded(dataset, tf, n), batch_size=batch, num_workers=workers, pin_memory=pin, prefetch_factor=4
         )
         it = iter(loader)
         first = next(it)

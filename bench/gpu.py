@@ -137,7 +137,9 @@ def extraction(args: argparse.Namespace, device: torch.device, work: Path, data:
     u8 = pre.pil_transform()
     on_cpu = torch.stack([u8(dataset.load_image(i)) for i in range(len(images))]).int()
     levels = (on_device - on_cpu).abs().float()
-    rates = worker_rates(dataset, encoder, args.decode_workers, args.batch_size, pin=device.type == "cuda")
+    rates = worker_rates(
+        dataset, encoder, args.decode_workers, args.batch_size, pin=device.type == "cuda", n=args.decode_workers * 256
+    )
 
     fwd = n / forward
     disk_img = disk / per_image["all"]
@@ -226,7 +228,10 @@ def _grid(spec: str, cache: Path, out: Path, encoders: list[str], epochs: int, a
         "test_split": "holdout:0.2", "tasks": ["classify:label"], "jobs": 1,
     }  # fmt: skip
     plan = plan_grid(Grid.from_settings(settings))
-    seconds = clock(lambda: run_grid(plan), device)
+    outcome = []
+    seconds = clock(lambda: outcome.append(run_grid(plan)), device)
+    if outcome[0].failed or outcome[0].stopped:
+        raise RuntimeError(f"grid runs failed: {outcome[0].stopped or outcome[0].failed[0][1]}")
     return seconds, plan
 
 
