@@ -109,6 +109,39 @@ def bare_forward(encoder: Encoder, x: torch.Tensor, batch: int) -> np.ndarray:
     return np.concatenate(out)
 
 
+class _Decoded(torch.utils.data.Dataset):
+    def __init__(self, dataset, transform, n: int) -> None:
+        self.dataset, self.transform, self.n = dataset, transform, min(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.dataset.load_image(i))
+
+
+def worker_rates(
+    dataset, encoder: Encoder, workers: int, batch: int, pin: bool = False, n: int = 1 << 30
+) -> dict[str, float]:
+    """img/s per decode worker of a DataLoader sending float32 batches (timm's transform, as
+    extraction did) and uint8 batches (PIL resize and crop only, as it does now), through
+    ``workers`` worker processes over the first ``n`` images; the first batch (worker
+    start) is not counted."""
+    out = {}
+    for name, tf in (("float32", encoder.transform()), ("uint8", encoder.preprocess.pil_transform())):
+        loader = torch.utils.data.DataLoader(
+            _Decoded(dataset, tf, n), batch_size=batch, num_workers=workers, pin_memory=pin, prefetch_factor=4
+        )
+        it = iter(loader)
+        first = next(it)
+        t, n = time.perf_counter(), 0
+        for x in it:
+            n += len(x)
+        out[name] = n / (time.perf_counter() - t) / workers
+        assert first.dtype == (torch.float32 if name == "float32" else torch.uint8)
+    return out
+
+
 Setting = tuple[int | None, int]  # (--workers, or None for the default; decode workers' niceness)
 
 
@@ -160,6 +193,11 @@ def throughput(model: str, data: Path, batch: int, repeats: int, settings: list[
         count = f"default ({default_workers(torch.device('cpu'))})" if workers is None else str(workers)
         label = f"extract, --workers {count}" + (f", nice {nice}" if workers != 0 else "")
         print(f"  {label:<40} {n / got.seconds:7.1f} {ref.seconds / got.seconds:6.3f}  {got.others:5.0%}")
+    rates = worker_rates(dataset, encoder, 1, batch)
+    print(
+        f"  one decode worker, at normal priority: float32 batches {rates['float32']:.0f} img/s, "
+        f"uint8 batches {rates['uint8']:.0f} img/s ({rates['uint8'] / rates['float32']:.2f}x)"
+    )
     return tokens
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# GPU figures in one unattended run (under 10 minutes on one CUDA GPU): extraction img/s
-# against the bare forward (ViT-B, bf16, batch 256) and fit samples/s with the tokens on
-# the device and streamed, against the bare training step. Random-init weights, synthetic
-# images written by the script, nothing downloaded. Exits at once without a GPU.
+# GPU figures in one unattended run (under 8 minutes on one H200): extraction img/s (both
+# decode paths, --tokens all and pool:1) against the bare forward and the disk, fit
+# samples/s resident and streamed against the bare training step, and a grid from the
+# cache against online priors (see bench/README.md). Random-init weights, synthetic images
+# written by the script, nothing downloaded. Exits at once without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}

@@ -235,7 +235,7 @@ def test_the_workers_of_a_killed_grid_exit(xor, tmp_path):
 def test_a_dead_worker_stops_the_grid_but_keeps_what_finished(xor, tmp_path, monkeypatch):
     calls = []
 
-    def dies_second(dataset, group, threads):
+    def dies_second(dataset, group, threads, jobs=1):
         calls.append(group)
         if len(calls) == 2:
             raise RuntimeError("A worker process managed by the executor was unexpectedly terminated.")
@@ -577,3 +577,23 @@ def test_a_finished_run_with_damaged_metrics_is_fitted_again(xor, tmp_path):
     said = [line for line in lines if "metrics.json" in line]
     assert len(said) == 1 and "fitting it again" in said[0], lines
     assert json.loads((damaged.dir / "metrics.json").read_text())["best_epoch"] >= 1
+
+
+def test_a_worker_reads_each_store_once_across_groups(xor, tmp_path, monkeypatch):
+    """Groups of different subsets share stores: one worker (jobs 1: this process) reads
+    each store once and keeps its tokens resident for the next groups."""
+    from etf.cache.store import TokenStore
+
+    reads: list[str] = []
+    real = TokenStore.read_layers
+
+    def counted(self, *args, **kwargs):
+        reads.append(self.path.name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(TokenStore, "read_layers", counted)
+    plan = plan_grid(_grid(xor, tmp_path, fusers="etfuser", seeds="0", jobs=1))
+    assert len(plan.groups()) >= 3  # A, B, A+B (and the linear baselines)
+    outcome = run_grid(plan)
+    assert outcome.done == len(plan.points) and not outcome.failed
+    assert sorted(reads) == sorted(set(reads)) and len(reads) == 2, reads

@@ -42,7 +42,7 @@ def reference(dataset, tmp_path_factory) -> np.ndarray:
 def _count_batches(monkeypatch, fail_at: int | None = None, exc: BaseException | None = None) -> list[int]:
     """Count the batches the extraction loop computes, optionally raising ``exc`` at batch ``fail_at``."""
     calls: list[int] = []
-    real = etf.pipeline.extract.run.compute_tokens
+    real = etf.pipeline.extract.run._launch
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -50,7 +50,7 @@ def _count_batches(monkeypatch, fail_at: int | None = None, exc: BaseException |
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(etf.pipeline.extract.run, "compute_tokens", counted)
+    monkeypatch.setattr(etf.pipeline.extract.run, "_launch", counted)
     return calls
 
 

@@ -10,7 +10,8 @@ compressed store.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,24 +48,50 @@ def default_device_budget(device: torch.device) -> int:
 
 
 class DeviceCopy:
-    """Whole blocks onto the fitting device, for a reader thread: pinned host memory and a
-    non-blocking copy on a side stream, finished before the block is handed over, so the
-    training stream never waits on a host-to-device copy. Identity on the CPU."""
+    """Whole blocks onto the fitting device, for a reader thread: a copy into pinned host
+    memory, then a non-blocking copy on the reader's side stream, awaited by an event of its
+    own before the block is handed over. Several readers thus overlap reads, pinning and
+    copies (each block's copy is in flight while the next is read), and the training stream
+    never waits on a host-to-device copy. Identity on the CPU."""
 
     def __init__(self, device: torch.device | None) -> None:
         self.device = device if device is not None and device.type == "cuda" else None
-        self._stream = torch.cuda.Stream(self.device) if self.device is not None else None
+        self._streams = threading.local()
 
     def __call__(self, block: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.device is None:
             return block
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
         consumer = torch.cuda.default_stream(self.device)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(stream):
             out = [x.pin_memory().to(self.device, non_blocking=True) for x in block]
-        self._stream.synchronize()
+            done = torch.cuda.Event()
+            done.record(stream)
+        done.synchronize()
         for x in out:  # freed later by the training stream: keep the allocator from reusing it early
             x.record_stream(consumer)
         return out
+
+
+def to_index(positions: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Positions as an index tensor on ``device``: through pinned memory and a non-blocking
+    copy on a GPU, so that gathering a batch never stalls the host on a pageable copy."""
+    index = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64))
+    if device.type != "cuda":
+        return index
+    return index.pin_memory().to(device, non_blocking=True)
+
+
+def reader_threads(device: torch.device | None = None) -> int:
+    """Block readers of a streamed fit. Each read spends most of its time in per-call
+    overhead and I/O that release the GIL, so several readers in parallel hide it. Feeding
+    a GPU: one per two cores, at most 8. On the CPU, whose cores train: one per four, 1 to 4."""
+    cores = os.cpu_count() or 1
+    if device is not None and device.type == "cuda":
+        return max(1, min(8, cores // 2))
+    return max(1, min(4, cores // 4))
 
 
 @dataclass(frozen=True)
@@ -213,23 +240,28 @@ class PriorSet:
             for n, s in zip(self.names, self.stores)
         ]
 
+    def group_row_bytes(self, k: int) -> int:
+        g = self.groups[k]
+        return g.tokens * g.dim * _TORCH_DTYPE[self.stores[g.prior].spec["dtype"]].itemsize
+
     def row_bytes(self) -> int:
-        size = {p: _TORCH_DTYPE[s.spec["dtype"]].itemsize for p, s in enumerate(self.stores)}
-        return sum(g.tokens * g.dim * size[g.prior] for g in self.groups)
+        return sum(self.group_row_bytes(k) for k in range(len(self.groups)))
 
     @property
     def block_rows(self) -> int:
         return max(s.chunk_rows for s in self.stores)
 
-    def read_block(self, start: int, stop: int, view: int = 0) -> list[torch.Tensor]:
-        """Rows ``start:stop`` of every group in one view (0: the clean image), with the
-        read-time token selection applied."""
+    def read_block(self, start: int, stop: int, view: int = 0, groups: list[int] | None = None) -> list[torch.Tensor]:
+        """Rows ``start:stop`` of every group (or of ``groups``, by index) in one view (0: the
+        clean image), with the read-time token selection applied."""
+        sources = [self._source[k] for k in (range(len(self.groups)) if groups is None else groups)]
         read = {
-            p: store.read_layers([layer for q, layer in self._source if q == p], start, stop, view)
+            p: store.read_layers([layer for q, layer in sources if q == p], start, stop, view)
             for p, store in enumerate(self.stores)
+            if any(q == p for q, _ in sources)
         }
         out = []
-        for p, layer in self._source:
+        for p, layer in sources:
             store = self.stores[p]
             x = torch.from_numpy(read[p][layer]).to(_TORCH_DTYPE[store.spec["dtype"]])
             if self.tokens:
@@ -237,14 +269,31 @@ class PriorSet:
             out.append(x.contiguous())
         return out
 
+    def group_key(self, k: int, view: int = 0) -> tuple[Any, ...]:
+        """What group ``k``'s tokens in ``view`` are, across PriorSets: its store's content
+        hash, its layer, the read-time selection."""
+        p, layer = self._source[k]
+        return (self.stores[p].attrs["spec_hash"], str(self.stores[p].path), layer, str(self.tokens), view)
+
     def load(self, rows: np.ndarray, block_rows: int | None = None, view: int = 0) -> list[torch.Tensor]:
         """The selected tokens of ``rows`` (sorted sample indices) in one view in memory, read
         block-wise into preallocated tensors: peak memory is the result plus one block (each
-        block's rows are gathered straight into the result, not into a copy of the block first)."""
+        block's rows are gathered straight into the result, not into a copy of the block
+        first). Under :func:`keep_resident`, every row of each group is read once per process
+        and kept (on its device), and ``rows`` are gathered from there."""
+        if _RESIDENT is not None:
+            kept = _RESIDENT.tokens(self, view)
+            if kept is not None:
+                return [t.index_select(0, to_index(rows, t.device)) for t in kept]
+        return self._read_rows(rows, list(range(len(self.groups))), block_rows, view)
+
+    def _read_rows(
+        self, rows: np.ndarray, groups: list[int], block_rows: int | None = None, view: int = 0
+    ) -> list[torch.Tensor]:
         step = block_rows or self.block_rows * max(1, (64 << 20) // max(1, self.row_bytes() * self.block_rows))
         out = [
             torch.empty((len(rows), g.tokens, g.dim), dtype=_TORCH_DTYPE[self.stores[g.prior].spec["dtype"]])
-            for g in self.groups
+            for g in (self.groups[k] for k in groups)
         ]
         filled = 0
         for start in range(0, len(self.dataset), step):
@@ -252,10 +301,64 @@ class PriorSet:
             sel = rows_between(rows, start, stop)
             if len(sel):
                 local = torch.from_numpy(sel - start)
-                for o, b in zip(out, self.read_block(start, stop, view)):
+                for o, b in zip(out, self.read_block(start, stop, view, groups)):
                     torch.index_select(b, 0, local, out=o[filled : filled + len(sel)])
                 filled += len(sel)
         return out
+
+
+class ResidentTokens:
+    """Every row of the groups fits have read, kept in this process (on ``device``) for the
+    next fit that reads them: a grid worker reads each store once, whichever subsets its
+    groups hold. Least recently used groups leave once ``budget`` bytes would be exceeded;
+    a PriorSet whose groups cannot all fit is read from its stores as without this."""
+
+    def __init__(self, device: torch.device, budget: int) -> None:
+        self.device, self.budget = device, budget
+        self.kept: dict[tuple[Any, ...], torch.Tensor] = {}  # insertion order: least recently used first
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kept.values())
+
+    def tokens(self, priors: PriorSet, view: int) -> list[torch.Tensor] | None:
+        """Every row of each of ``priors``' groups in ``view``, read now if not kept yet;
+        None when they cannot all be kept at once."""
+        keys = [priors.group_key(k, view) for k in range(len(priors.groups))]
+        sizes = [len(priors.dataset) * priors.group_row_bytes(k) for k in range(len(priors.groups))]
+        if sum(sizes) > self.budget:
+            return None
+        for key in keys:  # in use: the last to leave
+            if key in self.kept:
+                self.kept[key] = self.kept.pop(key)
+        missing = [k for k, key in enumerate(keys) if key not in self.kept]
+        while self.nbytes + sum(sizes[k] for k in missing) > self.budget:
+            del self.kept[next(key for key in self.kept if key not in keys)]
+        if missing:
+            for k, t in zip(missing, priors._read_rows(np.arange(len(priors.dataset)), missing)):
+                self.kept[keys[k]] = t.to(self.device)
+        return [self.kept[key] for key in keys]
+
+
+_RESIDENT: ResidentTokens | None = None
+
+
+def keep_resident(device: torch.device, budget: int | None = None) -> ResidentTokens:
+    """Keep the tokens fits read resident in this process from now on (``etf ablate``'s
+    workers): on ``device``, within ``budget`` bytes (default: the device budget on a GPU,
+    the memory budget on the CPU). Called again, it keeps what it holds."""
+    global _RESIDENT
+    if _RESIDENT is None or _RESIDENT.device != device:
+        if budget is None:
+            budget = default_device_budget(device) if device.type == "cuda" else default_memory_budget()
+        _RESIDENT = ResidentTokens(device, budget)
+    return _RESIDENT
+
+
+def stop_resident() -> None:
+    """Release what :func:`keep_resident` holds and read from the stores again."""
+    global _RESIDENT
+    _RESIDENT = None
 
 
 def rows_between(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -265,40 +368,28 @@ def rows_between(rows: np.ndarray, start: int, stop: int) -> np.ndarray:
     return rows[lo:hi]
 
 
-def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Produce ``items`` in a background thread, ``depth`` ahead: block reads (which release
-    the GIL in Zarr/HDF5 decoding and file I/O) overlap the training step."""
-    import queue
-    import threading
+def read_ahead(read: Callable[[Any], Any], items: Iterable[Any], threads: int = 1, depth: int = 2) -> Iterator[Any]:
+    """``read(item)`` of each item in order, computed by ``threads`` background threads up
+    to ``depth`` items ahead: block reads (which release the GIL in Zarr/HDF5 decoding and
+    file I/O) overlap each other and the training step. Closing the iterator early cancels
+    the reads not yet started."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
 
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def run() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # re-raised in the consumer
-            q.put(e)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="etf-read")
+    ahead: deque = deque()
+    todo = iter(items)
     try:
-        while (item := q.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        for item in todo:
+            ahead.append(pool.submit(read, item))
+            if len(ahead) > max(depth, threads):
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
     finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
+        for f in ahead:
+            f.cancel()
+        pool.shutdown(wait=True)
 
 
 class BlockStream:
@@ -324,11 +415,13 @@ class BlockStream:
         pool_blocks: int = 8,
         views: int = 1,
         to_device: DeviceCopy | None = None,
+        readers: int | None = None,
     ) -> None:
         self.priors, self.rows, self.batch_size = priors, np.sort(rows), batch_size
         self.shuffle, self.seed, self.pool_blocks = shuffle, seed, max(1, pool_blocks)
         self.views = views
         self.to_device = to_device or DeviceCopy(None)
+        self.readers = readers or reader_threads(self.to_device.device)
         n = len(priors.dataset)
         self.blocks = [(b * block_rows, min(n, (b + 1) * block_rows)) for b in np.unique(self.rows // block_rows)]
 
@@ -343,15 +436,14 @@ class BlockStream:
         order = rng.permutation(len(self.blocks)) if self.shuffle else range(len(self.blocks))
         block_view = draw_views(self.seed, epoch, len(self.blocks), self.views)
 
-        def read() -> Iterator[list[Any]]:
-            for i in order:
-                start, stop = self.blocks[i]
-                sel = rows_between(self.rows, start, stop)
-                view = int(block_view[i])
-                block = self.to_device(self.priors.read_block(start, stop, view))
-                yield [sel, torch.from_numpy(sel - start), block, np.full(len(sel), view)]
+        def read(i: int) -> list[Any]:
+            start, stop = self.blocks[i]
+            sel = rows_between(self.rows, start, stop)
+            view = int(block_view[i])
+            block = self.to_device(self.priors.read_block(start, stop, view))
+            return [sel, sel - start, block, np.full(len(sel), view)]
 
-        blocks = prefetch(read(), depth=1)
+        blocks = read_ahead(read, order, self.readers, depth=1)
         pool_blocks = self.pool_blocks if self.shuffle else 1  # in order, a pool only delays the first batch
         pool: list[list[Any]] = []  # [rows not yet drawn, their positions in the block, block]
         exhausted = False
@@ -386,10 +478,11 @@ class BlockStream:
             if len(mine):
                 idx.append(rows[mine])
                 views.append(view[mine])
-                parts.append([x[local[mine]] for x in block])
+                at = to_index(local[mine], block[0].device)
+                parts.append([x[at] for x in block])
                 keep = np.ones(len(rows), dtype=bool)
                 keep[mine] = False
-                p[0], p[1], p[3] = rows[keep], local[torch.from_numpy(keep)], view[keep]
+                p[0], p[1], p[3] = rows[keep], local[keep], view[keep]
         tokens = [torch.cat(ts) if len(ts) > 1 else ts[0] for ts in zip(*parts)]
         return np.concatenate(idx), np.concatenate(views), tokens
 
@@ -485,12 +578,11 @@ class Batches:
                 yield (
                     order[b : b + self.batch_size],
                     view,
-                    [t[torch.from_numpy(sel).to(self.device)] for t in self.tokens[0]],
+                    [t[to_index(sel, t.device)] for t in self.tokens[0]],
                 )
                 continue
             tokens = [torch.empty((len(sel), *t.shape[1:]), dtype=t.dtype, device=t.device) for t in self.tokens[0]]
             for v in np.unique(view):
-                which = torch.from_numpy(np.nonzero(view == v)[0]).to(self.device)
                 for out, t in zip(tokens, self.tokens[v]):
-                    out[which] = t[torch.from_numpy(sel[view == v]).to(self.device)]
+                    out[to_index(np.nonzero(view == v)[0], t.device)] = t[to_index(sel[view == v], t.device)]
             yield order[b : b + self.batch_size], view, tokens

@@ -184,12 +184,24 @@ def encode_tokens(x: torch.Tensor, dtype: str, ids: list[str]) -> np.ndarray:
 
     Overflow shows here: a float16 store turns activations above 65504 into inf.
     """
+    cast, finite = cast_tokens(x, dtype)
+    return host_tokens(cast.cpu(), finite.cpu(), dtype, ids)
+
+
+def cast_tokens(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens in the storage dtype and whether each sample's are finite, where ``x`` is: the
+    device half of :func:`encode_tokens`, which extraction copies to the host without waiting."""
     import torch
 
     cast = x.to({"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype])
-    finite = torch.isfinite(cast).flatten(1).all(dim=1)
+    return cast, torch.isfinite(cast).flatten(1).all(dim=1)
+
+
+def host_tokens(cast: torch.Tensor, finite: torch.Tensor, dtype: str, ids: list[str]) -> np.ndarray:
+    """The host half of :func:`encode_tokens`: refuse non-finite samples, view as stored."""
+    import torch
+
     if not bool(finite.all()):
         bad = [ids[i] for i in torch.nonzero(~finite).flatten().tolist()]
         raise EtfError(f"non-finite token values for sample(s) {', '.join(bad[:5])} (as {dtype}); try --dtype float32")
-    cast = cast.cpu()
     return cast.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else cast.numpy()

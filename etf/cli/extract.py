@@ -91,7 +91,15 @@ def _shard(ctx, param, value: str | None) -> tuple[int, int] | None:
     "--workers",
     type=click.IntRange(min=0),
     help="Decode worker processes (0: decode in the main process).  "
-    "[default: on a GPU cores - 1, at most 8; on the CPU one per 8 cores, at low priority]",
+    "[default: on a GPU cores - 1; on the CPU one per 8 cores, at low priority]",
+)
+@click.option(
+    "--decode",
+    type=click.Choice(["auto", "cpu", "device"]),
+    default="auto",
+    show_default=True,
+    help="Where JPEGs are decoded, resized and cropped: PIL in the workers (cpu), or the device "
+    "(nvjpeg on CUDA); auto: device on CUDA. Recorded in the store's key. Crops and --views decode on CPU.",
 )
 @device_option
 @click.option("--store", "store_format", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
@@ -151,6 +159,7 @@ def command(
     img_size,
     batch_size,
     workers,
+    decode,
     device,
     store_format,
     codec,
@@ -187,7 +196,7 @@ def command(
 
     from etf.cli.cache import describe_store
     from etf.pipeline.extract.encoders import create_encoder
-    from etf.pipeline.extract.run import ExtractOptions, extract, resolve_device
+    from etf.pipeline.extract.run import ExtractOptions, extract, plan_decode, resolve_device
 
     resolve_device(device)
     opts = ExtractOptions(
@@ -198,6 +207,7 @@ def command(
         precision=precision,
         batch_size=batch_size,
         workers=workers,
+        decode=decode,
         device=device,
         store=store_format,
         codec=codec,
@@ -220,6 +230,9 @@ def command(
             click.echo(f"{name}: {encoder.load_report.summary()}")
         if encoder.pool_note:
             click.echo(f"{name}: {encoder.pool_note}")
+        _, fallback = plan_decode(dataset, encoder, opts, resolve_device(device))
+        if fallback:
+            click.echo(fallback)
         result = extract(dataset, encoder, cache_dir, opts)
         if result.complete and result.samples_done == 0:
             click.echo(f"{name}: found complete, nothing to extract")

@@ -39,7 +39,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from etf.cache.catalog import store_name
-from etf.cache.features import PriorSet
+from etf.cache.features import PriorSet, stop_resident
 from etf.cache.location import Location, cache_location
 from etf.data.base import Dataset, load_dataset
 from etf.errors import EtfError
@@ -611,9 +611,19 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="etf-exit-with-parent", daemon=True).start()
 
 
-def run_group(datasets: list[Dataset], group: list[Point], threads: int) -> list[tuple[str, str, str]]:
+def run_group(datasets: list[Dataset], group: list[Point], threads: int, jobs: int = 1) -> list[tuple[str, str, str]]:
     """One parallel job: fit a group in one pass and record each run. Never raises for a run's
-    error: it returns (run id, ``done``/``failed``, message) per point."""
+    error: it returns (run id, ``done``/``failed``, message) per point.
+
+    The worker keeps the tokens it reads resident (on the group's device) for its next
+    groups, within its share (1/``jobs``) of the memory budget: each store is read once per
+    worker, not once per group."""
+    from etf.cache.features import default_device_budget, default_memory_budget, keep_resident
+    from etf.pipeline.extract.run import resolve_device
+
+    device = resolve_device(group[0].config.device)
+    budget = default_device_budget(device) if device.type == "cuda" else default_memory_budget()
+    keep_resident(device, budget // max(1, jobs))
     with limit_threads(threads):
         return _fit_group(datasets, group)
 
@@ -725,7 +735,7 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
         with _backend(grid, threads) as config, joblib.parallel_config(**config):
             as_ = "list" if grid.backend == "ray" else "generator_unordered"
             jobs = joblib.Parallel(n_jobs=grid.jobs, return_as=as_)(
-                joblib.delayed(_as_child)(os.getpid(), run_group, plan.datasets, g, threads) for g in todo
+                joblib.delayed(_as_child)(os.getpid(), run_group, plan.datasets, g, threads, grid.jobs) for g in todo
             )
             try:
                 for k, results in enumerate(jobs, 1):
@@ -740,6 +750,8 @@ def run_grid(plan: Plan, echo: Callable[[str], None] = lambda line: None) -> Out
                     echo(f"[{k}/{len(todo)}] {first['subset']} seed {first['seed']}: {ok}/{len(results)} run(s) done")
             except Exception as e:  # a worker died (out of memory, a signal): keep what finished
                 outcome.stopped = f"{type(e).__name__}: {e}"
+            finally:  # one job runs in this process: free what it kept resident
+                stop_resident()
     runs = [_as_run(p) for p in plan.points]
     if grid.joint is None:
         norms = _nme_norms(plan.dataset)

@@ -23,6 +23,7 @@ from torch import nn
 from etf.cache.tokens import TokenLayout, module_pool
 from etf.errors import EtfError
 from etf.pipeline.extract.checkpoints import LoadReport, adapt_state_dict, load_into, read_state_dict, soup
+from etf.pipeline.extract.preprocess import Preprocess
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,12 @@ class Encoder:
 
     def transform(self):
         return create_transform(**self.data_config, is_training=False)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """What the model's input must look like (size, mean, std, interpolation, crop): what
+        both decode paths of extraction, and prediction, prepare images by."""
+        return Preprocess.from_data_config(self.data_config)
 
     @torch.inference_mode()
     def tokens(self, x: torch.Tensor, layers: list[int], norm: bool = True) -> list[tuple[torch.Tensor, TokenLayout]]:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from etf.cache.catalog import CacheDir, write_manifest
+from etf.cache.features import read_ahead
 from etf.cache.format import DTYPES
 from etf.cache.location import Location, cache_location
 from etf.cache.store import (
@@ -34,13 +35,21 @@ from etf.cache.store import (
     plan_views,
     store_path,
 )
-from etf.cache.tokens import encode_tokens, parse_tokens, select_tokens
+from etf.cache.tokens import cast_tokens, host_tokens, parse_tokens, select_tokens
 from etf.data.base import Dataset
 from etf.data.images import check_image
 from etf.errors import EtfError
 from etf.pipeline.extract import PRECISIONS
 from etf.pipeline.extract.augment import Augmenter, check_view_options, parse_augment
 from etf.pipeline.extract.encoders import Encoder
+from etf.pipeline.extract.preprocess import (
+    Preprocess,
+    decode_images,
+    device_batch,
+    jpeg_bytes,
+    pil_uint8,
+    resolve_decode,
+)
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,6 +76,8 @@ class ExtractOptions:
     views: int = 1
     augment: str | None = None
     view_seed: int = 0
+    #: where JPEGs are decoded, resized and cropped (``--decode``; auto: the device on CUDA)
+    decode: str = "auto"
 
 
 @dataclass
@@ -123,9 +134,11 @@ def resolve_shard(shard: tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def store_spec(
-    dataset: Dataset, encoder: Encoder, layers: list[int], opts: ExtractOptions, precision: str
+    dataset: Dataset, encoder: Encoder, layers: list[int], opts: ExtractOptions, precision: str, decode: str = "cpu"
 ) -> dict[str, Any]:
-    """What determines the stored tokens; its hash names the store."""
+    """What determines the stored tokens; its hash names the store. ``decode: device`` is
+    recorded (its pixels differ slightly from PIL's); the ``cpu`` path, which every store
+    before it used, is the default and leaves the spec, and so existing keys, as they were."""
     return {
         "name": encoder.name,
         "source": encoder.source,
@@ -138,7 +151,29 @@ def store_spec(
         "dtype": opts.dtype,
         "precision": precision,
         **({"views": views_spec(opts)} if opts.views > 1 else {}),
+        **({"decode": decode} if decode != "cpu" else {}),
     }
+
+
+def plan_decode(
+    dataset: Dataset, encoder: Encoder, opts: ExtractOptions, device: torch.device
+) -> tuple[str, str | None]:
+    """The decode path an extraction takes, and why it falls back to ``cpu`` for this
+    dataset and encoder when ``device`` was asked for (None when it does not)."""
+    decode = resolve_decode(opts.decode, device)
+    if decode == "cpu":
+        return decode, None
+    crop = dataset.options.get("crop", "none")
+    why = (
+        f"--crop {crop} is applied by PIL"
+        if crop != "none"
+        else "augmented views are made by PIL"
+        if opts.views > 1
+        else encoder.preprocess.why_not_on_device()
+    )
+    if why is None:
+        return decode, None
+    return "cpu", f"{encoder.name}: decoding on CPU workers for {dataset.describe()} ({why}), not on {device.type}"
 
 
 def views_spec(opts: ExtractOptions) -> dict[str, Any]:
@@ -148,13 +183,14 @@ def views_spec(opts: ExtractOptions) -> dict[str, Any]:
 
 
 class _Images(torch.utils.data.Dataset):
-    """Decoded, preprocessed images, (K, C, H, W) per sample with the matrix of each view
-    (view 0 the clean image); a failure becomes an error string, not an exception."""
+    """Per sample, uint8 pixels with the matrix of each view (view 0 the clean image); a
+    failure becomes an error string, not an exception. ``cpu`` decoding sends (K, C, H, W)
+    resized and cropped by PIL; ``device`` decoding sends a JPEG's bytes (1-D) or, for what
+    the device cannot decode, the decoded (C, h, w) image, to be resized where the model is."""
 
-    def __init__(
-        self, dataset: Dataset, transform: Any, input_size: tuple[int, ...], augmenter: Augmenter | None, views: int
-    ) -> None:
-        self.dataset, self.transform, self.input_size = dataset, transform, input_size
+    def __init__(self, dataset: Dataset, pre: Preprocess, decode: str, augmenter: Augmenter | None, views: int) -> None:
+        self.dataset, self.pre, self.decode = dataset, pre, decode
+        self.transform = pre.pil_transform() if decode == "cpu" else None
         self.augmenter, self.views = augmenter, views
 
     def __len__(self) -> int:
@@ -163,6 +199,9 @@ class _Images(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor, str]:
         matrices = torch.eye(3, dtype=torch.float64).repeat(self.views, 1, 1)
         try:
+            if self.decode == "device":
+                path = self.dataset.samples[i].path
+                return i, _or_decoded(jpeg_bytes(path), path), matrices, ""
             img = self.dataset.load_image(i)
             xs = [self.transform(img)]
             for v in range(1, self.views):
@@ -171,7 +210,22 @@ class _Images(torch.utils.data.Dataset):
                 matrices[v] = torch.from_numpy(matrix)
             return i, torch.stack(xs), matrices, ""
         except Exception as e:  # PIL and OS errors of many kinds; reported per sample
-            return i, torch.zeros(self.views, *self.input_size), matrices, f"{type(e).__name__}: {e}"
+            blank = torch.zeros(
+                (self.views, 3, *self.pre.size) if self.decode == "cpu" else (3, 1, 1), dtype=torch.uint8
+            )
+            return i, blank, matrices, f"{type(e).__name__}: {e}"
+
+
+def _or_decoded(data: torch.Tensor | None, path: str) -> torch.Tensor:
+    from etf.data.images import load_rgb
+
+    return data if data is not None else pil_uint8(load_rgb(path))
+
+
+def _collate_payloads(items: list[tuple[int, torch.Tensor, torch.Tensor, str]]) -> tuple[Any, ...]:
+    """A ``device`` decoding batch: payloads of many sizes stay a list."""
+    idx, payloads, matrices, errors = zip(*items)
+    return torch.tensor(idx), list(payloads), torch.stack(matrices), list(errors)
 
 
 class _ChunkBatches(Sampler[list[int]]):
@@ -198,17 +252,83 @@ def autocast_for(precision: str, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST else nullcontext()
 
 
+def model_input(
+    pre: Preprocess, x: Any, errors: list[str], decode: str, device: torch.device
+) -> tuple[torch.Tensor, list[str]]:
+    """A loader batch as (B, K, C, H, W) model input on ``device``, and each sample's error
+    (``device`` decoding adds those of images the device cannot decode)."""
+    if decode == "cpu":
+        return pre.normalize(x.to(device, non_blocking=True)), errors
+    images = decode_images(x, device)
+    errors = [e or (img if isinstance(img, str) else "") for e, img in zip(errors, images)]
+    ok = [k for k, e in enumerate(errors) if not e]
+    out = torch.zeros((len(images), 1, 3, *pre.size), device=device)
+    if ok:
+        out[ok, 0] = pre.normalize(device_batch(pre, [images[k] for k in ok]))
+    return out, errors
+
+
+def _prepared(loader: Any, pre: Preprocess, decode: str, device: torch.device) -> Iterator[tuple[Any, ...]]:
+    """Loader batches with their model input (:func:`model_input`). On a GPU a thread
+    prepares the next batch on a stream of its own while this one's forward runs: nvjpeg's
+    host-side work and the resize overlap the forward instead of preceding it."""
+
+    def prepare(batch: tuple[Any, ...], stream: torch.cuda.Stream | None = None) -> tuple[Any, ...]:
+        idx, x, matrices, errors = batch
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            x, errors = model_input(pre, x, list(errors), decode, device)
+        if stream is not None:
+            stream.synchronize()
+            x.record_stream(torch.cuda.default_stream(device))  # used, then freed, by the forward's stream
+        return idx, x, matrices, errors
+
+    if device.type != "cuda":
+        return map(prepare, loader)
+    stream = torch.cuda.Stream(device)
+    return read_ahead(lambda batch: prepare(batch, stream), loader, threads=1, depth=2)
+
+
 def compute_tokens(
     encoder: Encoder, x: torch.Tensor, layers: list[int], opts: ExtractOptions, ids: list[str], autocast: Any
 ) -> dict[int, np.ndarray]:
     """Stored form of the tokens of a preprocessed batch, per layer: what extraction writes
     and what ``etf predict`` recomputes for new images."""
+    return _land(_launch(encoder, x, layers, opts, autocast), opts.dtype, ids)
+
+
+@dataclass
+class _Launched:
+    """A batch's tokens per layer in the storage dtype, with each sample's finiteness, being
+    copied to pinned host memory without blocking; ``done`` fires when they are there."""
+
+    layers: list[int]
+    tokens: list[tuple[torch.Tensor, torch.Tensor]]
+    done: torch.cuda.Event | None
+
+
+def _launch(encoder: Encoder, x: torch.Tensor, layers: list[int], opts: ExtractOptions, autocast: Any) -> _Launched:
+    """Queue the forward of a batch and the copy of its stored form to the host: on a GPU
+    the caller can queue the next batch before this one's tokens are waited for."""
     with autocast:
         outs = encoder.tokens(x, layers, opts.norm)
-    return {
-        layer: encode_tokens(select_tokens(t, lay, opts.tokens)[0], opts.dtype, ids)
-        for layer, (t, lay) in zip(layers, outs)
-    }
+    cast = [cast_tokens(select_tokens(t, lay, opts.tokens)[0], opts.dtype) for t, lay in outs]
+    if x.device.type != "cuda":
+        return _Launched(layers, cast, None)
+    host = [tuple(_pinned_copy(t) for t in pair) for pair in cast]
+    done = torch.cuda.Event()
+    done.record()
+    return _Launched(layers, host, done)
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+
+
+def _land(launched: _Launched, dtype: str, ids: list[str]) -> dict[int, np.ndarray]:
+    """The launched tokens on the host, per layer, checked finite and viewed as stored."""
+    if launched.done is not None:
+        launched.done.synchronize()
+    return {layer: host_tokens(t, ok, dtype, ids) for layer, (t, ok) in zip(launched.layers, launched.tokens)}
 
 
 def _bad_list(bad: list[tuple[str, str]]) -> str:
@@ -250,7 +370,8 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: CacheDir, opts: Extra
         raise EtfError("--shard with --store hdf5: HDF5 has no concurrent writers; extract to zarr, or run one process")
     layers = encoder.resolve_layers(opts.layers)
     cache = cache_location(cache_dir)
-    spec = store_spec(dataset, encoder, layers, opts, precision)
+    decode, _ = plan_decode(dataset, encoder, opts, device)
+    spec = store_spec(dataset, encoder, layers, opts, precision, decode)
     path = store_path(cache, dataset.key, encoder.name, spec, opts.store)
     if is_complete(path):  # found: nothing is written, so a read-only cache serves too
         with TokenStore.open(path) as store:
@@ -291,7 +412,7 @@ def extract(dataset: Dataset, encoder: Encoder, cache_dir: CacheDir, opts: Extra
             raise EtfError(
                 f"every image of {dataset.describe()} is unreadable ({listed}); check the dataset path and format"
             )
-        done_rows = _run(dataset, encoder, writer, todo, bad, layers, opts, device, autocast)
+        done_rows = _run(dataset, encoder, writer, todo, bad, layers, opts, device, autocast, decode)
         complete = writer.finalize()
         skipped = []
         if complete:
@@ -339,6 +460,7 @@ def _run(
     opts: ExtractOptions,
     device: torch.device,
     autocast: Any,
+    decode: str,
 ) -> int:
     """The extraction loop: decode in workers, forward here, write in a background thread.
 
@@ -366,34 +488,49 @@ def _run(
         for c in todo:  # chunks of skipped rows only: no batch will come for them
             if all(r in skip for r in range(*writer.chunk_range(c))):
                 flush(_ChunkBuffer(writer, c, dataset, skip))
-        loader = _loader(dataset, encoder, sampler, workers, device, opts) if total else []  # none for an idle shard
-        for idx, x, matrices, errors in loader:
-            idx = idx.tolist()
-            failed = {i: e for i, e in zip(idx, errors) if e}
-            if failed and opts.on_error == "fail":
-                raise EtfError(
-                    f"unreadable image(s) in {dataset.describe()}: {_bad_list([(dataset.ids[i], e) for i, e in failed.items()])} "
-                    "(the store stays incomplete and is never read; fix them, or pass --on-error skip to resume)"
-                )
+
+        def land(batch: tuple[list[int], list[int], dict[int, str], Any, list[_Launched]]) -> None:
+            """Hand a batch's tokens, once on the host, to its chunk; write the chunk once full."""
+            idx, ok, failed, matrices, launched = batch
             c = idx[0] // writer.chunk_rows
             if c not in buffers:
                 buffers[c] = _ChunkBuffer(writer, c, dataset, skip)
             buf = buffers[c]
-            keep = [k for k, i in enumerate(idx) if i not in failed]
-            if keep:
-                ok = [idx[k] for k in keep]
-                x, matrices = (x[keep], matrices[keep]) if failed else (x, matrices)
+            if ok:
                 ids = [dataset.ids[i] for i in ok]
-                per_view = [
-                    compute_tokens(encoder, x[:, v].to(device, non_blocking=True), layers, opts, ids, autocast)
-                    for v in range(opts.views)
-                ]
-                buf.put(ok, _blocks(writer, per_view, matrices.numpy()))
+                buf.put(ok, _blocks(writer, [_land(t, opts.dtype, ids) for t in launched], matrices.numpy()))
             buf.skipped.update({dataset.ids[i]: why for i, why in failed.items()})
             buf.missing -= len(failed)
             bar.update(len(idx))
             if buf.missing == 0:
                 flush(buffers.pop(buf.c))
+
+        pre = encoder.preprocess
+        loader = (
+            _loader(dataset, encoder, sampler, workers, device, opts, decode) if total else []
+        )  # none for an idle shard
+        landing = None  # the previous batch, its tokens on their way to the host while this one runs
+        try:
+            for idx, x, matrices, errors in _prepared(loader, pre, decode, device):
+                idx = idx.tolist()
+                failed = {i: e for i, e in zip(idx, errors) if e}
+                if failed and opts.on_error == "fail":
+                    raise EtfError(
+                        f"unreadable image(s) in {dataset.describe()}: {_bad_list([(dataset.ids[i], e) for i, e in failed.items()])} "
+                        "(the store stays incomplete and is never read; fix them, or pass --on-error skip to resume)"
+                    )
+                keep = [k for k, i in enumerate(idx) if i not in failed]
+                launched = []
+                if keep:
+                    x, matrices = (x[keep], matrices[keep]) if failed else (x, matrices)
+                    launched = [_launch(encoder, x[:, v], layers, opts, autocast) for v in range(x.shape[1])]
+                previous, landing = landing, (idx, [idx[k] for k in keep], failed, matrices, launched)
+                if previous is not None:
+                    land(previous)
+        finally:  # whatever stops the loop, the batch computed before it is kept
+            previous, landing = landing, None
+            if previous is not None:
+                land(previous)
         while pending:
             pending.pop(0).result()
     return total
@@ -415,12 +552,19 @@ def _blocks(writer: StoreWriter, per_view: list[dict[int, np.ndarray]], matrices
 
 
 def _loader(
-    dataset: Dataset, encoder: Encoder, sampler: _ChunkBatches, workers: int, device: torch.device, opts: ExtractOptions
+    dataset: Dataset,
+    encoder: Encoder,
+    sampler: _ChunkBatches,
+    workers: int,
+    device: torch.device,
+    opts: ExtractOptions,
+    decode: str,
 ) -> DataLoader:
     augmenter = Augmenter(parse_augment(opts.augment or "face"), opts.view_seed) if opts.views > 1 else None
     return DataLoader(
-        _Images(dataset, encoder.transform(), tuple(encoder.data_config["input_size"]), augmenter, opts.views),
+        _Images(dataset, encoder.preprocess, decode, augmenter, opts.views),
         batch_sampler=sampler,
+        collate_fn=_collate_payloads if decode == "device" else None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
@@ -438,10 +582,11 @@ def _yield_to_forward(worker_id: int) -> None:
 
 
 def default_workers(device: torch.device) -> int:
-    """Decode workers. On a GPU, enough to keep it fed while leaving the main process a core.
-    On the CPU, decoding and preprocessing cost about a tenth of a small ViT's forward per
-    image, so one worker per eight cores keeps up (see bench/README.md)."""
+    """Decode workers. On a GPU, one per core but the main process's: however fast the device
+    decodes, the files must be read, and PIL decodes what it cannot. On the CPU, decoding
+    and preprocessing cost about a tenth of a small ViT's forward per image, so one worker
+    per eight cores keeps up (see bench/README.md)."""
     cores = os.cpu_count() or 2
     if device.type == "cpu":
         return max(1, min(8, cores // 8))
-    return max(1, min(8, cores - 1))
+    return max(1, cores - 1)

@@ -29,9 +29,10 @@ from etf.cache.format import DATASET_FIELDS, VIEW_FIELDS
 from etf.cache.store import decode_tokens
 from etf.cache.tokens import TokenLayout, select_tokens
 from etf.data.base import Dataset
-from etf.data.images import read_image, require_readable
+from etf.data.images import require_readable
 from etf.errors import EtfError
 from etf.pipeline.extract.encoders import Encoder, create_encoder
+from etf.pipeline.extract.preprocess import prepare_files
 from etf.pipeline.extract.run import ExtractOptions, autocast_for, compute_tokens, resolve_device
 from etf.pipeline.fit.config import INFER_MODES, FuserConfig
 from etf.pipeline.fit.heads import Classify, Task
@@ -141,8 +142,7 @@ def prior_tokens(p: Predictor, images: list[Path]) -> list[torch.Tensor]:
     for prior, encoder in p.encoders.items():
         spec = p.stores[prior]["spec"]
         opts = ExtractOptions(tokens=spec["tokens"], norm=spec["norm"], dtype=spec["dtype"])
-        tf = encoder.transform()
-        x = torch.stack([tf(read_image(path)) for path in images]).to(p.device)
+        x = prepare_files(encoder.preprocess, images, spec.get("decode", "cpu"), p.device)
         stored[prior] = compute_tokens(
             encoder, x, spec["layers"], opts, [str(i) for i in images], autocast_for(spec["precision"], p.device)
         )

@@ -214,14 +214,25 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+#: FLOPs per sample already counted in this process, by architecture (see flops_per_sample)
+_FLOPS: dict[str, int] = {}
+
+
 def flops_per_sample(model: nn.Module, tokens: list[torch.Tensor], infer: str = "all") -> int:
     """Forward FLOPs of ``model`` on one sample in inference mode ``infer`` (multiply-add =
-    2), measured by torch."""
+    2), measured by torch once per architecture in a process: the module tree with every
+    layer's shape, the fuser's settings and the input shapes identify it, so a grid's runs
+    that differ in seed, optimisation or data alone do not count it again."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    settings = getattr(getattr(model, "fuser", None), "cfg", None)
+    key = repr((str(model), repr(settings), [tuple(t.shape[1:]) for t in tokens], infer))
+    if key in _FLOPS:
+        return _FLOPS[key]
     was = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model([t[:1].float() for t in tokens], infer=infer)
     model.train(was)
-    return int(counter.get_total_flops())
+    _FLOPS[key] = int(counter.get_total_flops())
+    return _FLOPS[key]
