@@ -192,6 +192,13 @@ def _children(pid: int) -> set[int]:
     return {c for c in found if _alive(c)}
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -216,7 +223,7 @@ def test_the_workers_of_a_killed_grid_exit(xor, tmp_path):
         # both workers are fitting once a run has saved an epoch's state
         while not list((out / "runs").glob(".*.resume")) or len(workers) < 2:
             assert grid.poll() is None, "the grid ended before it could be killed"
-            workers = _children(grid.pid)
+            workers = {c for c in _children(grid.pid) if b"LokyProcess" in _cmdline(c)}  # not the trackers
             time.sleep(0.05)
         grid.send_signal(signal.SIGKILL)
         grid.wait()
@@ -224,7 +231,8 @@ def test_the_workers_of_a_killed_grid_exit(xor, tmp_path):
         deadline = time.monotonic() + 10
         while any(map(_alive, workers)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(map(_alive, workers)), "workers still running 10 s after their grid was killed"
+        alive = {pid: _cmdline(pid)[:200] for pid in workers if _alive(pid)}
+        assert not alive, f"still running 10 s after their grid was killed: {alive}"
         assert len(list(out.glob("runs/*/done.json"))) == done
     finally:
         for pid in workers:  # only the processes this test's grid started, if any survived
