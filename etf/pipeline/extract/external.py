@@ -87,8 +87,9 @@ def canonical(kind: str, target: str, options: dict[str, str]) -> str:
 
 
 @dataclass(frozen=True)
-class Preprocess:
-    """What a model expects beyond a timm data config: its channel order and layout."""
+class InputOrder:
+    """What a model expects beyond a timm data config (its ``Encoder.preprocess``): its
+    channel order and layout, applied to the normalised batch."""
 
     channels: str = "rgb"
     layout: str = "nchw"
@@ -122,7 +123,7 @@ def parse_size(name: str, value: str) -> tuple[int, int]:
 
 def data_config(
     name: str, options: dict[str, str], size: tuple[int, int], defaults: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], Preprocess]:
+) -> tuple[dict[str, Any], InputOrder]:
     """The timm data config (RGB order, 0-1 scale) and the channel order and layout."""
     defaults = defaults or {}
     channels = options.get("channels", "rgb").lower()
@@ -150,7 +151,7 @@ def data_config(
         "crop_pct": 1.0,
         "crop_mode": "center",
     }
-    return config, Preprocess(channels, layout)
+    return config, InputOrder(channels, layout)
 
 
 def to_tokens(name: str, output: str, t: torch.Tensor, prefix: int) -> tuple[torch.Tensor, TokenLayout]:
@@ -180,7 +181,7 @@ class ExternalEncoder(Encoder):
 
     outputs: list[str] = field(default_factory=list)
     prefix: int = 0
-    preprocess: Preprocess = field(default_factory=Preprocess)
+    order: InputOrder = field(default_factory=InputOrder)
 
     @property
     def layer_kind(self) -> str:
@@ -196,7 +197,7 @@ class ExternalEncoder(Encoder):
     @torch.inference_mode()
     def tokens(self, x: torch.Tensor, layers: list[int], norm: bool = True) -> list[tuple[torch.Tensor, TokenLayout]]:
         wanted = [self.outputs[layer - 1] for layer in layers]
-        got = self.run(self.preprocess.apply(x), wanted)
+        got = self.run(self.order.apply(x), wanted)
         return [to_tokens(self.name, o, got[o].float(), self.prefix) for o in wanted]
 
     def spec(self) -> dict[str, Any]:
@@ -392,7 +393,7 @@ def _onnx(
         weights_sha256=sha256_file(path),
         outputs=resolved,
         prefix=prefix,
-        preprocess=pre,
+        order=pre,
     )
     enc.flops = graph_flops(extended, inp.name, pre.apply(torch.zeros(1, *config["input_size"])).shape)
     try:
@@ -482,7 +483,7 @@ def _module(
         size = (pre["size"], pre["size"]) if isinstance(pre["size"], int) else tuple(pre["size"])
     else:
         raise EtfError(f"--encoder {label!r}: give the input size with ?size= (or return it from {attr})")
-    config, preprocess = data_config(label, options, size, pre)
+    config, order = data_config(label, options, size, pre)
     report: LoadReport | None = None
     if len(weights) > 1:
         raise EtfError(f"--encoder {label!r}: one --weights file for a py: prior")
@@ -501,7 +502,7 @@ def _module(
         load_report=report,
         outputs=outputs,
         prefix=prefix,
-        preprocess=preprocess,
+        order=order,
         code_sha256=_source_sha256(factory),
     )
     for layer in range(1, enc.num_layers + 1):  # every output must map to tokens before any work
