@@ -69,8 +69,6 @@ def run(tmp_path_factory):
 def images_and_expected(run_dir):
     """lfw-subset images, their uint8 inputs at the input size (etf's resize and crop), and
     ``etf predict --infer canonical``'s per-task outputs."""
-    from torchvision.transforms import Normalize
-
     from etf.data.base import load_dataset
     from etf.data.images import read_image
     from etf.pipeline.fit.export import task_output
@@ -79,13 +77,8 @@ def images_and_expected(run_dir):
     dataset = load_dataset("lfw-subset")
     images = [dataset.samples[i].path for i in range(0, len(dataset), len(dataset) // N_IMAGES)][:N_IMAGES]
     p = load_predictor(run_dir, device="cpu", infer="canonical")
-    resize = [t for t in p.encoders[0].transform().transforms if not isinstance(t, Normalize)][:-1]  # no ToTensor
-    pixels = []
-    for path in images:
-        img = read_image(path)
-        for t in resize:
-            img = t(img)
-        pixels.append(np.asarray(img, dtype=np.uint8))
+    to_uint8 = p.encoders[0].preprocess.pil_transform()  # etf's resize and crop, before normalising
+    pixels = [to_uint8(read_image(path)).permute(1, 2, 0).numpy() for path in images]
     with torch.no_grad():
         out = _forward(p, images)
         expected = {t.name: task_output(t, out[t.name]).numpy() for t in p.tasks}

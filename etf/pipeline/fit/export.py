@@ -174,7 +174,8 @@ def check_replaceable(out: Path) -> None:
     if not out.exists() and not card.exists():
         return
     try:
-        mine = read_json(card).get("file") == out.name and read_json(card).get("sha256") == sha256_file(out)
+        recorded = read_json(card)
+        mine = recorded.get("file") == out.name and recorded.get("sha256") == sha256_file(out)
     except (EtfError, OSError, AttributeError):  # no card, not JSON, not a card
         mine = False
     if not mine:
