@@ -36,10 +36,10 @@ def xor(tmp_path):
     return spec, cache, store
 
 
-def _fit(spec: str, cache: Path, out: Path):
+def _fit(spec: str, cache: Path, out: Path, *extra):
     return etf("fit", "--data", spec, "--cache", cache, "--encoders", "A,B", "--task", "classify:label",
                "--fuser", "concat", "--epochs", "1",
-               "--out", out, "--no-progress")  # fmt: skip
+               "--out", out, "--no-progress", *extra)  # fmt: skip
 
 
 def test_a_deleted_chunk_is_refused_by_fit_and_shown_by_ls(xor, tmp_path):
@@ -154,30 +154,7 @@ def test_a_same_size_corrupted_chunk_is_refused_by_every_reader(xor, tmp_path, m
         with pytest.raises(EtfError, match=r"rows 20:40 of tokens fail their checksum; run etf cache verify"):
             s.read(1, 20, 40)
     run = tmp_path / "run"
-    res = (
-        _fit(spec, cache, run)
-        if max_memory is None
-        else etf(
-            "fit",
-            "--data",
-            spec,
-            "--cache",
-            cache,
-            "--encoders",
-            "A,B",
-            "--task",
-            "classify:label",
-            "--fuser",
-            "concat",
-            "--epochs",
-            "1",
-            "--max-memory",
-            max_memory,
-            "--out",
-            run,
-            "--no-progress",
-        )  # fmt: skip
-    )
+    res = _fit(spec, cache, run, *(["--max-memory", max_memory] if max_memory else []))
     line = error_line(res)
     assert str(store) in line and "fail their checksum" in line
     assert not run.exists()
