@@ -91,7 +91,6 @@ def command(ctx: click.Context, config_file: Path | None, dry_run: bool, **optio
     settings.update({_SETTING.get(k, k): options[k] for k in given})
     recipe = settings.pop("recipe", "etf")
     settings = apply_recipe(recipe, settings, {_SETTING.get(k, k) for k in given} | set(toml))
-    settings.pop("landmarks", None)  # task options: applied to the grid's tasks when it is planned
     plan = plan_grid(Grid.from_settings(settings, where=str(config_file) if config_file else None, dry_run=dry_run))
     if dry_run:
         for k, group in enumerate(plan.groups(), 1):

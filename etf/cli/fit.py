@@ -429,7 +429,6 @@ def command(ctx: click.Context, **kw: Any) -> None:
     from etf.pipeline.fit.train import check_out, fit
 
     kw = apply_recipe(kw.pop("recipe"), kw, given_options(ctx))
-    kw.pop("landmarks", None)  # task options: pop_task_specs applies them
     resolve_device(kw["device"])
     fuser_config = pop_fuser_config(kw)
     overwrite = kw.pop("overwrite")

@@ -321,10 +321,11 @@ def schedule_period(schedule: str) -> float | None:
 
 def apply_recipe(recipe: str, settings: dict[str, Any], given: set[str]) -> dict[str, Any]:
     """``settings`` (option names to values) with the recipe's values for those not ``given``;
-    its landmark task options stay under ``landmarks``."""
+    its landmark task options are the tasks' (``heads.with_recipe``), not settings."""
     if recipe not in RECIPES:
         raise EtfError(f"--recipe {recipe!r}: use {' or '.join(RECIPES)}")
-    return {**settings, **{k: v for k, v in RECIPES[recipe].items() if k not in given}, "recipe": recipe}
+    chosen = {k: v for k, v in RECIPES[recipe].items() if k not in given and k != "landmarks"}
+    return {**settings, **chosen, "recipe": recipe}
 
 
 #: FitConfig fields that shape only a model and its optimisation. Configs that differ in
