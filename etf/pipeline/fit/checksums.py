@@ -13,8 +13,9 @@ from etf.errors import EtfError
 from etf.utils import atomic_path, sha256_file
 
 SUMS = "SHA256SUMS"
-#: the files predict, explain and ablate's report read back; written by ``write_model_files``
-RUN_FILES = ("config.json", "stores.json", "metrics.json", "model.safetensors")
+#: the files predict, explain and ablate's report read back; summed once a run's files are all
+#: written, before it is published
+RUN_FILES = ("config.json", "stores.json", "metrics.json", "model.safetensors", "predictions.csv")
 
 
 def write_sums(out: Path) -> None:

@@ -30,6 +30,7 @@ from etf.cache.format import DATASET_FIELDS, VIEW_FIELDS
 from etf.data.base import Dataset
 from etf.errors import EtfError
 from etf.pipeline.extract.run import resolve_device, resolve_precision
+from etf.pipeline.fit.checksums import write_sums
 from etf.pipeline.fit.config import INFER_MODES, FitConfig
 from etf.pipeline.fit.heads import Task, parse_task, selection_metric, unique_names
 from etf.pipeline.fit.metrics import format_metrics
@@ -424,6 +425,7 @@ def fit_joint(
                 metrics["attention_share"] = pooled
             with staged_dir(Path(member.cfg.out)) as run:
                 summary = _write_joint(run, member, joint, parts, metrics, predictions[j])
+                write_sums(run)
             out[member.cfg.out] = FitResult(member.cfg.out, metrics, summary)
     finally:
         for ps in priors:

@@ -828,7 +828,9 @@ def _write_run(cfg, dataset, tasks, priors, model, metrics, history, predictions
     """Write the run into a staging directory beside ``cfg.out`` and rename it into place:
     a reader (predict, explain, a resumed grid) sees a complete run or none."""
     with staged_dir(Path(cfg.out)) as out:
-        return _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, predictions, targets)
+        summary = _write_files(out, cfg, dataset, tasks, priors, model, metrics, history, predictions, targets)
+        write_sums(out)
+        return summary
 
 
 def cost_metrics(model: FusionModel, priors: PriorSet, sample: list[torch.Tensor]) -> dict[str, Any]:
@@ -908,8 +910,7 @@ def write_model_files(
     model: nn.Module,
     history: list[dict[str, Any]],
 ) -> None:
-    """A run's config.json, stores.json, metrics.json, model.safetensors and history.csv, and
-    the SHA-256s of the first four, which every reader of the run checks."""
+    """A run's config.json, stores.json, metrics.json, model.safetensors and history.csv."""
     write_json_atomic(out / "config.json", config)
     write_json_atomic(out / "stores.json", stores)
     write_json_atomic(out / "metrics.json", metrics)
@@ -919,7 +920,6 @@ def write_model_files(
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in history for k in r)))
         w.writeheader()
         w.writerows(history)
-    write_sums(out)
 
 
 def task_cells(task: Task, y: np.ndarray, m: np.ndarray, i: int, pred: np.ndarray) -> list[str]:
