@@ -19,7 +19,6 @@ from etf.cli.options import (
     encoders_option,
     open_dataset,
     progress_option,
-    writable_dir,
 )
 from etf.pipeline.extract import PRECISIONS
 from etf.pipeline.fit.config import (
@@ -434,7 +433,7 @@ def command(ctx: click.Context, **kw: Any) -> None:
     overwrite = kw.pop("overwrite")
     specs, crop = kw.pop("data_spec"), kw.pop("crop")
     joint = pop_joint_config(kw, len(specs))
-    check_out(writable_dir(kw["out"], "--out"), overwrite)
+    check_out(kw["out"], overwrite)
     datasets = [open_dataset(s, crop) for s in specs]
     if joint is None:
         from etf.pipeline.fit.mixing import assign, dataset_labels

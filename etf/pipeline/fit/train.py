@@ -38,7 +38,7 @@ from etf.pipeline.fit.fusers import create_fuser
 from etf.pipeline.fit.fusers.base import count_parameters, flops_per_sample
 from etf.pipeline.fit.heads import Classify, Task, parse_task, selection_metric, unique_names
 from etf.pipeline.fit.metrics import format_metrics
-from etf.utils import atomic_path, foreign, read_json, staged_dir, write_json_atomic
+from etf.utils import atomic_path, claim_dir, read_json, staged_dir, write_json_atomic
 
 
 class FusionModel(nn.Module):
@@ -635,19 +635,13 @@ def fit(dataset: Dataset, cfg: FitConfig, overwrite: bool = False) -> FitResult:
     return fit_many(dataset, [cfg], overwrite)[0].checked()
 
 
-def check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool) -> Path:
     """A run goes into a new or empty directory; replacing a run takes ``overwrite``, and
-    nothing else is ever replaced (a cache, a folder of other files, a dataset): only a
-    directory etf marked as its run, holding only what it wrote. Checked before any work."""
-    out = Path(out)
-    why = foreign(out, "run")
-    if why:
-        raise EtfError(
-            f"--out {out}: {why}; etf writes a run only into a new or empty directory "
-            "(--overwrite replaces only a run etf wrote)"
-        )
+    nothing else is ever replaced (see :func:`~etf.utils.claim_dir`). Checked before any work."""
+    out = claim_dir(out, "--out", "run")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise EtfError(f"--out {out}: holds a run already; choose a new directory or pass --overwrite to replace it")
+    return out
 
 
 def prepare_data(
