@@ -583,6 +583,8 @@ class Batches:
                 continue
             tokens = [torch.empty((len(sel), *t.shape[1:]), dtype=t.dtype, device=t.device) for t in self.tokens[0]]
             for v in np.unique(view):
+                device = self.tokens[v][0].device  # a view's groups share one device
+                dst, src = to_index(np.nonzero(view == v)[0], device), to_index(sel[view == v], device)
                 for out, t in zip(tokens, self.tokens[v]):
-                    out[to_index(np.nonzero(view == v)[0], t.device)] = t[to_index(sel[view == v], t.device)]
+                    out[dst] = t[src]
             yield order[b : b + self.batch_size], view, tokens
