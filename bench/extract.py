@@ -128,7 +128,7 @@ def worker_rates(
     ``workers`` worker processes over the first ``n`` images; the first batch (worker
     start) is not counted."""
     out = {}
-    for name, tf in (("float32", encoder.transform()), ("uint8", encoder.preprocess.pil_transform())):
+    for name, tf in (("float32", encoder.transform()), ("uint8", encoder.preprocess.pil_transform)):
         loader = torch.utils.data.DataLoader(
             _Decoded(dataset, tf, n), batch_size=batch, num_workers=workers, pin_memory=pin, prefetch_factor=4
         )

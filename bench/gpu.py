@@ -134,7 +134,7 @@ def extraction(args: argparse.Namespace, device: torch.device, work: Path, data:
 
     images = [jpeg_bytes(s.path) for s in dataset.samples[:64]]
     on_device = device_batch(pre, decode_images(images, device)).cpu().int()
-    u8 = pre.pil_transform()
+    u8 = pre.pil_transform
     on_cpu = torch.stack([u8(dataset.load_image(i)) for i in range(len(images))]).int()
     levels = (on_device - on_cpu).abs().float()
     rates = worker_rates(

@@ -77,7 +77,7 @@ def images_and_expected(run_dir):
     dataset = load_dataset("lfw-subset")
     images = [dataset.samples[i].path for i in range(0, len(dataset), len(dataset) // N_IMAGES)][:N_IMAGES]
     p = load_predictor(run_dir, device="cpu", infer="canonical")
-    to_uint8 = p.encoders[0].preprocess.pil_transform()  # etf's resize and crop, before normalising
+    to_uint8 = p.encoders[0].preprocess.pil_transform  # etf's resize and crop, before normalising
     pixels = [to_uint8(read_image(path)).permute(1, 2, 0).numpy() for path in images]
     with torch.no_grad():
         out = _forward(p, images)

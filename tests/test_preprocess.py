@@ -58,7 +58,7 @@ def photos(tmp_path) -> Path:
 def test_cpu_path_sends_uint8_and_gives_timms_float_input_exactly(photos, tiny_vit):
     dataset = load_dataset(f"folder:{photos}")
     pre = tiny_vit.preprocess
-    timm_tf, u8 = tiny_vit.transform(), pre.pil_transform()
+    timm_tf, u8 = tiny_vit.transform(), pre.pil_transform
     for i in range(len(dataset)):
         img = dataset.load_image(i)
         sent = u8(img)
@@ -76,7 +76,7 @@ def test_device_path_matches_the_cpu_path_within_the_bound(photos, tiny_vit):
     assert "png.png" not in sent_raw and "rotated.jpg" not in sent_raw and {"0.jpg", "grey.jpg"} <= sent_raw
     items = [x if x is not None else pil_uint8(dataset.load_image(i)) for i, x in enumerate(items)]
     on_device = device_batch(pre, decode_images(items, DEVICE)).cpu()
-    u8 = pre.pil_transform()
+    u8 = pre.pil_transform
     on_cpu = torch.stack([u8(dataset.load_image(i)) for i in range(len(dataset))])
     diff = (on_device.int() - on_cpu.int()).abs().float()
     per_image = diff.mean(dim=(1, 2, 3))

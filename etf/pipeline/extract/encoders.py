@@ -7,6 +7,7 @@ tokens, and whose ``spec()`` is what the token store's key hashes.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from collections.abc import Iterator, Sequence
@@ -164,7 +165,7 @@ class Encoder:
     def transform(self):
         return create_transform(**self.data_config, is_training=False)
 
-    @property
+    @functools.cached_property
     def preprocess(self) -> Preprocess:
         """What the model's input must look like (size, mean, std, interpolation, crop): what
         both decode paths of extraction, and prediction, prepare images by."""

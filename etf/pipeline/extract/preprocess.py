@@ -17,6 +17,7 @@ crop), whatever kind of encoder it is. Two decode paths share it:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -67,8 +68,10 @@ class Preprocess:
     def scale_size(self) -> tuple[int, int]:
         return (math.floor(self.size[0] / self.crop_pct), math.floor(self.size[1] / self.crop_pct))
 
+    @functools.cached_property
     def pil_transform(self) -> Any:
-        """PIL image -> uint8 (C, H, W): timm's eval transform without its float conversion."""
+        """PIL image -> uint8 (C, H, W): timm's eval transform without its float conversion
+        (built once per preprocessing)."""
         from timm.data import create_transform
 
         return create_transform(
@@ -105,9 +108,13 @@ class Preprocess:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 (..., C, H, W) -> float32 model input, with the same operations as
         torchvision's ``ToTensor`` then ``Normalize`` (so the same values)."""
-        mean = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
-        return x.float().div_(255).sub_(mean).div_(std)
+        return x.float().div_(255).sub_(_per_channel(self.mean, x.device)).div_(_per_channel(self.std, x.device))
+
+
+@functools.lru_cache(maxsize=32)
+def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(C, 1, 1) constants on ``device``, made once: not a host-to-device copy per batch."""
+    return torch.tensor(values, device=device).view(-1, 1, 1)
 
 
 def jpeg_bytes(path: str) -> torch.Tensor | None:
@@ -157,10 +164,31 @@ def device_batch(pre: Preprocess, images: list[torch.Tensor]) -> torch.Tensor:
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for k, img in enumerate(images):
         by_shape.setdefault(tuple(img.shape), []).append(k)
+    if len(by_shape) == 1:
+        return pre.resize_crop(torch.stack(images))
     out = torch.empty((len(images), 3, *pre.size), dtype=torch.uint8, device=images[0].device)
     for ks in by_shape.values():
         out[ks] = pre.resize_crop(torch.stack([images[k] for k in ks]))
     return out
+
+
+def model_input(
+    pre: Preprocess, x: Any, errors: list[str], decode: str, device: torch.device
+) -> tuple[torch.Tensor, list[str]]:
+    """A batch as (B, K, C, H, W) model input on ``device``, and each sample's error: ``cpu``
+    decoding gives uint8 (B, K, C, H, W); ``device`` decoding gives a list of JPEG bytes or
+    decoded images (:func:`decode_images`), whose errors it adds."""
+    if decode == "cpu":
+        return pre.normalize(x.to(device, non_blocking=True)), errors
+    images = decode_images(x, device)
+    errors = [e or (img if isinstance(img, str) else "") for e, img in zip(errors, images)]
+    ok = [k for k, e in enumerate(errors) if not e]
+    if len(ok) == len(images):
+        return pre.normalize(device_batch(pre, images)).unsqueeze(1), errors
+    out = torch.zeros((len(images), 1, 3, *pre.size), device=device)
+    if ok:
+        out[ok, 0] = pre.normalize(device_batch(pre, [images[k] for k in ok]))
+    return out, errors
 
 
 def prepare_files(pre: Preprocess, paths: list[Any], decode: str, device: torch.device) -> torch.Tensor:
@@ -169,12 +197,13 @@ def prepare_files(pre: Preprocess, paths: list[Any], decode: str, device: torch.
     from etf.data.images import read_image
 
     if decode == "cpu":
-        tf = pre.pil_transform()
-        return pre.normalize(torch.stack([tf(read_image(p)) for p in paths]).to(device))
-    items = [jpeg_bytes(str(p)) for p in paths]
-    items = [x if x is not None else pil_uint8(read_image(p)) for x, p in zip(items, paths)]
-    images = decode_images(items, device)
-    for p, img in zip(paths, images):
-        if isinstance(img, str):
-            raise EtfError(f"{p}: unreadable image ({img})")
-    return pre.normalize(device_batch(pre, images))
+        tf = pre.pil_transform
+        x: Any = torch.stack([tf(read_image(p)) for p in paths])[:, None]
+    else:
+        x = [jpeg_bytes(str(p)) for p in paths]
+        x = [b if b is not None else pil_uint8(read_image(p)) for b, p in zip(x, paths)]
+    x, errors = model_input(pre, x, [""] * len(paths), decode, device)
+    for p, e in zip(paths, errors):
+        if e:
+            raise EtfError(f"{p}: unreadable image ({e})")
+    return x[:, 0]

@@ -44,9 +44,8 @@ from etf.pipeline.extract.augment import Augmenter, check_view_options, parse_au
 from etf.pipeline.extract.encoders import Encoder
 from etf.pipeline.extract.preprocess import (
     Preprocess,
-    decode_images,
-    device_batch,
     jpeg_bytes,
+    model_input,
     pil_uint8,
     resolve_decode,
 )
@@ -190,7 +189,7 @@ class _Images(torch.utils.data.Dataset):
 
     def __init__(self, dataset: Dataset, pre: Preprocess, decode: str, augmenter: Augmenter | None, views: int) -> None:
         self.dataset, self.pre, self.decode = dataset, pre, decode
-        self.transform = pre.pil_transform() if decode == "cpu" else None
+        self.transform = pre.pil_transform if decode == "cpu" else None
         self.augmenter, self.views = augmenter, views
 
     def __len__(self) -> int:
@@ -250,22 +249,6 @@ class _ChunkBatches(Sampler[list[int]]):
 def autocast_for(precision: str, device: torch.device) -> Any:
     """The autocast context of a resolved ``--precision`` (a no-op for fp32)."""
     return torch.autocast(device.type, dtype=_AUTOCAST[precision]) if precision in _AUTOCAST else nullcontext()
-
-
-def model_input(
-    pre: Preprocess, x: Any, errors: list[str], decode: str, device: torch.device
-) -> tuple[torch.Tensor, list[str]]:
-    """A loader batch as (B, K, C, H, W) model input on ``device``, and each sample's error
-    (``device`` decoding adds those of images the device cannot decode)."""
-    if decode == "cpu":
-        return pre.normalize(x.to(device, non_blocking=True)), errors
-    images = decode_images(x, device)
-    errors = [e or (img if isinstance(img, str) else "") for e, img in zip(errors, images)]
-    ok = [k for k, e in enumerate(errors) if not e]
-    out = torch.zeros((len(images), 1, 3, *pre.size), device=device)
-    if ok:
-        out[ok, 0] = pre.normalize(device_batch(pre, [images[k] for k in ok]))
-    return out, errors
 
 
 def _prepared(loader: Any, pre: Preprocess, decode: str, device: torch.device) -> Iterator[tuple[Any, ...]]:
