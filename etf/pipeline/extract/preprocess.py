@@ -119,14 +119,18 @@ def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tenso
 
 def jpeg_bytes(path: str) -> torch.Tensor | None:
     """The file's bytes as a 1-D uint8 tensor when it is a JPEG the device decoder reproduces
-    (RGB or greyscale, no EXIF rotation); None when PIL must decode it. Reads the header only."""
+    (RGB or greyscale, no EXIF rotation); None when PIL must decode it. The file is read once;
+    PIL parses only its header from the bytes."""
+    import io
+
     from PIL import Image
 
-    with Image.open(path) as img:
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    with Image.open(io.BytesIO(data)) as img:
         if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.getexif().get(0x0112, 1) != 1:
             return None
-    with open(path, "rb") as f:
-        return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    return torch.frombuffer(data, dtype=torch.uint8)
 
 
 def pil_uint8(image: Any) -> torch.Tensor:
